@@ -1,0 +1,30 @@
+# One-command set-up, tests and demo. Works on a fresh machine with only python3 and the registries.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch==2.13.0 first: it is the CPU wheel on disk; the project's own range (torch>=2.4) is then met.
+$(STAMP): pyproject.toml $(PY)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(PIP) install --quiet --no-deps --force-reinstall . >/dev/null
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
+
+demo: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output
+
+clean:
+	rm -rf $(VENV) build dist demo-output
