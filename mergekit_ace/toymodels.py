@@ -117,3 +117,34 @@ def save_pretrained(model, tokenizer, path: os.PathLike, dtype: Optional[str] = 
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def train_digit_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """Like :func:`train_tokenizer`, but every digit is its own pre-token, so numbers are never
+    merged into multi-digit tokens (tiny models learn arithmetic digit by digit). Used by the demo.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        model_max_length=2048,
+    )

@@ -1,0 +1,389 @@
+"""Train the demo's tokenizer, base model and one expert per skill, with a content-addressed cache.
+
+Recipe (all CPU, float32, fixed seeds):
+
+1. A byte-level BPE tokenizer with single-digit tokens, trained on a seeded sample of all skills.
+2. A tiny Llama trained *briefly* on the mixture of the three skills: it learns the formats and a
+   little of each skill, so it is weak at all of them.
+3. One expert per skill: a copy of the base fine-tuned on that skill only (completion-only loss,
+   no weight decay, so the task vector is exactly what the skill taught). The number of steps and
+   the learning rate are set per skill in the configuration; the skills differ in difficulty and
+   their task vectors differ in size accordingly (the report prints their norms, and the share of
+   weight matrices that ACE's heterogeneity test sends down its heterogeneous branch).
+
+Everything trained goes to ``<cache>/<config name>-<hash>/`` where the hash covers the whole
+training configuration and a recipe version; a run whose configuration hashes the same reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mergekit_ace.demo.skills import SKILL_NAMES, Example, Skill, build_skills, unique_examples
+
+# Bump when the training code changes in a way that changes the models for the same config.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that determines the trained models and the evaluation data."""
+
+    name: str = "default"
+    seed: int = 1234
+    # model
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_seq_len: int = 64
+    # tokenizer
+    tokenizer_corpus_per_skill: int = 3000
+    # base: brief training on the mixture
+    base_steps: int = 300
+    base_lr: float = 2e-3
+    # experts: per skill
+    experts: Tuple[Tuple[str, ExpertSpec], ...] = (
+        ("arithmetic", ExpertSpec(steps=500, lr=1e-3)),
+        ("rpn", ExpertSpec(steps=300, lr=1e-3)),
+        ("translate", ExpertSpec(steps=150, lr=1e-3)),
+    )
+    batch_size: int = 64
+    warmup_frac: float = 0.1
+    # skills' generator options, as (skill, ((key, value), ...)) so the config stays hashable
+    skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
+    # evaluation data (held out: never seen in training)
+    eval_examples: int = 100
+
+    def skill_kwargs(self) -> Dict[str, dict]:
+        return {skill: dict(opts) for skill, opts in self.skill_options}
+
+    def expert_specs(self) -> Dict[str, ExpertSpec]:
+        return dict(self.experts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        payload = json.dumps({"recipe": RECIPE_VERSION, "config": self.to_dict()}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+CONFIGS: Dict[str, DemoConfig] = {
+    "default": DemoConfig(),
+    # Seconds-scale: for the test suite. Smaller model, fewer steps, fewer eval examples, easier
+    # skill variants; experts still have to beat the base on their own skill.
+    "small": DemoConfig(
+        name="small",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        tokenizer_corpus_per_skill=1000,
+        base_steps=60,
+        base_lr=3e-3,
+        experts=(
+            ("arithmetic", ExpertSpec(steps=120, lr=3e-3)),
+            ("rpn", ExpertSpec(steps=90, lr=3e-3)),
+            ("translate", ExpertSpec(steps=60, lr=3e-3)),
+        ),
+        batch_size=32,
+        skill_options=(
+            ("arithmetic", (("min_digits", 1), ("max_digits", 2))),
+            ("rpn", (("min_ops", 1), ("max_ops", 1))),
+            ("translate", (("p_adjective", 0.0),)),
+        ),
+        eval_examples=40,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def eval_sets(config: DemoConfig, skills: Dict[str, Skill]) -> Dict[str, List[Example]]:
+    """The held-out evaluation examples per skill (seeded, distinct prompts)."""
+    out = {}
+    for i, name in enumerate(SKILL_NAMES):
+        rng = random.Random(config.seed * 1000 + 17 + i)
+        out[name] = unique_examples(skills[name].generate, config.eval_examples, rng)
+    return out
+
+
+class Batcher:
+    """Draws training batches from one or several skills, never an evaluation prompt."""
+
+    def __init__(self, tokenizer, skills: Sequence[Skill], exclude: set, seed: int, max_len: int):
+        self.tok = tokenizer
+        self.skills = list(skills)
+        self.exclude = exclude
+        self.rng = random.Random(seed)
+        self.max_len = max_len
+
+    def examples(self, n: int) -> List[Example]:
+        out = []
+        while len(out) < n:
+            skill = self.skills[self.rng.randrange(len(self.skills))]
+            prompt, answer = skill.generate(self.rng)
+            if prompt not in self.exclude:
+                out.append((prompt, answer))
+        return out
+
+    def batch(self, n: int):
+        """input_ids, attention_mask, labels (-100 on prompt and padding)."""
+        import torch
+
+        examples = self.examples(n)
+        return encode_examples(self.tok, examples, self.max_len)
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_len: int):
+    """Encode ``prompt + answer + "\\n" + eos`` as prompt ids followed by answer ids (exactly what
+    lm-eval does at inference: it encodes the prompt alone and the model continues it)."""
+    import torch
+
+    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([a + "\n" for _, a in examples], add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = []
+    for p, a in zip(prompts, answers):
+        ids = (p + a + [eos])[:max_len]
+        labels = ([-100] * len(p) + a + [eos])[:max_len]
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def train_steps(
+    model,
+    batcher: Batcher,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    warmup_frac: float,
+    weight_decay: float = 0.0,
+    log: Optional[Callable[[str], None]] = None,
+    label: str = "",
+) -> List[float]:
+    """AdamW with linear warm-up and cosine decay; returns the loss every step."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, int(warmup_frac * steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    losses = []
+    start = time.time()
+    for step in range(steps):
+        input_ids, mask, labels = batcher.batch(batch_size)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if log and (step + 1) % max(1, steps // 5) == 0:
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            log(f"  {label} step {step + 1}/{steps}  loss {recent:.3f}  ({time.time() - start:.0f}s)")
+    model.eval()
+    return losses
+
+
+def greedy_accuracy(model, tokenizer, skill: Skill, examples: Sequence[Example], max_new_tokens: int = 24) -> float:
+    """A quick in-process greedy score (for training logs and tuning; the demo's reported numbers
+    come from lm-eval). Generates one example at a time, like lm-eval with batch size 1."""
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for prompt, answer in examples:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+            correct += bool(skill.check(prompt, answer, completion))
+    return correct / max(1, len(examples))
+
+
+def task_vector_stats(base, expert) -> Dict[str, float]:
+    """Norms of the expert's task vector and ACE's heterogeneity input per 2-D weight."""
+    import torch
+
+    out = {}
+    base_sd = base.state_dict()
+    for name, w in expert.state_dict().items():
+        d = (w.double() - base_sd[name].double())
+        out[name] = float(torch.sum(d * d))
+    return out
+
+
+@dataclass
+class TrainedModels:
+    """Paths (absolute) of what :func:`ensure_trained` produced, plus its manifest."""
+
+    root: Path
+    tokenizer: Path
+    base: Path
+    experts: Dict[str, Path]
+    manifest: dict = field(default_factory=dict)
+
+
+def _paths(root: Path) -> TrainedModels:
+    return TrainedModels(
+        root=root,
+        tokenizer=root / "tokenizer",
+        base=root / "base",
+        experts={name: root / f"expert-{name}" for name in SKILL_NAMES},
+    )
+
+
+def ensure_trained(
+    config: DemoConfig,
+    cache_dir: Path,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainedModels:
+    """Return the trained tokenizer, base and experts for ``config``, training them if the cache
+    has no complete entry for the configuration's hash (or ``force``)."""
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    root = cache_dir / f"{config.name}-{config.digest()}"
+    paths = _paths(root)
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("digest") == config.digest() and all(
+            (p / "config.json").exists() for p in [paths.base, *paths.experts.values()]
+        ):
+            log(f"Using cached models in {root} (configuration hash {config.digest()}).")
+            paths.manifest = manifest
+            return paths
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    paths.manifest = _train_all(config, paths, log)
+    manifest_path.write_text(json.dumps(paths.manifest, indent=2))  # written last: marks completion
+    return paths
+
+
+def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], None]) -> dict:
+    import torch
+
+    from mergekit_ace import toymodels
+
+    torch.manual_seed(config.seed)
+    skills = build_skills(config.skill_kwargs())
+    held_out = eval_sets(config, skills)
+    exclude = {p for examples in held_out.values() for p, _ in examples}
+    timings = {}
+
+    t0 = time.time()
+    rng = random.Random(config.seed)
+    corpus = []
+    for name in SKILL_NAMES:
+        corpus += [p + a + "\n" for p, a in (skills[name].generate(rng) for _ in range(config.tokenizer_corpus_per_skill))]
+    tokenizer = toymodels.train_digit_tokenizer(corpus, vocab_size=config.vocab_size)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {config.vocab_size}")
+    tokenizer.save_pretrained(paths.tokenizer)
+    timings["tokenizer"] = time.time() - t0
+    log(f"Tokenizer: {len(tokenizer)} tokens ({timings['tokenizer']:.1f}s)")
+
+    model_config = toymodels.tiny_config(
+        "llama",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_seq_len,
+    )
+    base = toymodels.make_model(model_config, seed=config.seed)
+    n_params = sum(p.numel() for p in base.parameters())
+    log(f"Base: Llama, {config.num_layers} layers, hidden {config.hidden_size}, {n_params / 1e6:.2f}M parameters; "
+        f"{config.base_steps} steps on the mixture")
+    t0 = time.time()
+    batcher = Batcher(tokenizer, [skills[n] for n in SKILL_NAMES], exclude, config.seed + 1, config.max_seq_len)
+    torch.manual_seed(config.seed + 1)
+    base_losses = train_steps(base, batcher, config.base_steps, config.base_lr, config.batch_size,
+                              config.warmup_frac, weight_decay=0.01, log=log, label="base")
+    timings["base"] = time.time() - t0
+    toymodels.save_pretrained(base, tokenizer, paths.base)
+
+    experts_info = {}
+    for i, (name, spec) in enumerate(config.experts):
+        t0 = time.time()
+        log(f"Expert '{name}': {spec.steps} steps at lr {spec.lr:g} on {name} only")
+        expert = copy.deepcopy(base)
+        batcher = Batcher(tokenizer, [skills[name]], exclude, config.seed + 100 + i, config.max_seq_len)
+        torch.manual_seed(config.seed + 100 + i)
+        losses = train_steps(expert, batcher, spec.steps, spec.lr, config.batch_size, config.warmup_frac,
+                             weight_decay=0.0, log=log, label=name)
+        timings[f"expert-{name}"] = time.time() - t0
+        toymodels.save_pretrained(expert, tokenizer, paths.experts[name])
+        sq = task_vector_stats(base, expert)
+        experts_info[name] = {
+            "steps": spec.steps,
+            "lr": spec.lr,
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "task_vector_norm": math.sqrt(sum(sq.values())),
+            "task_vector_sq_norms": sq,
+        }
+        log(f"  task vector norm {experts_info[name]['task_vector_norm']:.3f}")
+
+    return {
+        "digest": config.digest(),
+        "recipe_version": RECIPE_VERSION,
+        "config": config.to_dict(),
+        "parameters": n_params,
+        "tokenizer_size": len(tokenizer),
+        "base_final_loss": sum(base_losses[-20:]) / len(base_losses[-20:]),
+        "experts": experts_info,
+        "timings_s": timings,
+        "torch_version": torch.__version__,
+    }

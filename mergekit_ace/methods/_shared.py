@@ -1,0 +1,73 @@
+"""What the two methods share: unpacking a mergekit TensorGroup and the non-rule weights."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from mergekit.merge_methods import TensorGroup
+
+from mergekit_ace.rules.common import (
+    MergeInputError,
+    average_task_vectors,
+    check_finite_output,
+    check_inputs,
+    describe,
+    is_input_embedding,
+)
+
+#: Internal precision of the covariance algebra (METHODS.md, "Numerics").
+COMPUTE_DTYPE = torch.float64
+
+
+def merge_group(
+    group: TensorGroup,
+    rule: Callable[..., torch.Tensor],
+    rule_name: str,
+    *,
+    scale: float,
+    merge_embeddings: bool,
+    **rule_parameters,
+) -> torch.Tensor:
+    """Apply ``rule`` to a 2-D weight, or the experts' average to anything else.
+
+    Input token embeddings are averaged unless ``merge_embeddings``; the result is returned in the
+    dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype`` afterwards).
+    """
+    name: Optional[str] = group.metadata.name
+    if group.base is None:
+        raise MergeInputError(f"{describe(name)}: {rule_name} requires a base model (set base_model)")
+    base = group.base.tensor
+    experts = [entry.tensor for entry in group.non_base]
+    ids = [entry.id for entry in group.non_base]
+    check_inputs(base, experts, name=name, ids=_labels(ids), base_id=_label(group.base.id))
+    out_dtype = base.dtype if base.is_floating_point() else torch.float32
+    takes_rule = base.ndim == 2 and (
+        merge_embeddings or not is_input_embedding(name, group.metadata.vocabulary_axis)
+    )
+    if takes_rule:
+        merged = rule(
+            base,
+            experts,
+            scale=scale,
+            name=name,
+            ids=_labels(ids),
+            compute_dtype=COMPUTE_DTYPE,
+            **rule_parameters,
+        )
+    else:
+        merged = check_finite_output(
+            average_task_vectors(base, experts, scale, COMPUTE_DTYPE), name, rule_name
+        )
+    return merged.to(out_dtype)
+
+
+def _label(model_id) -> str:
+    """A readable name for a mergekit ModelReference (or any other input id)."""
+    model = getattr(model_id, "model", None)
+    path = getattr(model, "path", None)
+    return str(path) if path is not None else str(model_id)
+
+
+def _labels(ids):
+    return [_label(i) for i in ids]

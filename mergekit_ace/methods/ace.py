@@ -1,0 +1,36 @@
+"""``merge_method: ace`` -- ACE-Merging (Xu et al., CVPR 2026) as a mergekit method."""
+
+import torch
+from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
+from pydantic import Field
+from typing_extensions import Annotated
+
+from mergekit_ace.methods._shared import merge_group
+from mergekit_ace.rules.ace import ace_merge
+
+
+@merge_method(
+    name="ace",
+    pretty_name="ACE-Merging",
+    reference_url="https://arxiv.org/abs/2603.02945",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def ace(
+    group: TensorGroup,
+    epsilon: Annotated[float, Field(ge=0)] = 1e-5,
+    tau: Annotated[float, Field(ge=0)] = 0.3,
+    k_frac: Annotated[float, Field(ge=0, le=1)] = 0.3,
+    scale: float = 1.0,
+    merge_embeddings: bool = False,
+) -> torch.Tensor:
+    """ACE on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    return merge_group(
+        group,
+        ace_merge,
+        "ACE",
+        scale=scale,
+        merge_embeddings=merge_embeddings,
+        epsilon=epsilon,
+        tau=tau,
+        k_frac=k_frac,
+    )

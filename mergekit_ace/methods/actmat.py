@@ -1,0 +1,36 @@
+"""``merge_method: actmat`` -- ACTMat (Abdel Hameed et al.) as a mergekit method."""
+
+from typing import Optional
+
+import torch
+from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
+from pydantic import Field
+from typing_extensions import Annotated
+
+from mergekit_ace.methods._shared import merge_group
+from mergekit_ace.rules.actmat import actmat_merge
+
+
+@merge_method(
+    name="actmat",
+    pretty_name="ACTMat",
+    reference_url="https://arxiv.org/abs/2604.01329",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def actmat(
+    group: TensorGroup,
+    scale: float = 1.0,
+    keep_base: bool = True,
+    rcond: Optional[Annotated[float, Field(gt=0)]] = None,
+    merge_embeddings: bool = False,
+) -> torch.Tensor:
+    """ACTMat on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    return merge_group(
+        group,
+        actmat_merge,
+        "ACTMat",
+        scale=scale,
+        merge_embeddings=merge_embeddings,
+        keep_base=keep_base,
+        rcond=rcond,
+    )

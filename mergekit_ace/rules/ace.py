@@ -1,0 +1,329 @@
+r"""ACE-Merging, one weight matrix at a time.
+
+Xu et al., "ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation", CVPR 2026,
+arXiv:2603.02945 (Algorithm 1, Eqs. 5-16). Notation follows ``METHODS.md``: base ``W_0``
+(d_out x d_in, rows are outputs), experts ``W_1..W_T``, task vectors ``D_t = W_t - W_0``.
+
+1. heterogeneity      gamma = Var_t[l_t] / (E_t[l_t]^2 + 1e-12),  l_t = log(||D_t||_F^2 + 1e-12)
+2. centring           C_t = D_t - 1 mu_t^T,  mu_t = mean of D_t's rows
+3. proxies            S_t = C_t^T C_t, s_t = tr S_t + 1e-12;  het: S~_t = S_t/s_t, eps_t = eps/s_t;
+                      else S~_t = S_t, eps_t = eps;   R_t = S~_t + eps_t I
+4. collective prior   c = column-mean of sum_t S~_t  (het: / (mean_t ||D_t||^2 + 1e-12))
+5. closed form        P = N A^{-1},  A = sum_t R_t + 1 c^T,  N = sum_t C_t R_t
+6. refinement (het)   F = P + sum_t D_t (S~_t - Sbar),  Sbar = mean_t R_t;
+                      P += sigma_iso U_k V_k^T,  sigma_iso = mean(sigma_1..k),  k = floor(k_frac min(d))
+7. result             W = W_0 + scale P
+
+Every function here is pure (inputs are never modified). :func:`ace_merge` is the whole rule; it
+streams over experts and row blocks so that its working memory is the experts' d_in x d_in
+proxies plus one block of rows (``row_chunk``), never T full-size float64 task vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Hashable, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_ace.rules.common import (
+    TINY,
+    MergeInputError,
+    accumulate_gram,
+    check_finite_output,
+    check_inputs,
+    check_nonzero_task_vectors,
+    describe,
+    row_chunks,
+    task_vector,
+)
+
+LOG = logging.getLogger(__name__)
+
+DEFAULTS = dict(epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0)
+
+
+# --------------------------------------------------------------------------- step 1
+def heterogeneity(traces: Sequence[float] | torch.Tensor) -> float:
+    r"""Eq. 7: :math:`\gamma = \mathrm{Var}_t[l_t] / (\mathbb{E}_t[l_t]^2 + 10^{-12})` with
+    :math:`l_t = \log(\|D_t\|_F^2 + 10^{-12})` and the unbiased variance.
+
+    ``traces`` are the uncentred energies :math:`\|D_t\|_F^2`. Returns NaN for T = 1, where gamma
+    is undefined (:func:`is_heterogeneous` then selects the homogeneous branch).
+    """
+    tr = torch.as_tensor(traces, dtype=torch.float64).flatten()
+    if tr.numel() < 2:
+        return float("nan")
+    logs = torch.log(tr + TINY)
+    return float(logs.var(unbiased=True) / (logs.mean() ** 2 + TINY))
+
+
+def is_heterogeneous(gamma: float, tau: float) -> bool:
+    """The branch switch ``gamma > tau`` (False when gamma is undefined, i.e. T = 1)."""
+    return not math.isnan(gamma) and gamma > tau
+
+
+# --------------------------------------------------------------------------- steps 2-3
+def centre(delta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Step 2: :math:`C = D - \mathbf{1}\mu^T`, :math:`\mu` the mean of D's rows. Returns (C, mu)."""
+    mu = delta.mean(dim=0)
+    return delta - mu, mu
+
+
+def covariance_proxy(delta: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Step 3: :math:`S = C^T C` for the centred task vector, without materialising C.
+
+    Uses :math:`C^T C = D^T D - d_{out}\,\mu\mu^T` accumulated over row blocks, in the dtype of
+    ``delta``. Returns ``(S, mu)``.
+    """
+    d_out, d_in = delta.shape
+    return _proxy_streamed(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)
+
+
+def regularised_proxy(S: torch.Tensor, epsilon: float, heterogeneous: bool) -> Tuple[torch.Tensor, float, float]:
+    r"""Step 3: the (possibly trace-normalised) proxy :math:`\tilde S_t` and its ridge
+    :math:`\epsilon_t`. Returns ``(S_tilde, eps_t, s_t)`` with :math:`s_t = \mathrm{tr}\,S + 10^{-12}`.
+    :math:`R_t = \tilde S_t + \epsilon_t I` is never formed explicitly."""
+    s_t = float(torch.trace(S)) + TINY
+    if heterogeneous:
+        return S / s_t, epsilon / s_t, s_t
+    return S, epsilon, s_t
+
+
+# --------------------------------------------------------------------------- step 4
+def collective_prior(S_tilde_sum: torch.Tensor, traces: Sequence[float], heterogeneous: bool) -> torch.Tensor:
+    r"""Step 4 (Eqs. 11-13): :math:`c` = the mean of the rows of :math:`\sum_t \tilde S_t`;
+    in the heterogeneous branch divided by :math:`\bar\tau + 10^{-12}`, the mean uncentred energy.
+    The prior itself is :math:`C_{agg} = \mathbf{1} c^T` (c added to every row)."""
+    c = S_tilde_sum.mean(dim=0)
+    if heterogeneous:
+        c = c / (sum(float(t) for t in traces) / len(traces) + TINY)
+    return c
+
+
+# --------------------------------------------------------------------------- step 5
+@dataclass
+class PriorSolver:
+    r"""Right-division by :math:`A = M + \mathbf{1}c^T` with :math:`M = \sum_t R_t` SPD.
+
+    Cholesky of M plus the Sherman-Morrison rank-one correction (exact, no explicit inverse):
+    :math:`N A^{-1} = X - (X\mathbf{1})\, z^T / (1 + c^T M^{-1}\mathbf{1})`,
+    :math:`X = N M^{-1}`, :math:`z = M^{-1}c`. If M is not positive definite (only possible with
+    epsilon = 0 and a rank-deficient proxy sum) A is pseudo-inverted instead (METHODS.md, step 5).
+    """
+
+    M: torch.Tensor
+    c: torch.Tensor
+    name: Optional[str] = None
+    _chol: Optional[torch.Tensor] = field(init=False, default=None)
+    _z: Optional[torch.Tensor] = field(init=False, default=None)
+    _y: Optional[torch.Tensor] = field(init=False, default=None)
+    _denom: float = field(init=False, default=1.0)
+    _pinv: Optional[torch.Tensor] = field(init=False, default=None)
+
+    def __post_init__(self):
+        L, info = torch.linalg.cholesky_ex(self.M)
+        if int(info) == 0:
+            self._chol = L
+            ones = torch.ones(self.M.shape[0], 1, dtype=self.M.dtype, device=self.M.device)
+            y = torch.cholesky_solve(ones, L)[:, 0]
+            z = torch.cholesky_solve(self.c[:, None], L)[:, 0]
+            denom = 1.0 + float(self.c @ y)
+            if abs(denom) > 1e-12:
+                self._y, self._z, self._denom = y, z, denom
+                return
+        LOG.warning("%s: the covariance sum is singular; using the pseudo-inverse of A", describe(self.name))
+        self._chol = None
+        A = self.M + self.c[None, :]  # 1 c^T adds c to every row
+        self._pinv = torch.linalg.pinv(A)
+
+    def solve(self, N: torch.Tensor) -> torch.Tensor:
+        r""":math:`N A^{-1}` for a block of rows N (rows x d_in)."""
+        if self._pinv is not None:
+            return N @ self._pinv
+        X = torch.cholesky_solve(N.T, self._chol).T
+        return X - torch.outer(N @ self._y, self._z) / self._denom
+
+
+def closed_form(
+    N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: Optional[str] = None
+) -> torch.Tensor:
+    r"""Step 5: :math:`P = N (M + \mathbf{1}c^T)^{-1}`."""
+    return PriorSolver(M, c, name).solve(N)
+
+
+# --------------------------------------------------------------------------- step 6
+def top_singular_pairs_gram(gram: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Top-k singular values and vectors of F from its Gram matrix (:math:`F^TF` or :math:`FF^T`):
+    eigenpairs of the Gram, largest first. Returns ``(sigma[k], vectors[:, k])``."""
+    evals, evecs = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)[:k]
+    return evals[order].clamp_min(0).sqrt(), evecs[:, order]
+
+
+def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) -> torch.Tensor:
+    r"""Step 6 (Eqs. 14-16): :math:`P + \sigma_{iso} U_k V_k^T` where :math:`F = P + Res = USV^T`,
+    :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`, :math:`\sigma_{iso}` = mean of the
+    top-k singular values. Only the top-k pairs are computed (eigendecomposition of the smaller
+    Gram of F). Directions whose singular value is zero have no defined left vector; they are
+    left out."""
+    F = P + residual
+    k = int(math.floor(k_frac * min(F.shape)))
+    refined = P.clone()
+    if k > 0:
+        _refine_streamed(refined, lambda rows: F[rows], k, *F.shape, row_chunk=None)
+    return refined
+
+
+def _iso_and_inverse(sigma: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    """sigma_iso = mean of the top-k singular values, and 1/sigma with zero for null directions."""
+    sigma_iso = float(sigma.mean())
+    cutoff = float(sigma.max()) * sigma.numel() * torch.finfo(sigma.dtype).eps
+    inv = torch.where(sigma > cutoff, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
+    return sigma_iso, inv
+
+
+# --------------------------------------------------------------------------- the rule
+@dataclass
+class ACEDiagnostics:
+    """Per-weight quantities a user may want to see (``mergekit-ace inspect``)."""
+
+    traces: List[float]
+    gamma: float
+    heterogeneous: bool
+    eps_over_s: List[float]
+    k: int
+    sigma_iso: Optional[float] = None
+
+
+def ace_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    epsilon: float = DEFAULTS["epsilon"],
+    tau: float = DEFAULTS["tau"],
+    k_frac: float = DEFAULTS["k_frac"],
+    scale: float = DEFAULTS["scale"],
+    name: Optional[str] = None,
+    ids: Optional[Sequence[Hashable]] = None,
+    compute_dtype: torch.dtype = torch.float64,
+    row_chunk: Optional[int] = None,
+    return_diagnostics: bool = False,
+):
+    r"""Merge one 2-D weight by ACE-Merging; returns :math:`W_0 + scale\cdot P` in ``compute_dtype``.
+
+    ``row_chunk`` bounds the rows of task vector processed at once (memory, not result). The
+    experts' proxies :math:`\tilde S_t` (T x d_in^2) are kept; task vectors are formed one block at
+    a time. Inputs are never modified. With ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
+    """
+    check_inputs(base, experts, name=name, ids=ids)
+    if base.ndim != 2:
+        raise MergeInputError(f"{describe(name)}: ACE's rule applies to 2-D weights, got {tuple(base.shape)}")
+    T = len(experts)
+    d_out, d_in = base.shape
+    dt = compute_dtype
+
+    def delta_rows(t: int, rows: slice) -> torch.Tensor:
+        return task_vector(experts[t][rows], base[rows], dt)
+
+    # Step 1: uncentred energies and the branch.
+    traces = [
+        sum(float(delta_rows(t, rows).square().sum()) for rows in row_chunks(d_out, row_chunk))
+        for t in range(T)
+    ]
+    check_nonzero_task_vectors(traces, name, ids)
+    gamma = heterogeneity(traces)
+    het = is_heterogeneous(gamma, tau)
+
+    # Steps 2-3: per-expert proxies (streamed over row blocks), their sum and the ridge sum.
+    S_tilde, mus, eps_t, s_vals = [], [], [], []
+    for t in range(T):
+        S, mu = _proxy_streamed(lambda rows, t=t: delta_rows(t, rows), d_out, d_in, dt, base.device, row_chunk)
+        St, e, s = regularised_proxy(S, epsilon, het)
+        S_tilde.append(St)
+        mus.append(mu)
+        eps_t.append(e)
+        s_vals.append(s)
+        del S
+    S_sum = torch.zeros(d_in, d_in, dtype=dt, device=base.device)
+    for St in S_tilde:
+        S_sum += St
+    eye = torch.eye(d_in, dtype=dt, device=base.device)
+    M = S_sum + sum(eps_t) * eye
+
+    # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T.
+    c = collective_prior(S_sum, traces, het)
+    solver = PriorSolver(M, c, name)
+
+    # Step 5 over row blocks: N = sum_t C_t R_t = sum_t (D_t - 1 mu_t^T)(S~_t + eps_t I).
+    P = torch.empty(d_out, d_in, dtype=dt, device=base.device)
+    for rows in row_chunks(d_out, row_chunk):
+        N = torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=base.device)
+        for t in range(T):
+            C = delta_rows(t, rows) - mus[t]
+            N.addmm_(C, S_tilde[t]).add_(C, alpha=eps_t[t])
+        P[rows] = solver.solve(N)
+        del N
+
+    k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
+    sigma_iso = None
+    if het and k > 0:
+        # Step 6: Res = sum_t D_t (S~_t - Sbar), Sbar = mean_t R_t (uncentred D_t).
+        S_bar = (S_sum + sum(eps_t) * eye) / T
+
+        def F_rows(rows: slice) -> torch.Tensor:
+            F = P[rows].clone()
+            for t in range(T):
+                D = delta_rows(t, rows)
+                F.addmm_(D, S_tilde[t] - S_bar)
+            return F
+
+        sigma_iso = _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk)
+
+    W = base.to(dt) + scale * P
+    check_finite_output(W, name, "ACE")
+    if return_diagnostics:
+        diag = ACEDiagnostics(
+            traces=traces,
+            gamma=gamma,
+            heterogeneous=het,
+            eps_over_s=[epsilon / s for s in s_vals],
+            k=k,
+            sigma_iso=sigma_iso,
+        )
+        return W, diag
+    return W
+
+
+def _proxy_streamed(delta_rows, d_out, d_in, dt, device, row_chunk):
+    """S = C^T C = D^T D - d_out mu mu^T, with D given block by block. Returns (S, mu)."""
+    gram, col_sum = accumulate_gram(delta_rows, d_out, d_in, dt, device, row_chunk)
+    mu = col_sum / d_out
+    gram.addr_(mu, mu, alpha=-float(d_out))
+    return gram, mu
+
+
+def _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk) -> float:
+    """Add sigma_iso U_k V_k^T to P in place, F given block by block. Returns sigma_iso."""
+    if d_out >= d_in:
+        # Right singular vectors from F^T F accumulated over row blocks, then U_k V_k^T row by row.
+        gram = torch.zeros(d_in, d_in, dtype=P.dtype, device=P.device)
+        for rows in row_chunks(d_out, row_chunk):
+            F = F_rows(rows)
+            gram.addmm_(F.T, F)
+        sigma, V = top_singular_pairs_gram(gram, k)
+        del gram
+        sigma_iso, inv = _iso_and_inverse(sigma)
+        proj = (V * inv) @ V.T  # V_k S_k^{-1} V_k^T
+        # F_rows(rows) reads only P[rows], so each block is updated right after it is formed.
+        for rows in row_chunks(d_out, row_chunk):
+            P[rows] += sigma_iso * (F_rows(rows) @ proj)
+        return sigma_iso
+    # Wide matrix: d_out < d_in, F is no larger than one d_in x d_in proxy; work on it whole.
+    F = torch.cat([F_rows(rows) for rows in row_chunks(d_out, row_chunk)])
+    sigma, U = top_singular_pairs_gram(F @ F.T, k)
+    sigma_iso, inv = _iso_and_inverse(sigma)
+    P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
+    return sigma_iso

@@ -1,0 +1,134 @@
+"""Shared pieces of the two rules: input checks, errors, and the weights the rules leave alone."""
+
+from __future__ import annotations
+
+import re
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+#: Constant added in several of ACE's denominators and logarithms (METHODS.md: part of the rule).
+TINY = 1e-12
+
+
+class MergeInputError(ValueError):
+    """An input the rule cannot merge (non-finite values, mismatched shapes, zero task vector, ...).
+
+    The message always names the tensor, and the model where one is to blame.
+    """
+
+
+def describe(name: Optional[str]) -> str:
+    return repr(name) if name else "<unnamed tensor>"
+
+
+def check_inputs(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    name: Optional[str] = None,
+    ids: Optional[Sequence[Hashable]] = None,
+    base_id: Optional[Hashable] = None,
+) -> None:
+    """Raise :class:`MergeInputError` unless base and experts are finite, same-shaped tensors and
+    there is at least one expert. Nothing is copied or modified."""
+    where = describe(name)
+    if base is None:
+        raise MergeInputError(f"{where}: this rule needs a base model (task vectors are W_t - W_0)")
+    if len(experts) == 0:
+        raise MergeInputError(f"{where}: at least one expert (non-base model) is required")
+    ids = list(ids) if ids is not None else [f"expert {i}" for i in range(len(experts))]
+    base_label = base_id if base_id is not None else "base"
+    for label, tensor in [(base_label, base), *zip(ids, experts)]:
+        if tensor.shape != base.shape:
+            raise MergeInputError(
+                f"{where}: shape mismatch: model {label} has {tuple(tensor.shape)}, "
+                f"base has {tuple(base.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MergeInputError(
+                f"{where}: model {label} has {bad} non-finite value(s) (NaN or Inf); "
+                "refusing to merge it"
+            )
+
+
+def check_finite_output(result: torch.Tensor, name: Optional[str], rule: str) -> torch.Tensor:
+    if not bool(torch.isfinite(result).all()):
+        raise MergeInputError(
+            f"{describe(name)}: the {rule} rule produced non-finite values; the inputs are "
+            "numerically degenerate for this weight (check the experts' updates and epsilon)"
+        )
+    return result
+
+
+# Input-embedding tensors: their "inputs" are one-hot token indicators, so a covariance proxy over
+# the hidden dimension says nothing about them. Output heads (lm_head, embed_out) are ordinary
+# linear layers and take the rule.
+_OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|score|classifier)(\.|$)")
+_INPUT_EMBEDDING = re.compile(
+    r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embeddings|embedding|wpe"
+    r"|position_embeddings|token_type_embeddings)(\.|$)"
+)
+
+
+def is_input_embedding(name: Optional[str], vocabulary_axis: Optional[int] = None) -> bool:
+    """True for token/position embedding tables (by mergekit's vocabulary metadata or name)."""
+    if not name:
+        return False
+    if _OUTPUT_HEAD.search(name):
+        return False
+    if vocabulary_axis is not None:
+        return True
+    return bool(_INPUT_EMBEDDING.search(name))
+
+
+def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``D_t = W_t - W_0`` in ``dtype`` (a new tensor; inputs untouched)."""
+    return expert.to(dtype) - base.to(dtype)
+
+
+def average_task_vectors(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``W_0 + scale * mean_t D_t`` -- what both rules do for non-2-D weights and embeddings."""
+    acc = torch.zeros(base.shape, dtype=dtype, device=base.device)
+    for expert in experts:
+        acc += task_vector(expert, base, dtype)
+    acc /= len(experts)
+    return base.to(dtype) + scale * acc
+
+
+def check_nonzero_task_vectors(
+    traces: Sequence[float], name: Optional[str], ids: Optional[Sequence[Hashable]] = None
+) -> None:
+    """The rules divide by (or regress on) each expert's update: an all-zero update cannot take
+    part. Raise naming the tensor and the expert."""
+    ids = list(ids) if ids is not None else [f"expert {i}" for i in range(len(traces))]
+    zero = [str(i) for i, tr in zip(ids, traces) if tr == 0.0]
+    if zero:
+        raise MergeInputError(
+            f"{describe(name)}: expert(s) {', '.join(zero)} are identical to the base for this "
+            "weight (zero task vector), so the covariance rule cannot use them; drop that expert "
+            "or merge this weight with another method"
+        )
+
+
+def row_chunks(n_rows: int, chunk: Optional[int]):
+    """Yield ``slice`` objects covering ``range(n_rows)`` in blocks of ``chunk`` rows."""
+    step = n_rows if not chunk or chunk >= n_rows else max(1, int(chunk))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk: Optional[int] = None):
+    r"""Stream :math:`D^T D` and the column sums of D over row blocks, ``block_fn(rows) -> D[rows]``
+    (D is never materialised whole). Returns ``(gram, col_sum)``."""
+    gram = torch.zeros(n_cols, n_cols, dtype=dtype, device=device)
+    col_sum = torch.zeros(n_cols, dtype=dtype, device=device)
+    for rows in row_chunks(n_rows, row_chunk):
+        block = block_fn(rows)
+        gram.addmm_(block.T, block)
+        col_sum += block.sum(dim=0)
+        del block
+    return gram, col_sum
