@@ -72,7 +72,7 @@ def metric_keys(metrics: Mapping[str, object]) -> List[str]:
     return [
         key
         for key, value in metrics.items()
-        if _is_number(value) and "_stderr" not in key and key not in ("alias", "samples")
+        if _is_number(value) and "_stderr" not in key and key not in ("alias", "samples", "sample_len", "sample_count")
     ]
 
 

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 from mergekit.merge_methods import TensorGroup
+from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 
 from mergekit_ace.rules.common import (
     MergeInputError,
@@ -71,3 +72,24 @@ def _label(model_id) -> str:
 
 def _labels(ids):
     return [_label(i) for i in ids]
+
+
+class BaseRequiredMethod(FunctionalGroupMergeMethod):
+    """A functional group method whose missing-base error tells the user what to add.
+
+    mergekit checks the input contract while it plans the merge, before any tensor is loaded;
+    this only rewrites that check's message."""
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None):
+        if base_id is None or base_id not in input_ids:
+            raise ValueError(
+                f"merge_method {self.spec.name!r} needs a base model: its rule works on task "
+                "vectors W_t - W_0. Add `base_model: <path or Hub id>` to the config "
+                "(the model the experts were fine-tuned from)."
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+
+def base_required(method) -> BaseRequiredMethod:
+    """Rebuild a method made by mergekit's ``merge_method`` decorator as a BaseRequiredMethod."""
+    return BaseRequiredMethod(method.spec, method.implementation)

@@ -5,10 +5,11 @@ from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge
 from pydantic import Field
 from typing_extensions import Annotated
 
-from mergekit_ace.methods._shared import merge_group
+from mergekit_ace.methods._shared import base_required, merge_group
 from mergekit_ace.rules.ace import ace_merge
 
 
+@base_required
 @merge_method(
     name="ace",
     pretty_name="ACE-Merging",

@@ -7,10 +7,11 @@ from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge
 from pydantic import Field
 from typing_extensions import Annotated
 
-from mergekit_ace.methods._shared import merge_group
+from mergekit_ace.methods._shared import base_required, merge_group
 from mergekit_ace.rules.actmat import actmat_merge
 
 
+@base_required
 @merge_method(
     name="actmat",
     pretty_name="ACTMat",

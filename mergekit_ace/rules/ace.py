@@ -29,7 +29,12 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ace.rules.common import (
+    EXPERT_STREAMED,
+    ROW_CHUNKED,
     TINY,
+    TaskVectors,
+    check_strategy,
+    PINV_RTOL,
     MergeInputError,
     accumulate_gram,
     check_finite_output,
@@ -117,6 +122,7 @@ class PriorSolver:
     M: torch.Tensor
     c: torch.Tensor
     name: Optional[str] = None
+    ridge: float = 1.0  # sum_t eps_t; with a positive ridge M is SPD by construction
     _chol: Optional[torch.Tensor] = field(init=False, default=None)
     _z: Optional[torch.Tensor] = field(init=False, default=None)
     _y: Optional[torch.Tensor] = field(init=False, default=None)
@@ -125,19 +131,17 @@ class PriorSolver:
 
     def __post_init__(self):
         L, info = torch.linalg.cholesky_ex(self.M)
-        if int(info) == 0:
-            self._chol = L
+        if int(info) == 0 and (self.ridge > 0 or _well_conditioned(L)):
             ones = torch.ones(self.M.shape[0], 1, dtype=self.M.dtype, device=self.M.device)
             y = torch.cholesky_solve(ones, L)[:, 0]
             z = torch.cholesky_solve(self.c[:, None], L)[:, 0]
             denom = 1.0 + float(self.c @ y)
-            if abs(denom) > 1e-12:
-                self._y, self._z, self._denom = y, z, denom
+            if abs(denom) > PINV_RTOL:
+                self._chol, self._y, self._z, self._denom = L, y, z, denom
                 return
         LOG.warning("%s: the covariance sum is singular; using the pseudo-inverse of A", describe(self.name))
-        self._chol = None
         A = self.M + self.c[None, :]  # 1 c^T adds c to every row
-        self._pinv = torch.linalg.pinv(A)
+        self._pinv = torch.linalg.pinv(A, rtol=PINV_RTOL)
 
     def solve(self, N: torch.Tensor) -> torch.Tensor:
         r""":math:`N A^{-1}` for a block of rows N (rows x d_in)."""
@@ -147,11 +151,18 @@ class PriorSolver:
         return X - torch.outer(N @ self._y, self._z) / self._denom
 
 
+def _well_conditioned(L: torch.Tensor) -> bool:
+    """Cholesky of a numerically singular PSD matrix can "succeed" with tiny pivots; treat pivots
+    below ``PINV_RTOL`` of the largest (squared) as singular (used when there is no ridge)."""
+    pivots = torch.diagonal(L).square()
+    return bool(pivots.min() > PINV_RTOL * pivots.max())
+
+
 def closed_form(
-    N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: Optional[str] = None
+    N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: Optional[str] = None, ridge: float = 1.0
 ) -> torch.Tensor:
     r"""Step 5: :math:`P = N (M + \mathbf{1}c^T)^{-1}`."""
-    return PriorSolver(M, c, name).solve(N)
+    return PriorSolver(M, c, name, ridge).solve(N)
 
 
 # --------------------------------------------------------------------------- step 6
@@ -211,78 +222,143 @@ def ace_merge(
     compute_dtype: torch.dtype = torch.float64,
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
+    strategy: str = ROW_CHUNKED,
+    matmul_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by ACE-Merging; returns :math:`W_0 + scale\cdot P` in ``compute_dtype``.
 
-    ``row_chunk`` bounds the rows of task vector processed at once (memory, not result). The
-    experts' proxies :math:`\tilde S_t` (T x d_in^2) are kept; task vectors are formed one block at
-    a time. Inputs are never modified. With ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
+    Memory, not the result, depends on ``row_chunk`` (rows of task vector processed at once) and
+    ``strategy``:
+
+    * ``"row_chunked"``: the experts' proxies :math:`\tilde S_t` (T x d_in^2) are kept and the task
+      vectors stream through them block by block (for tall matrices);
+    * ``"expert_streamed"``: one proxy at a time; the products are accumulated into one full-size
+      :math:`Q = \sum_t D_t \tilde S_t` (for wide matrices).
+
+    Both use :math:`N = \sum_t C_t R_t = Q - \mathbf{1}w^T + \sum_t \epsilon_t C_t` with
+    :math:`w = \sum_t \tilde S_t\mu_t`, and :math:`Res = Q - (\sum_t D_t)\bar S`.
+
+    ``matmul_dtype`` (default ``compute_dtype``) is the precision of the O(d_out d_in^2) products
+    (proxies, :math:`D_t\tilde S_t`, the Gram of F); the factorisations, the solve and every
+    accumulation across experts stay in ``compute_dtype``. Inputs are never modified. With
+    ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
     check_inputs(base, experts, name=name, ids=ids)
     if base.ndim != 2:
         raise MergeInputError(f"{describe(name)}: ACE's rule applies to 2-D weights, got {tuple(base.shape)}")
+    streamed = check_strategy(strategy, name) == EXPERT_STREAMED
     T = len(experts)
     d_out, d_in = base.shape
     dt = compute_dtype
+    mt = matmul_dtype or dt
+    dev = base.device
+    tv = TaskVectors(base, experts, mt, row_chunk)
 
-    def delta_rows(t: int, rows: slice) -> torch.Tensor:
-        return task_vector(experts[t][rows], base[rows], dt)
-
-    # Step 1: uncentred energies and the branch.
-    traces = [
-        sum(float(delta_rows(t, rows).square().sum()) for rows in row_chunks(d_out, row_chunk))
-        for t in range(T)
-    ]
+    # Step 1 (a cheap first pass): uncentred energies, row means and the branch.
+    traces, mus = tv.energies_and_means(dt)
     check_nonzero_task_vectors(traces, name, ids)
     gamma = heterogeneity(traces)
     het = is_heterogeneous(gamma, tau)
+    k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
 
-    # Steps 2-3: per-expert proxies (streamed over row blocks), their sum and the ridge sum.
-    S_tilde, mus, eps_t, s_vals = [], [], [], []
+    # Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t, w.
+    S_sum = torch.zeros(d_in, d_in, dtype=dt, device=dev)
+    w = torch.zeros(d_in, dtype=dt, device=dev)
+    S_tilde: List[torch.Tensor] = []
+    eps_t: List[float] = []
+    s_vals: List[float] = []
+    Q = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     for t in range(T):
-        S, mu = _proxy_streamed(lambda rows, t=t: delta_rows(t, rows), d_out, d_in, dt, base.device, row_chunk)
-        St, e, s = regularised_proxy(S, epsilon, het)
-        S_tilde.append(St)
-        mus.append(mu)
-        eps_t.append(e)
+        S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
+        s = float(torch.trace(S)) + TINY
+        if het:
+            S.div_(s)
+        eps_t.append(epsilon / s if het else epsilon)
         s_vals.append(s)
-        del S
-    S_sum = torch.zeros(d_in, d_in, dtype=dt, device=base.device)
-    for St in S_tilde:
-        S_sum += St
-    eye = torch.eye(d_in, dtype=dt, device=base.device)
-    M = S_sum + sum(eps_t) * eye
+        S_sum += S
+        w += (S @ mus[t].to(mt)).to(dt)
+        if streamed:
+            for rows in tv.chunks():
+                _add_product(Q[rows], tv, t, rows, S)
+            del S
+        else:
+            S_tilde.append(S)
 
-    # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T.
+    # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T, M = sum_t R_t.
     c = collective_prior(S_sum, traces, het)
+    M = S_sum
+    M.diagonal().add_(sum(eps_t))
+    del S_sum
     solver = PriorSolver(M, c, name)
+    refine = het and k > 0
+    tall = d_out >= d_in
+    # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
+    S_bar = ((M / T).to(mt) if mt != dt else M / T) if refine else None
 
-    # Step 5 over row blocks: N = sum_t C_t R_t = sum_t (D_t - 1 mu_t^T)(S~_t + eps_t I).
-    P = torch.empty(d_out, d_in, dtype=dt, device=base.device)
-    for rows in row_chunks(d_out, row_chunk):
-        N = torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=base.device)
-        for t in range(T):
-            C = delta_rows(t, rows) - mus[t]
-            N.addmm_(C, S_tilde[t]).add_(C, alpha=eps_t[t])
+    def q_rows(rows: slice) -> torch.Tensor:
+        """Q[rows] = sum_t D_t[rows] S~_t."""
+        if streamed:
+            return Q[rows]
+        out = torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev)
+        return tv.matmul_accumulate(out, rows, S_tilde)
+
+    def residual(rows: slice, q: torch.Tensor) -> torch.Tensor:
+        """Res[rows] = Q[rows] - (sum_t D_t[rows]) Sbar  (uncentred D_t)."""
+        res = q.clone()
+        res -= tv.weighted_sum(rows, [1.0] * T, mt) @ S_bar
+        return res
+
+    # Step 5 over row blocks: P = N A^{-1}; F = P + Res (stored in Q's place when streamed).
+    P = torch.empty(d_out, d_in, dtype=dt, device=dev)
+    F_gram = torch.zeros(d_in, d_in, dtype=mt, device=dev) if refine and tall else None
+    for rows in tv.chunks():
+        q = q_rows(rows)
+        N = q - w
+        N += tv.weighted_sum(rows, eps_t, dt, mus)
         P[rows] = solver.solve(N)
         del N
+        if refine:
+            F = residual(rows, q)
+            F += P[rows]
+            if streamed:
+                Q[rows] = F
+            if tall:
+                Fm = F.to(mt)
+                F_gram.addmm_(Fm.T, Fm)
+                del Fm
+            del F
+        del q
+    del solver, M
 
-    k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
     sigma_iso = None
-    if het and k > 0:
-        # Step 6: Res = sum_t D_t (S~_t - Sbar), Sbar = mean_t R_t (uncentred D_t).
-        S_bar = (S_sum + sum(eps_t) * eye) / T
-
+    if refine:
+        # Step 6: P += sigma_iso U_k V_k^T from the top-k pairs of F (eigh of its smaller Gram).
         def F_rows(rows: slice) -> torch.Tensor:
-            F = P[rows].clone()
-            for t in range(T):
-                D = delta_rows(t, rows)
-                F.addmm_(D, S_tilde[t] - S_bar)
+            if streamed:
+                return Q[rows]
+            F = residual(rows, q_rows(rows))
+            F += P[rows]  # P[rows] is still unrefined: each block is refined after it is read
             return F
 
-        sigma_iso = _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk)
+        if tall:
+            sigma, V = top_singular_pairs_gram(F_gram.to(dt), k)
+            del F_gram
+            sigma_iso, inv = _iso_and_inverse(sigma)
+            for rows in tv.chunks():
+                F = F_rows(rows)
+                P[rows] += ((F @ V) * (sigma_iso * inv)) @ V.T  # sigma_iso F V_k S_k^-1 V_k^T
+                del F
+        else:
+            F = Q if streamed else torch.cat([F_rows(rows) for rows in tv.chunks()])
+            sigma, U = top_singular_pairs_gram(F @ F.T, k)
+            sigma_iso, inv = _iso_and_inverse(sigma)
+            P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
+            del F
+    del Q, S_tilde
 
-    W = base.to(dt) + scale * P
+    # Step 7: W = W0 + scale P (in place on P).
+    W = P.mul_(scale)
+    W += base
     check_finite_output(W, name, "ACE")
     if return_diagnostics:
         diag = ACEDiagnostics(
@@ -295,6 +371,12 @@ def ace_merge(
         )
         return W, diag
     return W
+
+
+def _add_product(out: torch.Tensor, tv: TaskVectors, t: int, rows: slice, mat: torch.Tensor) -> None:
+    """out += D_t[rows] @ mat."""
+    D = tv.block(t, rows)
+    out += D @ mat
 
 
 def _proxy_streamed(delta_rows, d_out, d_in, dt, device, row_chunk):

@@ -14,8 +14,8 @@ input covariance by the task vector's Gram matrix :math:`C_t \approx D_t^T D_t` 
 :math:`W_0` there: :math:`W = W_0 + \mathrm{scale}\cdot(\sum_t D_t C_t) A^+`.
 
 The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutoff
-:math:`\lambda_i > \mathrm{rcond}\cdot\lambda_{max}`, ``rcond`` defaulting to
-``d_in * finfo(compute_dtype).eps`` (the same rule as ``torch.linalg.pinv``'s default).
+:math:`\lambda_i > \mathrm{rcond}\cdot\lambda_{max}`, ``rcond`` defaulting to ``PINV_RTOL`` = 1e-10
+(float64 Gram noise is ~1e-13 relative; directions below the cutoff count as outside A's range).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ace.rules.common import (
+    PINV_RTOL,
     MergeInputError,
     accumulate_gram,
     check_finite_output,
@@ -58,7 +59,7 @@ class SymmetricPseudoInverse:
     def of(cls, A: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
         evals, evecs = torch.linalg.eigh(A)
         if rcond is None:
-            rcond = A.shape[0] * torch.finfo(A.dtype).eps
+            rcond = PINV_RTOL
         top = float(evals.max()) if evals.numel() else 0.0
         keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
         return cls(Q=evecs[:, keep], inv_eigvals=1.0 / evals[keep], rank=int(keep.sum()))

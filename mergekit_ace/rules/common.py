@@ -10,6 +10,12 @@ import torch
 #: Constant added in several of ACE's denominators and logarithms (METHODS.md: part of the rule).
 TINY = 1e-12
 
+#: Relative cutoff for rank decisions (pseudo-inverses): eigen/singular values below
+#: ``PINV_RTOL * largest`` count as zero. Float64 Gram matrices of 1e5-row task vectors carry
+#: relative noise around 1e-13; 1e-10 stays well above that and far below any direction a
+#: merge could meaningfully use.
+PINV_RTOL = 1e-10
+
 
 class MergeInputError(ValueError):
     """An input the rule cannot merge (non-finite values, mismatched shapes, zero task vector, ...).
@@ -132,3 +138,98 @@ def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk
         col_sum += block.sum(dim=0)
         del block
     return gram, col_sum
+
+
+# --------------------------------------------------------------------------- streaming helpers
+#: Keep the experts' d_in x d_in proxies and stream row blocks of the task vectors through them
+#: (extra memory ~ T d_in^2 + one block; best for tall matrices such as lm_head).
+ROW_CHUNKED = "row_chunked"
+#: Keep one proxy at a time and full-size numerator/residual accumulators (extra memory
+#: ~ d_out d_in + 2 d_in^2; best for wide matrices such as down_proj, where T d_in^2 > d_out d_in).
+EXPERT_STREAMED = "expert_streamed"
+STRATEGIES = (ROW_CHUNKED, EXPERT_STREAMED)
+
+
+def check_strategy(strategy: str, name: Optional[str]) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{describe(name)}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    return strategy
+
+
+class TaskVectors:
+    r"""The task vectors :math:`D_t = W_t - W_0` of one weight, formed on demand one row block at a
+    time in ``dtype`` (the precision of the matrix products); never all at once.
+
+    ``row_chunk`` rows per block (``None``: the whole matrix is one block)."""
+
+    def __init__(self, base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype,
+                 row_chunk: Optional[int] = None):
+        self.base, self.experts, self.dtype, self.row_chunk = base, experts, dtype, row_chunk
+        self.d_out, self.d_in = base.shape
+        self.device = base.device
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def chunks(self):
+        return row_chunks(self.d_out, self.row_chunk)
+
+    def block(self, t: int, rows: slice) -> torch.Tensor:
+        """``D_t[rows]`` (one temporary of the block's size; the subtraction is done in ``dtype``)."""
+        out = self.experts[t][rows].to(self.dtype, copy=True)
+        out -= self.base[rows]
+        return out
+
+    def energies_and_means(self, dtype: torch.dtype) -> Tuple[list, list]:
+        r"""One cheap pass: :math:`\|D_t\|_F^2` (python floats, accumulated in float64) and the row
+        means :math:`\mu_t` (d_in vectors in ``dtype``) of every expert."""
+        traces, mus = [], []
+        for t in range(len(self.experts)):
+            energy = 0.0
+            col_sum = torch.zeros(self.d_in, dtype=dtype, device=self.device)
+            for rows in self.chunks():
+                D = self.block(t, rows)
+                energy += float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+                col_sum += D.sum(dim=0, dtype=dtype)
+                del D
+            traces.append(energy)
+            mus.append(col_sum / self.d_out)
+        return traces, mus
+
+    def gram(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r""":math:`C_t^T C_t` with :math:`C_t = D_t - \mathbf{1}\mu^T` (uncentred :math:`D_t^TD_t` if ``mu``
+        is None), accumulated over row blocks in ``dtype``. The blocks are centred before the
+        product, so no cancellation between :math:`D^TD` and :math:`d_{out}\mu\mu^T`."""
+        gram = torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=self.device)
+        mu = None if mu is None else mu.to(self.dtype)
+        for rows in self.chunks():
+            D = self.block(t, rows)
+            if mu is not None:
+                D -= mu
+            gram.addmm_(D.T, D)
+            del D
+        return gram
+
+    def weighted_sum(self, rows: slice, weights: Sequence[float], dtype: torch.dtype,
+                     mus: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        r""":math:`\sum_t w_t D_t[rows]` in ``dtype`` (centred rows :math:`D_t - \mu_t` if ``mus``)."""
+        acc = torch.zeros(rows.stop - rows.start, self.d_in, dtype=dtype, device=self.device)
+        for t, w in enumerate(weights):
+            if w == 0.0:
+                continue
+            D = self.block(t, rows)
+            if mus is not None:
+                D -= mus[t].to(D.dtype)
+            acc.add_(D, alpha=float(w))
+            del D
+        return acc
+
+    def matmul_accumulate(self, out: torch.Tensor, rows: slice, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+        r"""``out += \sum_t D_t[rows] @ mats[t]`` (products in ``dtype``, accumulated in out's dtype)."""
+        for t, mat in enumerate(mats):
+            D = self.block(t, rows)
+            prod = D @ mat
+            del D
+            out += prod
+            del prod
+        return out

@@ -5,6 +5,8 @@ mergekit 0.1.5 has no plugin entry point: a merge method exists for ``mergekit-y
 line calls :func:`install` at interpreter start. ``install`` only appends a finder to
 ``sys.meta_path`` (no torch, no mergekit); the finder waits for ``mergekit.merge_methods`` to be
 imported, lets it execute normally, then registers our methods. Everything here is idempotent.
+It is a top-level module, not part of the ``mergekit_ace`` package, so interpreter start-up does
+not import the package itself.
 """
 
 import sys

@@ -1,0 +1,134 @@
+"""Merge the demo's experts every way through ``mergekit-yaml`` (a subprocess, exactly as a user
+would run it), from a list of methods that is plain data.
+
+Each entry of :data:`METHODS` is ``(label, merge_method, global parameters, per-model parameters)``.
+The choices are the values a user would write, taken from the papers' defaults:
+
+* ``linear``: the experts' plain average (weight 1.0 each, mergekit normalises the weights).
+* ``task_arithmetic``: base + lambda * sum of task vectors with lambda = 0.3 per expert, the scaling
+  used as the default Task Arithmetic baseline in the merging literature (FusionBench, TIES, TSV);
+  with three experts it sits close to averaging, as in the ACE paper's Table 8.
+* ``ties``: TIES with density 0.5 (keep the top half of each task vector by magnitude), weight 1.0,
+  sign election and disjoint mean (mergekit's ``normalize: true``), the TIES paper's lambda = 1.
+* ``ace``: ACE-Merging with the paper's defaults (epsilon 1e-5, tau 0.3, k_frac 0.3, scale 1).
+* ``actmat``: ACTMat, data-free form, scale 1 (it has no hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+MethodSpec = Tuple[str, str, Dict[str, object], Dict[str, object]]
+
+METHODS: List[MethodSpec] = [
+    ("linear", "linear", {"normalize": True}, {"weight": 1.0}),
+    ("task_arithmetic", "task_arithmetic", {}, {"weight": 0.3}),
+    ("ties", "ties", {"normalize": True}, {"density": 0.5, "weight": 1.0}),
+    ("ace", "ace", {"epsilon": 1e-5, "tau": 0.3, "k_frac": 0.3, "scale": 1.0}, {}),
+    ("actmat", "actmat", {"scale": 1.0}, {}),
+]
+
+# merge methods that take no base model (mergekit would otherwise count the base as an input)
+_NO_BASE = {"linear"}
+
+
+def merge_config(method: MethodSpec, base: Path, experts: Sequence[Path], dtype: str = "float32") -> dict:
+    """The mergekit YAML (as a dict) for one method. Paths are made absolute: mergekit treats a
+    relative path as a possible Hugging Face Hub id and asks the Hub about it."""
+    _, merge_method, global_params, model_params = method
+    models = []
+    for path in experts:
+        entry: Dict[str, object] = {"model": str(Path(path).resolve())}
+        if model_params:
+            entry["parameters"] = dict(model_params)
+        models.append(entry)
+    config: Dict[str, object] = {"merge_method": merge_method, "models": models, "dtype": dtype}
+    if merge_method not in _NO_BASE:
+        config["base_model"] = str(Path(base).resolve())
+    else:
+        # linear still needs a tokenizer source; it copies the first model's. Same tokenizer here.
+        pass
+    if global_params:
+        config["parameters"] = dict(global_params)
+    return config
+
+
+def mergekit_yaml_executable() -> str:
+    """The ``mergekit-yaml`` next to the running interpreter (the venv's), else the one on PATH."""
+    candidate = Path(sys.executable).parent / "mergekit-yaml"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return found
+    from mergekit_ace.cli import UserError
+
+    raise UserError("mergekit-yaml not found: install mergekit (pip install 'mergekit>=0.1.5') in this environment")
+
+
+def _subprocess_env() -> Dict[str, str]:
+    """The merge subprocess imports the same ``mergekit_ace`` as this process (whose ``.pth`` hook,
+    when the package is installed, registers ace/actmat), and stays offline."""
+    import mergekit_ace
+
+    env = dict(os.environ)
+    package_root = str(Path(mergekit_ace.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: Path, log=print) -> Tuple[Path, float]:
+    """Write ``<out_dir>/<label>.yaml`` and run ``mergekit-yaml`` on it into ``<out_dir>/<label>``.
+    Return the merged model's path and the wall time of the subprocess."""
+    from mergekit_ace.cli import UserError
+
+    label = method[0]
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / f"{label}.yaml"
+    config_path.write_text(yaml.safe_dump(merge_config(method, base, experts), sort_keys=False))
+    target = out_dir / label
+    if target.exists():
+        shutil.rmtree(target)
+    cmd = [mergekit_yaml_executable(), str(config_path), str(target), "--quiet", "--copy-tokenizer"]
+    start = time.time()
+    proc = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True)
+    elapsed = time.time() - start
+    if proc.returncode != 0 or not (target / "config.json").exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        hint = ""
+        if method[1] in ("ace", "actmat"):
+            hint = (
+                "\n(ace and actmat exist for mergekit-yaml only once mergekit-ace is pip-installed into the "
+                "same environment: pip install --no-deps --force-reinstall <mergekit-ace checkout>)"
+            )
+        raise UserError(f"mergekit-yaml failed for {label} (exit {proc.returncode}):\n{tail}{hint}")
+    log(f"  merged {label:<16} {elapsed:5.1f}s  -> {target}")
+    return target, elapsed
+
+
+def run_all_merges(
+    base: Path,
+    experts: Mapping[str, Path],
+    out_dir: Path,
+    methods: Sequence[MethodSpec] = METHODS,
+    log=print,
+) -> Dict[str, Dict[str, object]]:
+    """Run every method; return ``{label: {"path": Path, "seconds": float, "config": Path}}``."""
+    expert_paths = [Path(experts[name]) for name in experts]
+    results = {}
+    for method in methods:
+        path, seconds = run_merge(method, base, expert_paths, out_dir, log=log)
+        results[method[0]] = {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{method[0]}.yaml"}
+    return results

@@ -1,0 +1,77 @@
+"""Independent float64 references for the two rules, written from METHODS.md with the naive
+algebra (explicit centring, explicit inverse / pseudo-inverse, full SVD). A different code path
+from the package on purpose: no streaming, no Cholesky, no Sherman-Morrison, no Gram eigh."""
+
+import math
+
+import torch
+
+
+def ace_reference(W0, experts, epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, force_pinv=False):
+    W0 = W0.double()
+    D = [W.double() - W0 for W in experts]
+    T = len(D)
+    d_out, d_in = W0.shape
+    tr = torch.tensor([float((d * d).sum()) for d in D], dtype=torch.float64)
+    logs = torch.log(tr + 1e-12)
+    if T == 1:
+        het = False
+    else:
+        var = float(((logs - logs.mean()) ** 2).sum() / (T - 1))
+        het = var / (float(logs.mean()) ** 2 + 1e-12) > tau
+    ones_rows = torch.ones(d_out, 1, dtype=torch.float64)
+    C = [d - ones_rows @ (ones_rows.T @ d) / d_out for d in D]
+    S = [c.T @ c for c in C]
+    s = [float(torch.trace(x)) + 1e-12 for x in S]
+    St = [x / si for x, si in zip(S, s)] if het else S
+    eps = [epsilon / si for si in s] if het else [epsilon] * T
+    I = torch.eye(d_in, dtype=torch.float64)
+    R = [x + e * I for x, e in zip(St, eps)]
+    ones_in = torch.ones(d_in, 1, dtype=torch.float64)
+    c = (ones_in.T @ sum(St) / d_in)[0]
+    if het:
+        c = c / (float(tr.mean()) + 1e-12)
+    A = sum(R) + ones_in @ c[None, :]
+    N = sum(ci @ ri for ci, ri in zip(C, R))
+    P = N @ (torch.linalg.pinv(A, rtol=1e-10) if force_pinv else torch.linalg.inv(A))
+    if het:
+        Sbar = sum(R) / T
+        Res = sum(d @ (x - Sbar) for d, x in zip(D, St))
+        U, sig, Vh = torch.linalg.svd(P + Res, full_matrices=False)
+        k = math.floor(k_frac * min(d_out, d_in))
+        if k > 0:
+            P = P + sig[:k].mean() * U[:, :k] @ Vh[:k, :]
+    return W0 + scale * P, het
+
+
+def actmat_reference(W0, experts, scale=1.0, keep_base=True):
+    W0 = W0.double()
+    Ws = [W.double() for W in experts]
+    D = [W - W0 for W in Ws]
+    Cs = [d.T @ d for d in D]
+    A_pinv = torch.linalg.pinv(sum(Cs), rtol=1e-10)
+    if keep_base:
+        return W0 + scale * sum(d @ c for d, c in zip(D, Cs)) @ A_pinv
+    # Paper-literal minimum-norm solution (W_t C_t summed), scale on the task-vector part.
+    A = sum(Cs)
+    return W0 @ A @ A_pinv + scale * sum(d @ c for d, c in zip(D, Cs)) @ A_pinv
+
+
+def rel_err(out, ref, W0):
+    """Relative error on the merged task vector."""
+    return float((out.double() - ref).norm() / (ref - W0.double()).norm())
+
+
+def make_experts(shape, T, norms, seed=0, base_scale=1.0, rank=None):
+    """A base and T experts whose task vectors have Frobenius norms ``norms`` (low rank if asked)."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(*shape, generator=g) * base_scale
+    experts = []
+    for t in range(T):
+        if rank is None:
+            d = torch.randn(*shape, generator=g)
+        else:
+            d = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+        d = d / d.norm() * norms[t % len(norms)]
+        experts.append(W0 + d)
+    return W0, experts
