@@ -133,3 +133,21 @@ def test_bfloat16_experts_give_bfloat16_output(tmp_path, llama_family):
     name = "model.layers.1.mlp.down_proj.weight"
     ref = ace_reference(base[name], [e[name] for e in experts])[0]
     assert float((merged[name].double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_tiny_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.mergekit_run import BIN
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples/tiny/make_tiny_experts.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = tmp_path / "ace-tiny.yml"
+    proc = subprocess.run([str(BIN / "mergekit-yaml"), str(cfg), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_loads_and_generates(tmp_path / "out")

@@ -13,6 +13,7 @@ from mergekit_ace.rules.common import (
     average_task_vectors,
     check_finite_output,
     check_inputs,
+    check_parameter,
     describe,
     is_input_embedding,
 )
@@ -42,6 +43,7 @@ def merge_group(
     experts = [entry.tensor for entry in group.non_base]
     ids = [entry.id for entry in group.non_base]
     check_inputs(base, experts, name=name, ids=_labels(ids), base_id=_label(group.base.id))
+    check_parameter(name, "scale", scale)
     out_dtype = base.dtype if base.is_floating_point() else torch.float32
     takes_rule = base.ndim == 2 and (
         merge_embeddings or not is_input_embedding(name, group.metadata.vocabulary_axis)

@@ -2,8 +2,6 @@
 
 import torch
 from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
-from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_ace.methods._shared import base_required, merge_group
 from mergekit_ace.rules.ace import ace_merge
@@ -18,9 +16,9 @@ from mergekit_ace.rules.ace import ace_merge
 )
 def ace(
     group: TensorGroup,
-    epsilon: Annotated[float, Field(ge=0)] = 1e-5,
-    tau: Annotated[float, Field(ge=0)] = 0.3,
-    k_frac: Annotated[float, Field(ge=0, le=1)] = 0.3,
+    epsilon: float = 1e-5,
+    tau: float = 0.3,
+    k_frac: float = 0.3,
     scale: float = 1.0,
     merge_embeddings: bool = False,
 ) -> torch.Tensor:

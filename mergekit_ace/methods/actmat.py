@@ -4,8 +4,6 @@ from typing import Optional
 
 import torch
 from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
-from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_ace.methods._shared import base_required, merge_group
 from mergekit_ace.rules.actmat import actmat_merge
@@ -22,7 +20,7 @@ def actmat(
     group: TensorGroup,
     scale: float = 1.0,
     keep_base: bool = True,
-    rcond: Optional[Annotated[float, Field(gt=0)]] = None,
+    rcond: Optional[float] = None,
     merge_embeddings: bool = False,
 ) -> torch.Tensor:
     """ACTMat on every 2-D weight; the experts' average on the rest and on input embeddings."""
