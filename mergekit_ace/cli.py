@@ -17,8 +17,7 @@ SUBCOMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback, exit code 2."""
+from mergekit_ace.errors import UserError  # noqa: E402  (re-exported for subcommands)
 
 
 def build_parser() -> argparse.ArgumentParser:
