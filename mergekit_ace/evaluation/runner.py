@@ -17,6 +17,7 @@ Output directory (written to a temporary sibling and renamed into place at the e
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import gc
@@ -147,15 +148,20 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(include_path: Tuple[str, ...]):
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: Tuple[str, ...], include_defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_path) or None)
+    return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
-def task_manager(include_path=None):
-    """lm-eval's ``TaskManager`` (indexing every stock task takes seconds: cached per process)."""
+def task_manager(include_path=None, tasks: Optional[Sequence[str]] = None):
+    """lm-eval's ``TaskManager`` for ``tasks``, cached per process.
+
+    Indexing lm-eval's ~15,000 stock tasks takes many seconds, so when every one of ``tasks`` is
+    defined under ``include_path`` the manager indexes only ``include_path``; otherwise it indexes
+    the stock tasks too (``include_path`` taking precedence, as in lm-eval).
+    """
     if include_path is None:
         paths: Tuple[str, ...] = ()
     elif isinstance(include_path, (list, tuple)):
@@ -165,6 +171,10 @@ def task_manager(include_path=None):
     for p in paths:
         if not Path(p).is_dir():
             raise UserError(f"--include-path {p} is not a directory")
+    if paths and tasks:
+        local = _task_manager(paths, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
     return _task_manager(paths)
 
 
@@ -310,7 +320,8 @@ def evaluate_models(
             normalised table; every task needs an owner that is one of ``models``.
         base: the base model's name (its role in the report; optional).
         limit, num_fewshot, batch_size, device, gen_kwargs, apply_chat_template, bootstrap_iters:
-            passed to ``lm_eval.simple_evaluate``. ``device`` is not passed with vLLM.
+            passed to ``lm_eval.simple_evaluate``. ``device=None`` means ``cuda`` when available,
+            else ``cpu``; it is not passed with vLLM (which places the model itself).
         backend: ``"hf"`` or ``"vllm"`` (any other registered lm-eval model type is passed through
             as is, without the model-directory checks).
         model_args: extra lm-eval model arguments (``"k=v,..."`` or dict) for every model.
@@ -357,7 +368,7 @@ def evaluate_models(
             owners = normalise.load_owners(owners)
         elif owners is not None:
             owners = normalise.parse_owners(owners)
-        task_names = expand_tasks(tasks)
+        task_names = expand_tasks([tasks] if isinstance(tasks, str) else tasks)
         if not task_names:
             raise UserError("no tasks given: use --tasks with lm-eval task names or a preset")
         if owners is not None:
@@ -371,10 +382,12 @@ def evaluate_models(
             raise UserError(f"--data-dir {data_dir} is not a directory")
 
     # ---- tasks: known, allowed, data present
-    tm = task_manager(include_path)
+    tm = task_manager(include_path, task_names)
     check_tasks(tm, task_names)
+    runs_code = False  # a code-execution task, or a group that may hold one
     for task in task_names:
         cfg = task_config(tm, task)
+        runs_code = runs_code or cfg is None or bool(cfg.get("unsafe_code"))
         if cfg and cfg.get("unsafe_code") and not allow_code_execution:
             raise UserError(
                 f"task {task!r} runs model-generated code to score it; pass "
@@ -389,7 +402,7 @@ def evaluate_models(
     squad_metrics.install()  # xquad imports SQuAD metrics from where transformers 4 had them
     try:
         ensure_punkt_tab()  # IFEval's sentence splitter, without nltk.download
-    except Exception as error:  # only IFEval needs it; lm-eval reports if it is then missing
+    except Exception as error:  # only IFEval needs it; lm-eval says so if it is then missing
         log.warning("could not provide NLTK's punkt_tab model: %s", error)
 
     options: Dict[str, Any] = dict(
@@ -406,7 +419,7 @@ def evaluate_models(
         fewshot_random_seed=seed,
     )
     if backend != "vllm":
-        options["device"] = device
+        options["device"] = device if device is not None else _default_device()
     config = {
         "models": {n: str(p) for n, p in paths.items()},
         "tasks": task_names,
@@ -415,12 +428,14 @@ def evaluate_models(
         "limit": limit,
         "num_fewshot": num_fewshot,
         "batch_size": batch_size,
-        "device": device if backend != "vllm" else None,
+        "device": options.get("device"),
         "gen_kwargs": _clean_json(gen_kwargs),
         "data_dir": str(data_dir) if data_dir else None,
-        "include_path": _clean_json(include_path if include_path is None else str(include_path)
-                                    if not isinstance(include_path, (list, tuple))
-                                    else [str(p) for p in include_path]),
+        "include_path": (
+            [str(p) for p in include_path]
+            if isinstance(include_path, (list, tuple))
+            else None if include_path is None else str(include_path)
+        ),
         "allow_code_execution": bool(allow_code_execution),
         "code_timeout": code_timeout,
         "owners": owners,
@@ -432,12 +447,16 @@ def evaluate_models(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     keep_staging = False
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results are ordinary files
     try:
         metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
         raw_results: Dict[str, Any] = {}
         scores: Dict[str, Dict[str, Dict[str, float]]] = {}
         started = time.time()
-        with redirect_datasets(data_dir), use_offline_code_eval(metric):
+        code_eval = use_offline_code_eval(metric) if runs_code else contextlib.nullcontext()
+        with redirect_datasets(data_dir), code_eval:
             for name in paths:
                 log.info("mergekit-ace eval: scoring %s on %s", name, ", ".join(task_names))
                 try:
@@ -506,6 +525,16 @@ def _lm_eval_tables(raw_results: Mapping[str, Any]) -> Dict[str, str]:
         except Exception as error:  # a cosmetic section; never fail the run for it
             log.warning("could not render lm-eval's table for %s: %s", name, error)
     return out
+
+
+def _default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (lm-eval's hf default is always ``cuda``)."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover
+        return "cpu"
 
 
 def _empty_cuda_cache() -> None:
