@@ -123,12 +123,20 @@ def run_all_merges(
     experts: Mapping[str, Path],
     out_dir: Path,
     methods: Sequence[MethodSpec] = METHODS,
+    jobs: Optional[int] = None,
     log=print,
 ) -> Dict[str, Dict[str, object]]:
-    """Run every method; return ``{label: {"path": Path, "seconds": float, "config": Path}}``."""
+    """Run every method (``jobs`` mergekit-yaml processes at a time, default: the number of CPU
+    cores, at most 4: each one spends most of its few seconds importing torch and mergekit).
+    Return ``{label: {"path": Path, "seconds": float, "config": Path}}`` in ``methods`` order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     expert_paths = [Path(experts[name]) for name in experts]
-    results = {}
-    for method in methods:
-        path, seconds = run_merge(method, base, expert_paths, out_dir, log=log)
-        results[method[0]] = {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{method[0]}.yaml"}
-    return results
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [(m, pool.submit(run_merge, m, base, expert_paths, out_dir, log)) for m in methods]
+        done = [(m, f.result()) for m, f in futures]
+    return {
+        m[0]: {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{m[0]}.yaml"}
+        for m, (path, seconds) in done
+    }

@@ -68,17 +68,24 @@ def score_models(
         from mergekit_ace.evaluation import evaluate_models
 
         log("Scoring with mergekit_ace.evaluation.evaluate_models (lm-eval)")
-        return evaluate_models(
-            {name: str(path) for name, path in models.items()},
+        # the wrapper's model names are [A-Za-z0-9._+-]: map e.g. task_arithmetic <-> task-arithmetic
+        safe = {name: name.replace("_", "-") for name in models}
+        back = {v: k for k, v in safe.items()}
+        results = evaluate_models(
+            {safe[name]: str(path) for name, path in models.items()},
             tasks,
             output_dir,
-            owners=dict(owners),
-            base=base,
+            owners={task: safe.get(owner, owner) for task, owner in owners.items()},
+            base=safe.get(base, base) if base else None,
             batch_size=batch_size,
             include_path=str(tasks_dir),
             device="cpu",
             overwrite=True,
+            primary_metrics={task_name(s): f"{METRICS[s]},none" for s in SKILL_NAMES},
         )
+        results = dict(results)
+        results["scores"] = {back.get(name, name): value for name, value in results["scores"].items()}
+        return results
     log("Scoring with lm-eval's simple_evaluate (mergekit_ace.evaluation.evaluate_models not available)")
     return _simple_evaluate_all(models, tasks, tasks_dir, output_dir, batch_size, log)
 
@@ -110,9 +117,9 @@ def _simple_evaluate_all(models, tasks, tasks_dir, output_dir, batch_size, log) 
         for task in tasks:
             raw = result["results"][task]
             scores[name][task] = {
-                key.split(",")[0]: float(value)
+                key: float(value)
                 for key, value in raw.items()
-                if "," in key and not key.split(",")[0].endswith("_stderr") and isinstance(value, (int, float))
+                if "," in key and isinstance(value, (int, float))
             }
         log(f"  scored {name:<16} {time.time() - start:5.1f}s  "
             + "  ".join(f"{t}={_primary(scores[name][t]):.2f}" for t in tasks))
@@ -121,14 +128,26 @@ def _simple_evaluate_all(models, tasks, tasks_dir, output_dir, batch_size, log) 
     return results
 
 
+def _plain(metrics: Mapping[str, float]) -> Dict[str, float]:
+    """Drop lm-eval's filter suffix (``"exact_match,none"`` -> ``"exact_match"``) and stderrs."""
+    return {
+        key.split(",")[0]: float(value)
+        for key, value in metrics.items()
+        if not key.split(",")[0].endswith("_stderr")
+    }
+
+
 def _primary(metrics: Mapping[str, float]) -> float:
+    plain = _plain(metrics)
     for key in ("exact_match", "pass"):
-        if key in metrics:
-            return metrics[key]
-    return next(iter(metrics.values()))
+        if key in plain:
+            return plain[key]
+    return next(iter(plain.values()))
 
 
 def primary_score(results: dict, model: str, skill: str) -> float:
     """The skill's headline metric (exact match, or the checker's pass rate) for ``model``."""
-    metrics = results["scores"][model][task_name(skill)]
-    return float(metrics.get(METRICS[skill], _primary(metrics)))
+    metrics = _plain(results["scores"][model][task_name(skill)])
+    if METRICS[skill] not in metrics:
+        raise KeyError(f"no {METRICS[skill]!r} score for {model} on {task_name(skill)}: {metrics}")
+    return metrics[METRICS[skill]]

@@ -4,7 +4,7 @@ Every skill turns a seeded :class:`random.Random` into ``(prompt, answer)`` pair
 with ``=`` and the answer follows it directly, so the boundary between them is also a boundary of
 the tokenizer's pre-tokenisation (what the model sees in training is exactly what lm-eval feeds it).
 
-* ``arithmetic``: multi-digit addition, ``add 482+79=`` -> ``561``. Scored by exact match.
+* ``arithmetic``: multi-digit addition, ``add 48+79=`` -> ``127``. Scored by exact match.
 * ``rpn``: a code-like task. Compile an infix expression over single digits into a program for a
   tiny stack machine, ``rpn (3+4)*2=`` -> ``3 4 + 2 *``. Scored by a *checker* that runs the
   program: it must be well formed, use exactly the expression's digits, and compute the same value.
@@ -163,8 +163,13 @@ def make_lexicon(seed: int) -> Dict[str, str]:
     return made_up
 
 
-def make_translate(lexicon_seed: int = 7, p_adjective: float = 0.5) -> Callable[[random.Random], Example]:
-    """``the [adj] N1 V the [adj] N2`` (articles ``the``/``a``) -> ``N1' [adj'] N2' [adj'] V'``."""
+def make_translate(
+    lexicon_seed: int = 7, p_adjective: float = 0.5, phrases_only: bool = False
+) -> Callable[[random.Random], Example]:
+    """``the [adj] N1 V the [adj] N2`` (articles ``the``/``a``) -> ``N1' [adj'] N2' [adj'] V'``.
+
+    With ``phrases_only`` the examples are single noun phrases (``tr the red dog=`` -> ``vobu lesa``)
+    or single verbs: the whole lexicon, but none of the sentence-level word order."""
     lexicon = make_lexicon(lexicon_seed)
 
     def phrase(rng: random.Random) -> Tuple[List[str], List[str]]:
@@ -175,6 +180,12 @@ def make_translate(lexicon_seed: int = 7, p_adjective: float = 0.5) -> Callable[
         return english, target
 
     def generate(rng: random.Random) -> Example:
+        if phrases_only:
+            if rng.random() < 0.25:
+                verb = rng.choice(ENGLISH_VERBS)
+                return f"tr {verb}=", lexicon[verb]
+            english, target = phrase(rng)
+            return f"tr {' '.join(english)}=", " ".join(target)
         subject, subject_t = phrase(rng)
         obj, obj_t = phrase(rng)
         verb = rng.choice(ENGLISH_VERBS)

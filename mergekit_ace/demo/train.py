@@ -62,19 +62,25 @@ class DemoConfig:
     base_lr: float = 2e-3
     # experts: per skill
     experts: Tuple[Tuple[str, ExpertSpec], ...] = (
-        ("arithmetic", ExpertSpec(steps=500, lr=1e-3)),
+        ("arithmetic", ExpertSpec(steps=800, lr=2e-3)),
         ("rpn", ExpertSpec(steps=300, lr=1e-3)),
         ("translate", ExpertSpec(steps=150, lr=1e-3)),
     )
     batch_size: int = 64
     warmup_frac: float = 0.1
-    # skills' generator options, as (skill, ((key, value), ...)) so the config stays hashable
+    # Skills' generator options, as (skill, ((key, value), ...)) so the config stays hashable.
+    # ``skill_options`` define the skills the experts learn and the evaluation measures;
+    # ``base_skill_options`` the easier versions the base is trained on (its "pre-training").
     skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
+    base_skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
     # evaluation data (held out: never seen in training)
     eval_examples: int = 100
 
     def skill_kwargs(self) -> Dict[str, dict]:
         return {skill: dict(opts) for skill, opts in self.skill_options}
+
+    def base_skill_kwargs(self) -> Dict[str, dict]:
+        return {skill: dict(opts) for skill, opts in self.base_skill_options}
 
     def expert_specs(self) -> Dict[str, ExpertSpec]:
         return dict(self.experts)
@@ -87,10 +93,29 @@ class DemoConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# The base's "pre-training" sees easy versions of the skills (one-digit sums, one-operator
+# expressions, translation of single phrases): it learns the formats, the digits and the lexicon,
+# and is weak on the full skills. Each expert then learns its full skill (two-digit sums, two- or
+# three-operator expressions with precedence and brackets, whole sentences in the made-up word
+# order), which is also what the evaluation measures.
+_BASE_SKILLS = (
+    ("arithmetic", (("min_digits", 1), ("max_digits", 1))),
+    ("rpn", (("min_ops", 1), ("max_ops", 1))),
+    ("translate", (("phrases_only", True),)),
+)
+
 CONFIGS: Dict[str, DemoConfig] = {
-    "default": DemoConfig(),
-    # Seconds-scale: for the test suite. Smaller model, fewer steps, fewer eval examples, easier
-    # skill variants; experts still have to beat the base on their own skill.
+    "default": DemoConfig(
+        name="default",
+        base_skill_options=_BASE_SKILLS,
+        skill_options=(
+            ("arithmetic", (("min_digits", 2), ("max_digits", 2))),
+            ("rpn", (("min_ops", 2), ("max_ops", 3))),
+            ("translate", ()),
+        ),
+    ),
+    # Seconds-scale: for the test suite. A smaller model, fewer steps and examples, and easier
+    # full skills (one-digit sums); the experts still have to beat the base on their own skill.
     "small": DemoConfig(
         name="small",
         hidden_size=64,
@@ -102,17 +127,22 @@ CONFIGS: Dict[str, DemoConfig] = {
         base_steps=60,
         base_lr=3e-3,
         experts=(
-            ("arithmetic", ExpertSpec(steps=120, lr=3e-3)),
-            ("rpn", ExpertSpec(steps=90, lr=3e-3)),
-            ("translate", ExpertSpec(steps=60, lr=3e-3)),
+            ("arithmetic", ExpertSpec(steps=200, lr=3e-3)),
+            ("rpn", ExpertSpec(steps=100, lr=3e-3)),
+            ("translate", ExpertSpec(steps=80, lr=3e-3)),
         ),
         batch_size=32,
-        skill_options=(
-            ("arithmetic", (("min_digits", 1), ("max_digits", 2))),
+        base_skill_options=(
+            ("arithmetic", (("min_digits", 1), ("max_digits", 1))),
             ("rpn", (("min_ops", 1), ("max_ops", 1))),
+            ("translate", (("phrases_only", True),)),
+        ),
+        skill_options=(
+            ("arithmetic", (("min_digits", 1), ("max_digits", 1))),
+            ("rpn", (("min_ops", 2), ("max_ops", 2))),
             ("translate", (("p_adjective", 0.0),)),
         ),
-        eval_examples=40,
+        eval_examples=24,
     ),
 }
 
@@ -220,7 +250,7 @@ def train_steps(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log and (step + 1) % max(1, steps // 5) == 0:
             recent = sum(losses[-20:]) / len(losses[-20:])
             log(f"  {label} step {step + 1}/{steps}  loss {recent:.3f}  ({time.time() - start:.0f}s)")
@@ -287,9 +317,11 @@ def ensure_trained(
     cache_dir: Path,
     force: bool = False,
     log: Callable[[str], None] = print,
+    jobs: Optional[int] = None,
 ) -> TrainedModels:
     """Return the trained tokenizer, base and experts for ``config``, training them if the cache
-    has no complete entry for the configuration's hash (or ``force``)."""
+    has no complete entry for the configuration's hash (or ``force``). The experts train in
+    ``jobs`` processes at a time (default: the number of CPU cores, at most 3)."""
     cache_dir = Path(cache_dir).expanduser().resolve()
     root = cache_dir / f"{config.name}-{config.digest()}"
     paths = _paths(root)
@@ -305,18 +337,91 @@ def ensure_trained(
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    paths.manifest = _train_all(config, paths, log)
+    import os
+
+    import torch
+
+    jobs = jobs if jobs is not None else min(3, os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    try:
+        paths.manifest = _train_all(config, paths, log, jobs=jobs)
+    finally:
+        torch.set_num_threads(threads)
     manifest_path.write_text(json.dumps(paths.manifest, indent=2))  # written last: marks completion
     return paths
 
 
-def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], None]) -> dict:
+def _train_expert(config: DemoConfig, index: int, name: str, base_path: str, out_path: str, log=None):
+    """Fine-tune a copy of the saved base on one skill; save it; return (name, info, seconds).
+    A top-level function so that it can run in a worker process. One intra-op thread: the
+    matrices are tiny, and a fixed thread count keeps results identical across machines."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ace import toymodels
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    skills = build_skills(config.skill_kwargs())
+    exclude = {p for examples in eval_sets(config, skills).values() for p, _ in examples}
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    expert = copy.deepcopy(base)
+    spec = config.expert_specs()[name]
+    batcher = Batcher(tokenizer, [skills[name]], exclude, config.seed + 100 + index, config.max_seq_len)
+    torch.manual_seed(config.seed + 100 + index)
+    losses = train_steps(expert, batcher, spec.steps, spec.lr, config.batch_size, config.warmup_frac,
+                         weight_decay=0.0, log=log, label=name)
+    toymodels.save_pretrained(expert, tokenizer, out_path)
+    sq = task_vector_stats(base, expert)
+    info = {
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "task_vector_norm": math.sqrt(sum(sq.values())),
+        "task_vector_sq_norms": sq,
+    }
+    return name, info, time.time() - t0
+
+
+def _train_expert_subprocess(config: DemoConfig, index: int, name: str, base_path: str, out_path: str):
+    """:func:`_train_expert` in a fresh interpreter (``python -m mergekit_ace.demo.train``), so the
+    experts train in parallel without multiprocessing's fork/spawn pitfalls."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    import mergekit_ace
+
+    job = Path(out_path).with_suffix(".job.pkl")
+    result = Path(out_path).with_suffix(".result.pkl")
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_bytes(pickle.dumps((config, index, name, base_path, out_path)))
+    env = dict(os.environ)
+    root = str(Path(mergekit_ace.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mergekit_ace.demo.train", str(job), str(result)],
+        env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"training the {name} expert failed:\n{proc.stderr[-3000:]}")
+    out = pickle.loads(result.read_bytes())
+    job.unlink()
+    result.unlink()
+    return out
+
+
+def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], None], jobs: int = 1) -> dict:
     import torch
 
     from mergekit_ace import toymodels
 
+    torch.set_num_threads(1)  # see _train_expert
     torch.manual_seed(config.seed)
     skills = build_skills(config.skill_kwargs())
+    base_skills = build_skills(config.base_skill_kwargs())
     held_out = eval_sets(config, skills)
     exclude = {p for examples in held_out.values() for p, _ in examples}
     timings = {}
@@ -325,7 +430,8 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     rng = random.Random(config.seed)
     corpus = []
     for name in SKILL_NAMES:
-        corpus += [p + a + "\n" for p, a in (skills[name].generate(rng) for _ in range(config.tokenizer_corpus_per_skill))]
+        for source in (skills, base_skills):
+            corpus += [p + a + "\n" for p, a in (source[name].generate(rng) for _ in range(config.tokenizer_corpus_per_skill // 2))]
     tokenizer = toymodels.train_digit_tokenizer(corpus, vocab_size=config.vocab_size)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {config.vocab_size}")
@@ -348,7 +454,7 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     log(f"Base: Llama, {config.num_layers} layers, hidden {config.hidden_size}, {n_params / 1e6:.2f}M parameters; "
         f"{config.base_steps} steps on the mixture")
     t0 = time.time()
-    batcher = Batcher(tokenizer, [skills[n] for n in SKILL_NAMES], exclude, config.seed + 1, config.max_seq_len)
+    batcher = Batcher(tokenizer, [base_skills[n] for n in SKILL_NAMES], exclude, config.seed + 1, config.max_seq_len)
     torch.manual_seed(config.seed + 1)
     base_losses = train_steps(base, batcher, config.base_steps, config.base_lr, config.batch_size,
                               config.warmup_frac, weight_decay=0.01, log=log, label="base")
@@ -356,25 +462,26 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     toymodels.save_pretrained(base, tokenizer, paths.base)
 
     experts_info = {}
-    for i, (name, spec) in enumerate(config.experts):
-        t0 = time.time()
-        log(f"Expert '{name}': {spec.steps} steps at lr {spec.lr:g} on {name} only")
-        expert = copy.deepcopy(base)
-        batcher = Batcher(tokenizer, [skills[name]], exclude, config.seed + 100 + i, config.max_seq_len)
-        torch.manual_seed(config.seed + 100 + i)
-        losses = train_steps(expert, batcher, spec.steps, spec.lr, config.batch_size, config.warmup_frac,
-                             weight_decay=0.0, log=log, label=name)
-        timings[f"expert-{name}"] = time.time() - t0
-        toymodels.save_pretrained(expert, tokenizer, paths.experts[name])
-        sq = task_vector_stats(base, expert)
-        experts_info[name] = {
-            "steps": spec.steps,
-            "lr": spec.lr,
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "task_vector_norm": math.sqrt(sum(sq.values())),
-            "task_vector_sq_norms": sq,
-        }
-        log(f"  task vector norm {experts_info[name]['task_vector_norm']:.3f}")
+    jobs_list = [(config, i, name, str(paths.base), str(paths.experts[name])) for i, (name, spec) in enumerate(config.experts)]
+    workers = max(1, min(jobs or 1, len(jobs_list)))
+    log(f"Experts: " + ", ".join(f"{n} ({s.steps} steps, lr {s.lr:g})" for n, s in config.experts)
+        + f"; {workers} at a time")
+    if workers == 1:
+        results = [_train_expert(*job, log=log) for job in jobs_list]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_train_expert_subprocess, *job) for job in jobs_list]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                name, info, seconds = results[-1]
+                log(f"  expert {name}: final loss {info['final_loss']:.3f}, task vector norm "
+                    f"{info['task_vector_norm']:.2f} ({seconds:.0f}s)")
+    for name, info, seconds in results:
+        experts_info[name] = info
+        timings[f"expert-{name}"] = seconds
 
     return {
         "digest": config.digest(),
@@ -387,3 +494,12 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
         "timings_s": timings,
         "torch_version": torch.__version__,
     }
+
+
+if __name__ == "__main__":  # worker entry point of _train_expert_subprocess
+    import pickle
+    import sys
+
+    _job, _result = Path(sys.argv[1]), Path(sys.argv[2])
+    _out = _train_expert(*pickle.loads(_job.read_bytes()))
+    _result.write_bytes(pickle.dumps(_out))

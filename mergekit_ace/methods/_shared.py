@@ -8,6 +8,7 @@ import torch
 from mergekit.merge_methods import TensorGroup
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 
+from mergekit_ace.execution.executor import execute_rule
 from mergekit_ace.rules.common import (
     MergeInputError,
     average_task_vectors,
@@ -49,7 +50,10 @@ def merge_group(
         merge_embeddings or not is_input_embedding(name, group.metadata.vocabulary_axis)
     )
     if takes_rule:
-        merged = rule(
+        # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md).
+        merged = execute_rule(
+            rule_name.lower(),
+            rule,
             base,
             experts,
             scale=scale,

@@ -40,6 +40,7 @@ from mergekit_ace.rules.common import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
+    check_parameter,
     describe,
     row_chunks,
     task_vector,
@@ -244,6 +245,10 @@ def ace_merge(
     ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
     check_inputs(base, experts, name=name, ids=ids)
+    check_parameter(name, "epsilon", epsilon, low=0.0)
+    check_parameter(name, "tau", tau, low=0.0)
+    check_parameter(name, "k_frac", k_frac, low=0.0, high=1.0)
+    check_parameter(name, "scale", scale)
     if base.ndim != 2:
         raise MergeInputError(f"{describe(name)}: ACE's rule applies to 2-D weights, got {tuple(base.shape)}")
     streamed = check_strategy(strategy, name) == EXPERT_STREAMED
@@ -279,7 +284,7 @@ def ace_merge(
         w += (S @ mus[t].to(mt)).to(dt)
         if streamed:
             for rows in tv.chunks():
-                _add_product(Q[rows], tv, t, rows, S)
+                tv.add_product(Q[rows], t, rows, S)
             del S
         else:
             S_tilde.append(S)
@@ -329,6 +334,8 @@ def ace_merge(
             del F
         del q
     del solver, M
+    if streamed:
+        S_bar = None  # F is stored in Q's place; Sbar is no longer needed
 
     sigma_iso = None
     if refine:
@@ -371,12 +378,6 @@ def ace_merge(
         )
         return W, diag
     return W
-
-
-def _add_product(out: torch.Tensor, tv: TaskVectors, t: int, rows: slice, mat: torch.Tensor) -> None:
-    """out += D_t[rows] @ mat."""
-    D = tv.block(t, rows)
-    out += D @ mat
 
 
 def _proxy_streamed(delta_rows, d_out, d_in, dt, device, row_chunk):

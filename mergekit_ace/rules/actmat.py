@@ -26,12 +26,17 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ace.rules.common import (
+    EXPERT_STREAMED,
     PINV_RTOL,
+    ROW_CHUNKED,
+    TaskVectors,
+    check_strategy,
     MergeInputError,
     accumulate_gram,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
+    check_parameter,
     describe,
     row_chunks,
     task_vector,
@@ -92,45 +97,66 @@ def actmat_merge(
     compute_dtype: torch.dtype = torch.float64,
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
+    strategy: str = ROW_CHUNKED,
+    matmul_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
 
     ``keep_base=False`` gives the paper-literal minimum-norm solution
-    :math:`(\sum_t W_t C_t)(\sum_t C_t)^+` (with ``scale`` on the task-vector term). The experts'
-    Gram matrices are accumulated one at a time into A and need not be kept; the numerator
-    :math:`\sum_t D_t C_t` is then formed one row block at a time.
+    :math:`(\sum_t W_t C_t)(\sum_t C_t)^+` (with ``scale`` on the task-vector term).
+
+    Memory, not the result, depends on ``row_chunk`` and ``strategy``: ``"row_chunked"`` keeps the T
+    Gram matrices :math:`C_t` and forms the numerator :math:`N = \sum_t D_t C_t` one row block at a
+    time (tall matrices); ``"expert_streamed"`` keeps one :math:`C_t` at a time and accumulates N
+    full-size (wide matrices). ``matmul_dtype`` (default ``compute_dtype``) is the precision of the
+    Gram and numerator products; the sums, the eigendecomposition and the solve use
+    ``compute_dtype``. Without a ridge, A's small eigenvalues are only as accurate as those
+    products: keep float64 unless A is known to be well conditioned.
     """
     check_inputs(base, experts, name=name, ids=ids)
     if base.ndim != 2:
         raise MergeInputError(f"{describe(name)}: ACTMat's rule applies to 2-D weights, got {tuple(base.shape)}")
+    streamed = check_strategy(strategy, name) == EXPERT_STREAMED
     T = len(experts)
     d_out, d_in = base.shape
     dt = compute_dtype
+    mt = matmul_dtype or dt
+    dev = base.device
+    tv = TaskVectors(base, experts, mt, row_chunk)
 
-    # C_t must be kept for the numerator sum_t D_t C_t; A is their sum.
+    # A = sum_t C_t, C_t = D_t^T D_t, expert by expert; C_t kept (row_chunked) or folded into N.
     covs: List[torch.Tensor] = []
     traces: List[float] = []
-    A = torch.zeros(d_in, d_in, dtype=dt, device=base.device)
+    A = torch.zeros(d_in, d_in, dtype=dt, device=dev)
+    N = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     for t in range(T):
-        C, _ = accumulate_gram(
-            lambda rows, t=t: task_vector(experts[t][rows], base[rows], dt), d_out, d_in, dt, base.device, row_chunk
-        )
-        covs.append(C)
+        C = tv.gram(t)
         traces.append(float(torch.trace(C)))
         A += C
+        if streamed:
+            for rows in tv.chunks():
+                tv.add_product(N[rows], t, rows, C)
+            del C
+        else:
+            covs.append(C)
     check_nonzero_task_vectors(traces, name, ids)
     pinv = SymmetricPseudoInverse.of(A, rcond)
     del A
 
-    W = torch.empty(d_out, d_in, dtype=dt, device=base.device)
-    for rows in row_chunks(d_out, row_chunk):
-        W0 = base[rows].to(dt)
-        N = torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=base.device)
-        for t in range(T):
-            N.addmm_(task_vector(experts[t][rows], base[rows], dt), covs[t])
-        update = scale * pinv.apply(N)
-        W[rows] = (W0 if keep_base else pinv.project(W0)) + update
-        del N, update
+    # W = W0 (or W0 A A^+) + scale N A^+, one row block at a time (in N's place when streamed).
+    W = N if streamed else torch.empty(d_out, d_in, dtype=dt, device=dev)
+    for rows in tv.chunks():
+        if streamed:
+            num = N[rows]
+        else:
+            num = tv.matmul_accumulate(torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev), rows, covs)
+        update = pinv.apply(num)
+        del num
+        update *= scale
+        update += base[rows] if keep_base else pinv.project(base[rows].to(dt))
+        W[rows] = update
+        del update
+    del covs
     check_finite_output(W, name, "ACTMat")
     if return_diagnostics:
         return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in)

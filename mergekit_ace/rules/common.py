@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Hashable, Optional, Sequence
 
@@ -224,12 +225,24 @@ class TaskVectors:
             del D
         return acc
 
-    def matmul_accumulate(self, out: torch.Tensor, rows: slice, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-        r"""``out += \sum_t D_t[rows] @ mats[t]`` (products in ``dtype``, accumulated in out's dtype)."""
-        for t, mat in enumerate(mats):
-            D = self.block(t, rows)
-            prod = D @ mat
-            del D
-            out += prod
-            del prod
+    def add_product(self, out: torch.Tensor, t: int, rows: slice, mat: torch.Tensor) -> torch.Tensor:
+        """``out += D_t[rows] @ mat`` (the product in ``dtype``, accumulated in out's dtype)."""
+        D = self.block(t, rows)
+        prod = D @ mat
+        del D
+        out += prod
         return out
+
+    def matmul_accumulate(self, out: torch.Tensor, rows: slice, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+        r"""``out += \sum_t D_t[rows] @ mats[t]``."""
+        for t, mat in enumerate(mats):
+            self.add_product(out, t, rows, mat)
+        return out
+
+
+def check_parameter(name: Optional[str], parameter: str, value, *, low=None, high=None) -> None:
+    """Refuse a parameter outside its range (or not finite), naming it and the tensor."""
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        bounds = f"in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise MergeInputError(f"{describe(name)}: parameter {parameter}={value!r} must be finite and {bounds}")

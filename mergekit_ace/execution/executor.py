@@ -1,0 +1,185 @@
+"""Run one weight's rule under a memory budget: plan, retry smaller on out-of-memory, CPU fallback.
+
+Policy (``docs/execution.md``):
+
+1. Compute where mergekit put the tensors (``--cuda``, ``--device``, ``--multi-gpu``: each worker
+   thread's own GPU). The budget is :func:`~mergekit_ace.execution.budget.memory_budget` of that
+   device.
+2. :func:`choose_plan` estimates every (strategy, row chunk) with :mod:`.memory` and takes the one
+   with the fewest flops among those that fit (ties: larger chunks); if none fits, the smallest.
+3. On an out-of-memory error the weight is retried with the next plan whose estimate is at most
+   half the failed one's; when none is left (or none fitted at all) it is merged on the CPU and
+   the result moved back. The first CPU fallback in a process is logged as a warning, later ones
+   at debug level. A merge never dies of accelerator memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from mergekit_ace.execution.budget import memory_budget
+from mergekit_ace.execution.memory import Estimate, estimate, format_bytes
+from mergekit_ace.rules.common import STRATEGIES, describe
+
+LOG = logging.getLogger(__name__)
+
+#: Smallest row block the planner proposes for large matrices (smaller blocks only add overhead).
+MIN_ROW_CHUNK = 64
+#: Precision of the O(d_out d_in^2) products. Float32 is NOT the default: measured, float32 Gram
+#: matrices lose 1e-4 accuracy for low-rank or large updates (docs/execution.md, "Precision").
+MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
+COMPUTE_DTYPE = torch.float64
+
+_fallback_lock = threading.Lock()
+_fallback_count = 0
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    strategy: str
+    row_chunk: Optional[int]  # None: the whole matrix is one block
+    estimate: Estimate
+    fits: bool
+
+
+def matmul_dtype() -> torch.dtype:
+    name = os.environ.get(MATMUL_DTYPE_ENV, "float64")
+    if name not in ("float64", "float32"):
+        raise ValueError(f"{MATMUL_DTYPE_ENV} must be float64 or float32, got {name!r}")
+    return getattr(torch, name)
+
+
+def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
+                    matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3) -> List[WeightPlan]:
+    """Every (strategy, chunk) the planner considers, chunks halving from the whole matrix."""
+    chunks: List[Optional[int]] = [None]
+    c = d_out // 2
+    smallest = max(1, min(MIN_ROW_CHUNK, d_out // 64))  # small matrices: blocks down to d_out/64
+    while c >= smallest:
+        chunks.append(c)
+        c //= 2
+    plans = []
+    for strategy in STRATEGIES:
+        for chunk in chunks:
+            est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
+                           refine=refine, k_frac=k_frac)
+            plans.append(WeightPlan(strategy, chunk, est, est.peak_bytes <= budget))
+    return plans
+
+
+def choose_plan(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, **kw) -> WeightPlan:
+    """The plan with the fewest flops that fits ``budget`` (ties: bigger blocks); else the smallest."""
+    plans = candidate_plans(rule, d_out, d_in, n_experts, budget, **kw)
+    fitting = [p for p in plans if p.fits]
+    if fitting:
+        return min(fitting, key=lambda p: (p.estimate.flops, -(p.row_chunk or d_out)))
+    return min(plans, key=lambda p: p.estimate.peak_bytes)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _smaller(plans: Sequence[WeightPlan], failed: WeightPlan) -> Optional[WeightPlan]:
+    limit = failed.estimate.peak_bytes / 2
+    smaller = [p for p in plans if p.estimate.peak_bytes <= limit]
+    if not smaller:
+        return None
+    return min(smaller, key=lambda p: (p.estimate.flops, -p.estimate.peak_bytes))
+
+
+def _on_accelerator(device: torch.device) -> bool:
+    """Whether a weight on ``device`` may fall back to the CPU (tests pretend the CPU is one)."""
+    return device.type != "cpu"
+
+
+def _free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _log_fallback(name: Optional[str], device: torch.device, reason: str) -> None:
+    global _fallback_count
+    with _fallback_lock:
+        _fallback_count += 1
+        first = _fallback_count == 1
+    level = logging.WARNING if first else logging.DEBUG
+    LOG.log(level, "%s: %s on %s; merging this weight on the CPU%s", describe(name), reason, device,
+            " (further CPU fallbacks are logged at debug level)" if first else "")
+
+
+def fallback_count() -> int:
+    """How many weights this process merged on the CPU after the accelerator ran out of memory."""
+    return _fallback_count
+
+
+def execute_rule(
+    rule_kind: str,
+    rule: Callable[..., torch.Tensor],
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    name: Optional[str] = None,
+    budget: Optional[float] = None,
+    fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
+    **rule_parameters,
+) -> torch.Tensor:
+    """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
+
+    ``rule_kind`` is ``"ace"`` or ``"actmat"`` (for the estimates). ``budget`` in bytes overrides
+    the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
+    it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
+    """
+    device = base.device
+    d_out, d_in = base.shape
+    mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
+    rule_parameters.setdefault("compute_dtype", COMPUTE_DTYPE)
+    kw = dict(matmul_bytes=torch.finfo(mdt).bits // 8, k_frac=rule_parameters.get("k_frac", 0.3),
+              refine=rule_parameters.get("k_frac", 0.3) > 0)
+
+    def attempt(plan: WeightPlan, on: torch.device, b, e):
+        if fault_injector is not None:
+            fault_injector(plan, on)
+        return rule(b, e, name=name, strategy=plan.strategy, row_chunk=plan.row_chunk,
+                    matmul_dtype=mdt, **rule_parameters)
+
+    dev_budget = budget if budget is not None else memory_budget(device)
+    plans = candidate_plans(rule_kind, d_out, d_in, len(experts), dev_budget, **kw)
+    plan = choose_plan(rule_kind, d_out, d_in, len(experts), dev_budget, **kw)
+    reason = None
+    if _on_accelerator(device) and not plan.fits:
+        reason = (f"no plan fits the memory budget ({format_bytes(dev_budget)}; smallest needs "
+                  f"{format_bytes(plan.estimate.peak_bytes)})")
+        plan = None
+    while plan is not None:
+        try:
+            LOG.debug("%s: %s, row_chunk=%s, estimated peak %s on %s", describe(name), plan.strategy,
+                      plan.row_chunk, format_bytes(plan.estimate.peak_bytes), device)
+            return attempt(plan, device, base, experts)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(error):
+                raise
+            _free_cache(device)
+            failed = plan
+            plan = _smaller(plans, failed)
+            LOG.info("%s: out of memory with %s/row_chunk=%s on %s; %s", describe(name), failed.strategy,
+                     failed.row_chunk, device, "retrying smaller" if plan else "no smaller plan")
+            reason = "out of memory"
+    if not _on_accelerator(device):
+        raise MemoryError(f"{describe(name)}: out of memory on the CPU even with the smallest plan")
+    _log_fallback(name, device, reason)
+    cpu = torch.device("cpu")
+    b = base.to(cpu)
+    e = [x.to(cpu) for x in experts]
+    cpu_budget = memory_budget(cpu)
+    plan = choose_plan(rule_kind, d_out, d_in, len(experts), cpu_budget, **kw)
+    return attempt(plan, cpu, b, e).to(device)

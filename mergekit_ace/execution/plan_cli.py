@@ -1,0 +1,219 @@
+"""``mergekit-ace plan CONFIG``: a dry run reading only safetensors headers (no tensor data).
+
+Prints each weight's shape, what happens to it (the rule or the experts' average), the strategy and
+row chunk the planner picks, its estimated peak extra memory and flops, then totals: whether the
+merge fits a GPU of ``--gpu-memory`` and roughly how long the rule arithmetic takes on this
+machine's devices, from a throughput measured at start-up (a float64 matmul and a float64 eigh),
+or on a GPU of ``--gpu-tflops`` (a figure you supply, e.g. from the vendor's data sheet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from mergekit_ace.cli import UserError
+
+RULES = {"ace": "ace", "actmat": "actmat"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="mergekit YAML config (models: form; base_model required for ace/actmat)")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="plan for a GPU with this much memory (e.g. 24GiB); default: this machine's devices")
+    parser.add_argument("--gpu-tflops", type=float, default=None,
+                        help="float64 throughput of that GPU in TFLOP/s for the time estimate (not measured)")
+    parser.add_argument("--budget", default=None,
+                        help="memory budget: fraction of --gpu-memory (default 0.9) or a size; "
+                             "overrides MERGEKIT_ACE_MEMORY_BUDGET")
+    parser.add_argument("--all", action="store_true", help="list every weight (default: the 40 largest)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+# --------------------------------------------------------------------------- headers
+def read_shapes(model_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a model directory's safetensors headers (or its index json)."""
+    from safetensors import safe_open
+
+    path = Path(model_dir)
+    if path.is_file() and path.suffix == ".safetensors":
+        files = [path]
+    elif path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+    else:
+        raise UserError(f"{model_dir}: not a local model directory (plan reads local safetensors headers only)")
+    if not files:
+        raise UserError(f"{model_dir}: no .safetensors files")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                shapes[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+    return shapes
+
+
+def load_config(path: str):
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+        config = MergeConfiguration.model_validate(data)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file")
+    except Exception as error:  # pydantic / yaml errors are the user's
+        raise UserError(f"{path}: not a valid mergekit config: {error}")
+    if not config.models:
+        raise UserError(f"{path}: plan supports the 'models:' form of mergekit configs (not slices/modules)")
+    return config
+
+
+def _model_path(ref) -> str:
+    return str(ref.model.path)
+
+
+# --------------------------------------------------------------------------- throughput
+def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
+    """Measured float64 (matmul, eigh) throughput in flop/s on ``device`` (about a second)."""
+    import torch
+
+    from mergekit_ace.execution.memory import EIGH_FLOP_FACTOR
+
+    n = 256
+    a = torch.randn(n, n, dtype=torch.float64, device=device)
+    s = a @ a.T
+    def timed(fn):
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+    mm = 2.0 * n ** 3 / timed(lambda: a @ a)
+    eig = EIGH_FLOP_FACTOR * n ** 3 / timed(lambda: torch.linalg.eigh(s))
+    return mm, eig
+
+
+# --------------------------------------------------------------------------- plan
+def build_plan(config, budget_bytes: float) -> dict:
+    from mergekit_ace.execution.executor import choose_plan
+    from mergekit_ace.execution.memory import average_estimate
+    from mergekit_ace.rules.common import is_input_embedding
+
+    method = config.merge_method
+    rule = RULES.get(method)
+    params = dict(config.parameters or {})
+    base_ref = config.base_model
+    model_refs = [m.model for m in config.models]
+    if rule and base_ref is None:
+        raise UserError(f"merge_method {method} requires base_model")
+    base_path = _model_path(base_ref) if base_ref is not None else _model_path(model_refs[0])
+    experts = [r for r in model_refs if base_ref is None or _model_path(r) != base_path]
+    base_shapes = read_shapes(base_path)
+    for ref in experts:
+        other = read_shapes(_model_path(ref))
+        missing = [k for k, (shape, _) in base_shapes.items() if other.get(k, (None,))[0] != shape]
+        if missing:
+            raise UserError(f"{_model_path(ref)}: {len(missing)} weight(s) missing or shaped differently "
+                            f"from the base, e.g. {missing[0]}")
+    T = len(experts)
+    merge_embeddings = bool(params.get("merge_embeddings", False))
+    k_frac = float(params.get("k_frac", 0.3))
+    rows = []
+    for name, (shape, dtype) in base_shapes.items():
+        itemsize = 2 if dtype in ("F16", "BF16") else 4 if dtype == "F32" else 8
+        inputs = (T + 1) * _numel(shape) * itemsize
+        takes_rule = rule and len(shape) == 2 and (merge_embeddings or not is_input_embedding(name))
+        if takes_rule:
+            plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac, refine=k_frac > 0)
+            est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
+        else:
+            est = average_estimate(shape, T)
+            what = "average" if rule else f"{method} (elementwise)"
+            strategy, chunk = "-", None
+        rows.append(dict(name=name, shape=list(shape), dtype=dtype, rule=what, strategy=strategy,
+                         row_chunk=chunk, peak_bytes=est.peak_bytes, input_bytes=inputs,
+                         matmul_flops=est.matmul_flops, eigh_flops=est.eigh_flops))
+    return dict(method=method, experts=T, base=base_path, weights=rows)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def run(args) -> int:
+    from mergekit_ace.execution.budget import memory_budget, parse_budget, parse_size
+    from mergekit_ace.execution.memory import format_bytes
+
+    config = load_config(args.config)
+    try:
+        if args.gpu_memory:
+            gpu_bytes = parse_size(args.gpu_memory)
+            kind, value = parse_budget(args.budget if args.budget is not None else 0.9)
+            budget = value * gpu_bytes if kind == "fraction" else value
+            where = f"a GPU with {format_bytes(gpu_bytes)} (budget {format_bytes(budget)})"
+        else:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            budget = memory_budget(torch.device(device), args.budget)
+            where = f"this machine's {device} (budget {format_bytes(budget)})"
+    except ValueError as error:
+        raise UserError(str(error))
+    plan = build_plan(config, budget)
+    weights = plan["weights"]
+    worst = max(weights, key=lambda r: r["peak_bytes"] + r["input_bytes"])
+    need = worst["peak_bytes"] + worst["input_bytes"]
+    mm = sum(r["matmul_flops"] for r in weights)
+    eig = sum(r["eigh_flops"] for r in weights)
+    throughputs = {}
+    import torch
+
+    throughputs["cpu (measured now, float64)"] = measure_throughput("cpu")
+    if torch.cuda.is_available():
+        throughputs[f"{torch.cuda.get_device_name()} (measured now, float64)"] = measure_throughput("cuda")
+    if args.gpu_tflops:
+        throughputs[f"GPU at {args.gpu_tflops} TFLOP/s (given; eigh assumed 10x slower per flop)"] = (
+            args.gpu_tflops * 1e12, args.gpu_tflops * 1e11)
+    times = {k: mm / v[0] + eig / v[1] for k, v in throughputs.items()}
+    summary = dict(planned_for=where, budget_bytes=budget, worst_weight=worst["name"],
+                   worst_weight_bytes=need, fits=need <= budget, matmul_flops=mm, eigh_flops=eig,
+                   seconds=times, throughput_flops={k: list(v) for k, v in throughputs.items()})
+    if args.json:
+        print(json.dumps(dict(plan, summary=summary), indent=1))
+        return 0
+    shown = weights if args.all else sorted(weights, key=lambda r: -r["peak_bytes"])[:40]
+    print(f"merge_method {plan['method']}, {plan['experts']} expert(s), base {plan['base']}")
+    print(f"planned for {where}; estimates: extra memory of the rule (inputs not counted), flops")
+    print(f"{'weight':58s} {'shape':>14s} {'rule':>8s} {'strategy':>16s} {'chunk':>6s} {'peak':>11s} {'GFLOP':>9s}")
+    for r in shown:
+        shape = "x".join(str(s) for s in r["shape"])
+        print(f"{r['name'][:58]:58s} {shape:>14s} {r['rule'][:8]:>8s} {r['strategy']:>16s} "
+              f"{str(r['row_chunk'] or 'all'):>6s} {format_bytes(r['peak_bytes']):>11s} "
+              f"{(r['matmul_flops'] + r['eigh_flops']) / 1e9:9.1f}")
+    if not args.all and len(weights) > len(shown):
+        print(f"... {len(weights) - len(shown)} smaller weight(s) not shown (--all)")
+    print(f"\nweights: {len(weights)}, rule on {sum(r['rule'] in RULES for r in weights)}; "
+          f"total {mm / 1e12:.2f} TFLOP in products/solves + {eig / 1e12:.2f} TFLOP in eigendecompositions")
+    print(f"largest need: {worst['name']}: {format_bytes(need)} (its inputs + the rule's peak): "
+          f"{'fits' if summary['fits'] else 'does NOT fit'} {where}")
+    for k, v in times.items():
+        tp = throughputs[k]
+        print(f"rule arithmetic on {k}: ~{v:,.0f} s  (matmul {tp[0] / 1e9:.1f} GFLOP/s, eigh {tp[1] / 1e9:.1f} GFLOP/s)")
+    print("(reading and writing the weights is not included)")
+    return 0

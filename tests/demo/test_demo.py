@@ -1,0 +1,168 @@
+"""Tests for the ``mergekit-ace demo`` pipeline: the skills and their checkers, the training cache,
+and the whole pipeline end to end on the seconds-scale ``small`` configuration."""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from mergekit_ace.demo import skills as S
+
+
+# ---------------------------------------------------------------------------------------------
+# skills
+
+
+def test_infix_to_rpn_matches_python_evaluation():
+    rng = random.Random(0)
+    for _ in range(300):
+        expression = S._random_expression(rng, rng.randint(0, 4))
+        program = S.infix_to_rpn(expression)
+        assert S.run_stack_program(program) == eval(expression)  # noqa: S307 (digits and + - * only)
+        assert S.check_rpn(expression, " ".join(program))
+
+
+def test_rpn_checker_accepts_any_correct_program_and_nothing_else():
+    assert S.check_rpn("(3+4)*2", "3 4 + 2 *")
+    assert S.check_rpn("(3+4)*2", "4 3 + 2 *")  # a different, equally correct program
+    assert S.check_rpn("(3+4)*2", "2 3 4 + *")
+    assert not S.check_rpn("(3+4)*2", "14")  # precomputed value, not a compilation
+    assert not S.check_rpn("(3+4)*2", "3 4 2 * +")  # wrong precedence: 11
+    assert not S.check_rpn("(3+4)*2", "3 4 + 2")  # two values left on the stack
+    assert not S.check_rpn("(3+4)*2", "3 + 4 2 *")  # stack underflow
+    assert not S.check_rpn("(3+4)*2", "")
+    assert not S.check_rpn("(3+4)*2", "3 4 + 2 * x")
+
+
+def test_generators_are_seeded_and_answers_correct():
+    skills = S.build_skills()
+    for skill in skills.values():
+        a = [skill.generate(random.Random(3)) for _ in range(5)]
+        b = [skill.generate(random.Random(3)) for _ in range(5)]
+        assert a == b
+    rng = random.Random(1)
+    for _ in range(100):
+        prompt, answer = skills["arithmetic"].generate(rng)
+        x, y = prompt[len("add ") : -1].split("+")
+        assert int(answer) == int(x) + int(y)
+        assert skills["arithmetic"].check(prompt, answer, answer)
+    for _ in range(50):
+        prompt, answer = skills["translate"].generate(rng)
+        words = prompt[len("tr ") : -1].split()
+        # SOV: the made-up verb comes last; articles are dropped
+        lexicon = S.make_lexicon(7)
+        verb = next(w for w in words if w in S.ENGLISH_VERBS)
+        assert answer.split()[-1] == lexicon[verb]
+        assert len(answer.split()) == len([w for w in words if w not in ("the", "a")])
+
+
+def test_lm_eval_hooks_score_completions():
+    doc = {"prompt": "rpn (3+4)*2=", "answer": "3 4 + 2 *"}
+    assert S.process_results_rpn(doc, ["4 3 + 2 *"]) == {"pass": 1.0}
+    assert S.process_results_rpn(doc, ["14"]) == {"pass": 0.0}
+    doc = {"prompt": "add 1+2=", "answer": "3"}
+    assert S.process_results_exact(doc, ["3\nadd 5+5=10"]) == {"exact_match": 1.0}
+    assert S.process_results_exact(doc, ["4"]) == {"exact_match": 0.0}
+
+
+def test_task_templates_are_filled(tmp_path):
+    from mergekit_ace.demo import scoring
+
+    sets = {name: [("p=", "a")] for name in S.SKILL_NAMES}
+    tasks_dir = scoring.prepare_tasks(sets, tmp_path)
+    for name in S.SKILL_NAMES:
+        text = (tasks_dir / f"ace_demo_{name}.yaml").read_text()
+        assert "@DATA_DIR@" not in text and str(tmp_path / "data") in text
+        assert (tmp_path / "data" / f"{name}.jsonl").read_text().strip() == json.dumps({"prompt": "p=", "answer": "a"})
+    assert (tasks_dir / "ace_demo_metrics.py").exists()
+
+
+def test_merge_configs_use_absolute_paths(tmp_path):
+    from mergekit_ace.demo import merges
+
+    labels = [m[0] for m in merges.METHODS]
+    assert labels == ["linear", "task_arithmetic", "ties", "ace", "actmat"]
+    for method in merges.METHODS:
+        cfg = merges.merge_config(method, Path("base"), [Path("e1"), Path("e2")])
+        paths = [m["model"] for m in cfg["models"]] + ([cfg["base_model"]] if "base_model" in cfg else [])
+        assert all(Path(p).is_absolute() for p in paths)
+        assert cfg["merge_method"] == method[1]
+    assert "base_model" not in merges.merge_config(merges.METHODS[0], Path("b"), [Path("e")])
+
+
+def test_config_digest_tracks_the_configuration():
+    import dataclasses
+
+    from mergekit_ace.demo.train import CONFIGS
+
+    small = CONFIGS["small"]
+    assert small.digest() == CONFIGS["small"].digest()
+    assert small.digest() != dataclasses.replace(small, base_steps=small.base_steps + 1).digest()
+    assert small.digest() != CONFIGS["default"].digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    from mergekit_ace.demo import pipeline
+
+    out = tmp_path_factory.mktemp("demo")
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args = parser.parse_args(["--output", str(out), "--config", "small"])
+    start = time.time()
+    assert pipeline.run(args) == 0
+    return out, time.time() - start
+
+
+def test_small_demo_runs_end_to_end(small_demo):
+    out, seconds = small_demo
+    summary = json.loads((out / "summary.json").read_text())
+    scores = summary["scores"]
+    expected_models = {"base", *(f"expert-{s}" for s in S.SKILL_NAMES), "linear", "task_arithmetic", "ties", "ace", "actmat"}
+    assert set(scores) == expected_models
+    # every expert clearly beats the base on its own skill
+    for skill in S.SKILL_NAMES:
+        assert scores[f"expert-{skill}"][skill] >= scores["base"][skill] + 0.2, (skill, scores)
+    # normalised table: merges as a percentage of each task's expert
+    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat"):
+        row = summary["normalised"][label]
+        for skill in S.SKILL_NAMES:
+            assert row[skill] == pytest.approx(100 * scores[label][skill] / scores[f"expert-{skill}"][skill])
+    report = (out / "report.md").read_text()
+    assert "Normalised to each task's expert" in report and "| ace |" in report and "| actmat |" in report
+    assert (out / "chart.png").stat().st_size > 0
+    assert summary["heterogeneity"]["matrices"] > 0
+
+
+def test_small_demo_merged_models_load(small_demo):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = small_demo
+    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat"):
+        path = out / "merges" / label
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = torch.tensor([tokenizer("add 1+2=")["input_ids"]])
+        logits = model(input_ids=ids).logits
+        assert torch.isfinite(logits).all()
+        assert (out / "merges" / f"{label}.yaml").exists()
+
+
+def test_small_demo_cache_is_reused(small_demo):
+    from mergekit_ace.demo.train import CONFIGS, ensure_trained
+
+    out, _ = small_demo
+    messages = []
+    start = time.time()
+    trained = ensure_trained(CONFIGS["small"], out / "cache", log=messages.append)
+    assert time.time() - start < 5
+    assert any("Using cached models" in m for m in messages)
+    assert trained.root.name == f"small-{CONFIGS['small'].digest()}"

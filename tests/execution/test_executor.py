@@ -1,0 +1,141 @@
+"""Planner choices under small budgets, out-of-memory retries and the CPU fallback."""
+
+import logging
+
+import pytest
+import torch
+
+from mergekit_ace.execution import executor
+from mergekit_ace.execution.executor import candidate_plans, choose_plan, execute_rule
+from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.actmat import actmat_merge
+from tests.reference import make_experts
+
+RULES = {"ace": ace_merge, "actmat": actmat_merge}
+
+
+def _recorder():
+    seen = []
+
+    def injector(plan, device):
+        seen.append((plan, device))
+
+    return seen, injector
+
+
+@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("shape", [(512, 64), (64, 256)])
+def test_every_strategy_the_planner_picks_gives_the_same_result(rule, shape):
+    W0, experts = make_experts(shape, 3, [1.0, 0.05, 0.3], seed=7)
+    reference = RULES[rule](W0, experts)
+    plans = candidate_plans(rule, *shape, 3, budget=float("inf"))
+    budgets = sorted({p.estimate.peak_bytes for p in plans}, reverse=True)
+    picked = set()
+    for budget in budgets:
+        seen, injector = _recorder()
+        out = execute_rule(rule, RULES[rule], W0, experts, budget=budget, fault_injector=injector)
+        (plan, _), = seen
+        assert plan.estimate.peak_bytes <= budget
+        picked.add((plan.strategy, plan.row_chunk))
+        torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    # Small budgets drive the planner through row chunks, and for tall weights through both
+    # strategies (wide ones: expert-streamed is both smaller and cheaper).
+    if shape[0] > shape[1]:
+        assert any(chunk is not None for _, chunk in picked)
+        assert {s for s, _ in picked} == {"row_chunked", "expert_streamed"}
+
+
+def test_planner_prefers_expert_streamed_for_wide_and_row_chunks_for_tall():
+    # Wide: the 3 float64 proxies (96 MiB) on top of M, L, Sbar (96 MiB) do not fit 160 MiB.
+    wide = choose_plan("ace", 256, 2048, 3, 160 * 2**20)
+    assert wide.fits and wide.strategy == "expert_streamed"
+    # Tall: Q and P (62.5 MiB each) do not fit 100 MiB; the proxies are 1.5 MiB.
+    tall = choose_plan("ace", 32000, 256, 3, 100 * 2**20)
+    assert tall.fits and tall.strategy == "row_chunked" and tall.row_chunk is not None
+
+
+def test_injected_out_of_memory_retries_smaller_with_the_same_result():
+    W0, experts = make_experts((512, 64), 3, [1.0, 0.05, 0.3], seed=8)
+    reference = ace_merge(W0, experts)
+    seen = []
+
+    def injector(plan, device):
+        seen.append(plan)
+        if len(seen) <= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    out = execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    assert len(seen) == 3
+    assert seen[1].estimate.peak_bytes <= seen[0].estimate.peak_bytes / 2
+    assert seen[2].estimate.peak_bytes <= seen[1].estimate.peak_bytes / 2
+
+
+def test_other_errors_are_not_swallowed():
+    W0, experts = make_experts((64, 32), 2, [1.0], seed=9)
+
+    def injector(plan, device):
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector)
+
+
+def test_out_of_memory_everywhere_falls_back_to_cpu_once_logged(monkeypatch, caplog):
+    """Pretend the CPU tensors live on an accelerator: every on-device attempt runs out of memory,
+    the weight is merged on the CPU with the same result, and only the first fallback warns."""
+    monkeypatch.setattr(executor, "_on_accelerator", lambda device: True)
+    monkeypatch.setattr(executor, "_fallback_count", 0)
+    W0, experts = make_experts((256, 48), 3, [1.0, 0.05, 0.3], seed=10)
+    calls = []
+
+    def injector(plan, device):
+        calls.append(plan)
+        if not injector.fallback_phase:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    injector.fallback_phase = False
+    original = executor._log_fallback
+
+    def log_and_switch(*args):
+        injector.fallback_phase = True  # from here on the attempts run "on the CPU"
+        original(*args)
+
+    monkeypatch.setattr(executor, "_log_fallback", log_and_switch)
+    with caplog.at_level(logging.DEBUG, logger=executor.LOG.name):
+        for rule in ("ace", "actmat"):
+            injector.fallback_phase = False
+            reference = RULES[rule](W0, experts)
+            out = execute_rule(rule, RULES[rule], W0, experts, budget=1e9, fault_injector=injector)
+            torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "CPU" in r.getMessage()]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "on the CPU" in r.getMessage()]
+    assert len(warnings) == 1 and len(debug) == 1
+    assert executor.fallback_count() == 2
+    assert len(calls) > 4  # several smaller retries before each fallback
+
+
+def test_nothing_fits_goes_straight_to_the_cpu(monkeypatch):
+    monkeypatch.setattr(executor, "_on_accelerator", lambda device: True)
+    W0, experts = make_experts((128, 32), 2, [1.0, 0.1], seed=11)
+    seen, injector = _recorder()
+    out = execute_rule("actmat", actmat_merge, W0, experts, budget=1, fault_injector=injector)
+    torch.testing.assert_close(out, actmat_merge(W0, experts), rtol=1e-10, atol=1e-12)
+    assert len(seen) == 1  # no doomed on-device attempt
+
+
+def test_memory_budget_setting(monkeypatch):
+    from mergekit_ace.execution.budget import ENV_VAR, memory_budget, parse_size, set_memory_budget
+
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("512MB") == 512e6 and parse_size("2e9") == 2e9
+    monkeypatch.setenv(ENV_VAR, "3GiB")
+    assert memory_budget(torch.device("cpu")) == 3 * 2**30
+    monkeypatch.setenv(ENV_VAR, "0.5")
+    assert 0 < memory_budget(torch.device("cpu")) < 2**50
+    set_memory_budget("1MiB")
+    try:
+        assert memory_budget(torch.device("cpu")) == 2**20
+    finally:
+        set_memory_budget(None)
+    with pytest.raises(ValueError):
+        parse_size("lots")

@@ -1,0 +1,54 @@
+"""``mergekit-ace plan``: per-weight plan from safetensors headers, totals and the fit verdict."""
+
+import json
+
+import pytest
+
+from mergekit_ace import toymodels
+from mergekit_ace.cli import main
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    tok = toymodels.train_tokenizer()
+    base = toymodels.make_model(toymodels.tiny_config("llama"), seed=0)
+    paths = [toymodels.save_pretrained(base, tok, root / "base")]
+    for i in (1, 2):
+        paths.append(toymodels.save_pretrained(toymodels.perturbed_copy(base, seed=i), tok, root / f"e{i}"))
+    cfg = root / "ace.yml"
+    cfg.write_text(
+        f"merge_method: ace\nbase_model: {paths[0]}\nmodels:\n"
+        + "".join(f"  - model: {p}\n" for p in paths[1:])
+        + "parameters:\n  k_frac: 0.3\ndtype: float32\n"
+    )
+    return cfg
+
+
+def test_plan_lists_every_weight_with_rule_strategy_and_totals(config, capsys):
+    assert main(["plan", str(config), "--gpu-memory", "24GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    weights = {w["name"]: w for w in plan["weights"]}
+    assert plan["experts"] == 2
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert q["shape"] == [32, 32] and q["rule"] == "ace" and q["strategy"] in ("row_chunked", "expert_streamed")
+    assert q["peak_bytes"] > 0 and q["matmul_flops"] > 0
+    assert weights["model.embed_tokens.weight"]["rule"] == "average"  # input embeddings are averaged
+    assert weights["lm_head.weight"]["rule"] == "ace"
+    assert weights["model.norm.weight"]["rule"] == "average"
+    assert plan["summary"]["fits"] is True
+    assert all(s > 0 for s in plan["summary"]["seconds"].values())
+
+
+def test_plan_text_output_and_tiny_gpu(config, capsys):
+    assert main(["plan", str(config), "--gpu-memory", "64KiB", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj.weight" in out and "does NOT fit" in out and "measured now" in out
+
+
+def test_plan_user_errors(tmp_path, capsys):
+    assert main(["plan", str(tmp_path / "missing.yml")]) == 2
+    bad = tmp_path / "bad.yml"
+    bad.write_text(f"merge_method: ace\nbase_model: {tmp_path}/nope\nmodels:\n  - model: {tmp_path}/nope2\n")
+    assert main(["plan", str(bad)]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""Chunked and expert-streamed results equal the one-shot result; accuracy with 100x norm ratios."""
+
+import itertools
+
+import pytest
+import torch
+
+from mergekit_ace.execution.executor import execute_rule
+from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.actmat import actmat_merge
+from tests.reference import ace_reference, actmat_reference, make_experts, rel_err
+
+SHAPES = [(72, 24), (24, 72)]  # tall (refinement via F^T F) and wide (via F F^T)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tau", [0.3, 1e9])  # heterogeneous / homogeneous branch
+def test_ace_strategies_and_chunks_equal_one_shot(shape, tau):
+    W0, experts = make_experts(shape, 3, [1.0, 0.01, 0.3], seed=3)
+    whole, diag = ace_merge(W0, experts, tau=tau, return_diagnostics=True)
+    assert diag.heterogeneous == (tau < 1)
+    for strategy, chunk in itertools.product(["row_chunked", "expert_streamed"], [None, 1, 5, 16]):
+        out = ace_merge(W0, experts, tau=tau, strategy=strategy, row_chunk=chunk)
+        torch.testing.assert_close(out, whole, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("keep_base", [True, False])
+def test_actmat_strategies_and_chunks_equal_one_shot(shape, keep_base):
+    W0, experts = make_experts(shape, 3, [1.0, 0.01, 0.3], seed=4, rank=5)
+    whole = actmat_merge(W0, experts, keep_base=keep_base)
+    for strategy, chunk in itertools.product(["row_chunked", "expert_streamed"], [None, 1, 5, 16]):
+        out = actmat_merge(W0, experts, keep_base=keep_base, strategy=strategy, row_chunk=chunk)
+        torch.testing.assert_close(out, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_strategy_is_refused():
+    W0, experts = make_experts((8, 4), 2, [1.0], seed=0)
+    with pytest.raises(ValueError, match="strategy"):
+        ace_merge(W0, experts, strategy="magic")
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+@pytest.mark.parametrize("shape", [(256, 64), (64, 256)])
+def test_executor_default_precision_holds_1e4_with_100x_norm_ratios(shape, rank):
+    """The executor's default precision keeps 1e-4 relative accuracy on the merged task vector
+    when the experts' update norms differ by 100x (full-rank and low-rank updates, both ACE
+    branches, ACTMat), against the naive float64 reference."""
+    W0, experts = make_experts(shape, 3, [10.0, 0.1, 3.0], seed=5, rank=rank)
+    for tau in (0.3, 1e9):
+        ref, _ = ace_reference(W0, experts, tau=tau)
+        out = execute_rule("ace", ace_merge, W0, experts, tau=tau, budget=1e9)
+        assert rel_err(out, ref, W0) < 1e-4
+    ref = actmat_reference(W0, experts)
+    out = execute_rule("actmat", actmat_merge, W0, experts, budget=1e9)
+    assert rel_err(out, ref, W0) < 1e-4
+
+
+def test_float32_products_are_not_enough_for_low_rank_updates():
+    """Why the default products are float64 (docs/execution.md, "Precision"): float32 Gram
+    matrices of low-rank updates put rounding noise where only the ridge (ACE) or nothing (ACTMat)
+    should be, and the error on the merged task vector is far above 1e-4."""
+    W0, experts = make_experts((64, 256), 3, [10.0, 0.1, 10.0], seed=1, rank=8)
+    ref, _ = ace_reference(W0, experts, tau=1e9)
+    assert rel_err(ace_merge(W0, experts, tau=1e9, matmul_dtype=torch.float32), ref, W0) > 1e-3
+    ref = actmat_reference(W0, experts)
+    assert rel_err(actmat_merge(W0, experts, matmul_dtype=torch.float32), ref, W0) > 1e-3
