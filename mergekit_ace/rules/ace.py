@@ -294,7 +294,7 @@ def ace_merge(
     M = S_sum
     M.diagonal().add_(sum(eps_t))
     del S_sum
-    solver = PriorSolver(M, c, name)
+    solver = PriorSolver(M, c, name, ridge=sum(eps_t))
     refine = het and k > 0
     tall = d_out >= d_in
     # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
