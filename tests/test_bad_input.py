@@ -118,3 +118,13 @@ def test_nan_expert_fails_with_tensor_and_model_named(tmp_path, llama_family):
     assert "model.layers.1.mlp.up_proj.weight" in proc.stderr
     assert str(bad) in proc.stderr and "non-finite" in proc.stderr
     assert (llama_family["expert1"] / "model.safetensors").read_bytes() == before
+
+
+def test_rule_level_parameter_checks():
+    W0, experts = make_experts((6, 4), 2, [1.0, 0.1])
+    with pytest.raises(MergeInputError, match="rcond=2.0"):
+        actmat_merge(W0, experts, rcond=2.0, name="w")
+    with pytest.raises(MergeInputError, match="scale=inf"):
+        actmat_merge(W0, experts, scale=float("inf"), name="w")
+    with pytest.raises(MergeInputError, match="tau=-0.1"):
+        ace_merge(W0, experts, tau=-0.1, name="w")

@@ -73,6 +73,8 @@ class DemoConfig:
     # ``base_skill_options`` the easier versions the base is trained on (its "pre-training").
     skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
     base_skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
+    # share of each skill in the base's training mixture (arithmetic, rpn, translate)
+    base_mixture: Tuple[float, ...] = (1.0, 1.0, 1.0)
     # evaluation data (held out: never seen in training)
     eval_examples: int = 100
 
@@ -93,29 +95,33 @@ class DemoConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# The base's "pre-training" sees easy versions of the skills (one-digit sums, one-operator
-# expressions, translation of single phrases): it learns the formats, the digits and the lexicon,
-# and is weak on the full skills. Each expert then learns its full skill (two-digit sums, two- or
-# three-operator expressions with precedence and brackets, whole sentences in the made-up word
-# order), which is also what the evaluation measures.
-_BASE_SKILLS = (
-    ("arithmetic", (("min_digits", 1), ("max_digits", 1))),
-    ("rpn", (("min_ops", 1), ("max_ops", 1))),
-    ("translate", (("phrases_only", True),)),
+_FULL_SKILLS = (
+    ("arithmetic", (("min_digits", 2), ("max_digits", 2))),
+    ("rpn", (("min_ops", 2), ("max_ops", 3))),
+    ("translate", ()),
 )
 
 CONFIGS: Dict[str, DemoConfig] = {
+    # The base trains briefly (250 steps) on a mixture of the full skills, weighted towards the
+    # hardest (arithmetic 60%, rpn 30%, translate 10%) so that no skill is mastered; each expert
+    # then fine-tunes on its skill only at lr 5e-4. The skills differ in difficulty, so the experts
+    # need different numbers of steps and end up with task vectors of different sizes.
     "default": DemoConfig(
         name="default",
-        base_skill_options=_BASE_SKILLS,
-        skill_options=(
-            ("arithmetic", (("min_digits", 2), ("max_digits", 2))),
-            ("rpn", (("min_ops", 2), ("max_ops", 3))),
-            ("translate", ()),
+        base_steps=250,
+        base_lr=2e-3,
+        base_mixture=(0.6, 0.3, 0.1),
+        base_skill_options=_FULL_SKILLS,
+        skill_options=_FULL_SKILLS,
+        experts=(
+            ("arithmetic", ExpertSpec(steps=800, lr=5e-4)),
+            ("rpn", ExpertSpec(steps=300, lr=5e-4)),
+            ("translate", ExpertSpec(steps=200, lr=5e-4)),
         ),
     ),
-    # Seconds-scale: for the test suite. A smaller model, fewer steps and examples, and easier
-    # full skills (one-digit sums); the experts still have to beat the base on their own skill.
+    # Seconds-scale: for the test suite. A smaller model, fewer steps and examples, easier skills
+    # (one-digit sums), and a base that sees only easy versions of rpn and translate (one operator,
+    # single phrases); the experts still have to beat the base on their own skill.
     "small": DemoConfig(
         name="small",
         hidden_size=64,
@@ -163,9 +169,11 @@ def eval_sets(config: DemoConfig, skills: Dict[str, Skill]) -> Dict[str, List[Ex
 class Batcher:
     """Draws training batches from one or several skills, never an evaluation prompt."""
 
-    def __init__(self, tokenizer, skills: Sequence[Skill], exclude: set, seed: int, max_len: int):
+    def __init__(self, tokenizer, skills: Sequence[Skill], exclude: set, seed: int, max_len: int,
+                 weights: Optional[Sequence[float]] = None):
         self.tok = tokenizer
         self.skills = list(skills)
+        self.weights = list(weights) if weights else [1.0] * len(self.skills)
         self.exclude = exclude
         self.rng = random.Random(seed)
         self.max_len = max_len
@@ -173,7 +181,7 @@ class Batcher:
     def examples(self, n: int) -> List[Example]:
         out = []
         while len(out) < n:
-            skill = self.skills[self.rng.randrange(len(self.skills))]
+            skill = self.rng.choices(self.skills, weights=self.weights)[0]
             prompt, answer = skill.generate(self.rng)
             if prompt not in self.exclude:
                 out.append((prompt, answer))
@@ -454,7 +462,8 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     log(f"Base: Llama, {config.num_layers} layers, hidden {config.hidden_size}, {n_params / 1e6:.2f}M parameters; "
         f"{config.base_steps} steps on the mixture")
     t0 = time.time()
-    batcher = Batcher(tokenizer, [base_skills[n] for n in SKILL_NAMES], exclude, config.seed + 1, config.max_seq_len)
+    batcher = Batcher(tokenizer, [base_skills[n] for n in SKILL_NAMES], exclude, config.seed + 1, config.max_seq_len,
+                      weights=config.base_mixture)
     torch.manual_seed(config.seed + 1)
     base_losses = train_steps(base, batcher, config.base_steps, config.base_lr, config.batch_size,
                               config.warmup_frac, weight_decay=0.01, log=log, label="base")

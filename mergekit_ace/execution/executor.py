@@ -31,6 +31,9 @@ LOG = logging.getLogger(__name__)
 
 #: Smallest row block the planner proposes for large matrices (smaller blocks only add overhead).
 MIN_ROW_CHUNK = 64
+#: Row blocks this tall already run matrix products at full speed; the planner uses the smallest
+#: such block (least memory) when the budget allows a bigger one.
+EFFICIENT_ROWS = 1024
 #: Precision of the O(d_out d_in^2) products. Float32 is NOT the default: measured, float32 Gram
 #: matrices lose 1e-4 accuracy for low-rank or large updates (docs/execution.md, "Precision").
 MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
@@ -74,12 +77,20 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
 
 
 def choose_plan(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, **kw) -> WeightPlan:
-    """The plan with the fewest flops that fits ``budget`` (ties: bigger blocks); else the smallest."""
+    """The plan with the fewest flops that fits ``budget``; among those, the least memory with row
+    blocks of at least ``EFFICIENT_ROWS`` (matmul efficiency), else the biggest blocks. If nothing
+    fits: the plan with the smallest estimate."""
     plans = candidate_plans(rule, d_out, d_in, n_experts, budget, **kw)
     fitting = [p for p in plans if p.fits]
-    if fitting:
-        return min(fitting, key=lambda p: (p.estimate.flops, -(p.row_chunk or d_out)))
-    return min(plans, key=lambda p: p.estimate.peak_bytes)
+    if not fitting:
+        return min(plans, key=lambda p: p.estimate.peak_bytes)
+    least = min(p.estimate.flops for p in fitting)
+    cheapest = [p for p in fitting if p.estimate.flops <= least * (1 + 1e-9)]
+    rows = lambda p: p.row_chunk or d_out  # noqa: E731
+    efficient = [p for p in cheapest if rows(p) >= min(d_out, EFFICIENT_ROWS)]
+    if efficient:
+        return min(efficient, key=lambda p: (p.estimate.peak_bytes, -rows(p)))
+    return max(cheapest, key=rows)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -10,10 +10,9 @@ or on a GPU of ``--gpu-tflops`` (a figure you supply, e.g. from the vendor's dat
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 from mergekit_ace.cli import UserError
 

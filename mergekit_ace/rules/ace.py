@@ -43,7 +43,6 @@ from mergekit_ace.rules.common import (
     check_parameter,
     describe,
     row_chunks,
-    task_vector,
 )
 
 LOG = logging.getLogger(__name__)
@@ -361,7 +360,7 @@ def ace_merge(
             sigma_iso, inv = _iso_and_inverse(sigma)
             P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
             del F
-    del Q, S_tilde
+    Q = S_tilde = None  # release before the final add (the closures above are done)
 
     # Step 7: W = W0 + scale P (in place on P).
     W = P.mul_(scale)

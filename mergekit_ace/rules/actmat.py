@@ -21,7 +21,7 @@ The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutof
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, List, Optional, Sequence, Tuple
+from typing import Hashable, List, Optional, Sequence
 
 import torch
 
@@ -38,8 +38,6 @@ from mergekit_ace.rules.common import (
     check_nonzero_task_vectors,
     check_parameter,
     describe,
-    row_chunks,
-    task_vector,
 )
 
 DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None)
@@ -114,6 +112,9 @@ def actmat_merge(
     products: keep float64 unless A is known to be well conditioned.
     """
     check_inputs(base, experts, name=name, ids=ids)
+    check_parameter(name, "scale", scale)
+    if rcond is not None:
+        check_parameter(name, "rcond", rcond, low=0.0, high=1.0)
     if base.ndim != 2:
         raise MergeInputError(f"{describe(name)}: ACTMat's rule applies to 2-D weights, got {tuple(base.shape)}")
     streamed = check_strategy(strategy, name) == EXPERT_STREAMED

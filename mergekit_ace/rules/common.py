@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Hashable, Optional, Sequence
+from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 
