@@ -17,16 +17,22 @@ DEFAULT_CORPUS = (
 )
 
 
-def train_tokenizer(texts: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 320):
+def train_tokenizer(texts: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 320, individual_digits: bool = False):
     """Train a byte-level BPE tokenizer in memory; return a ``PreTrainedTokenizerFast``.
 
     Special tokens: ``<|bos|>``, ``<|eos|>``, ``<|pad|>``. Byte-level, so any text encodes.
+    ``individual_digits`` splits every digit into its own pre-token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -123,28 +129,4 @@ def train_digit_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """Like :func:`train_tokenizer`, but every digit is its own pre-token, so numbers are never
     merged into multi-digit tokens (tiny models learn arithmetic digit by digit). Used by the demo.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        model_max_length=2048,
-    )
+    return train_tokenizer(texts, vocab_size, individual_digits=True)

@@ -51,11 +51,8 @@ def merge_config(method: MethodSpec, base: Path, experts: Sequence[Path], dtype:
             entry["parameters"] = dict(model_params)
         models.append(entry)
     config: Dict[str, object] = {"merge_method": merge_method, "models": models, "dtype": dtype}
-    if merge_method not in _NO_BASE:
+    if merge_method not in _NO_BASE:  # (linear copies the first expert's tokenizer: the same one)
         config["base_model"] = str(Path(base).resolve())
-    else:
-        # linear still needs a tokenizer source; it copies the first model's. Same tokenizer here.
-        pass
     if global_params:
         config["parameters"] = dict(global_params)
     return config

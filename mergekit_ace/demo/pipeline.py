@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from mergekit_ace.demo.skills import SKILL_NAMES
 
@@ -236,10 +236,11 @@ def write_chart(raw, normalised, path: Path) -> Optional[Path]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     models = list(raw)
+    colours = {model: f"C{i % 10}" for i, model in enumerate(models)}  # same colour in both panels
     width = 0.8 / len(models)
     for i, model in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(SKILL_NAMES))]
-        axes[0].bar(xs, [100 * raw[model][s] for s in SKILL_NAMES], width, label=model)
+        axes[0].bar(xs, [100 * raw[model][s] for s in SKILL_NAMES], width, label=model, color=colours[model])
     axes[0].set_xticks(range(len(SKILL_NAMES)), SKILL_NAMES)
     axes[0].set_ylabel("score (%)")
     axes[0].set_title("Raw scores")
@@ -249,7 +250,7 @@ def write_chart(raw, normalised, path: Path) -> Optional[Path]:
     width = 0.8 / len(rows)
     for i, model in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
-        axes[1].bar(xs, [normalised[model][c] or 0.0 for c in cols], width, label=model)
+        axes[1].bar(xs, [normalised[model][c] or 0.0 for c in cols], width, label=model, color=colours[model])
     axes[1].axhline(100, color="grey", lw=0.8, ls="--")
     axes[1].set_xticks(range(len(cols)), cols)
     axes[1].set_ylabel("% of the task's expert")

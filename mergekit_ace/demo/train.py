@@ -189,8 +189,6 @@ class Batcher:
 
     def batch(self, n: int):
         """input_ids, attention_mask, labels (-100 on prompt and padding)."""
-        import torch
-
         examples = self.examples(n)
         return encode_examples(self.tok, examples, self.max_len)
 
@@ -473,7 +471,7 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     experts_info = {}
     jobs_list = [(config, i, name, str(paths.base), str(paths.experts[name])) for i, (name, spec) in enumerate(config.experts)]
     workers = max(1, min(jobs or 1, len(jobs_list)))
-    log(f"Experts: " + ", ".join(f"{n} ({s.steps} steps, lr {s.lr:g})" for n, s in config.experts)
+    log("Experts: " + ", ".join(f"{n} ({s.steps} steps, lr {s.lr:g})" for n, s in config.experts)
         + f"; {workers} at a time")
     if workers == 1:
         results = [_train_expert(*job, log=log) for job in jobs_list]
