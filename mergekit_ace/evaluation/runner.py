@@ -47,6 +47,8 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# "owner/name" with no local directory of that name: a Hugging Face Hub repository id.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESULTS_FILE = "results.json"
 
 
@@ -107,7 +109,8 @@ def check_models(
     models: Mapping[str, Union[str, Path]], backend: str, model_args: Mapping[str, Any]
 ) -> Dict[str, Path]:
     """Names are simple and unique; for hf/vllm each path is a model directory with a config and
-    a tokenizer (unless ``tokenizer=`` is in ``model_args``). Returns absolute paths."""
+    a tokenizer (unless ``tokenizer=`` is in ``model_args``), or a Hub id ``owner/name`` that is not a
+    local directory (lm-eval loads it from the Hub). Returns absolute paths (Hub ids unchanged)."""
     if not models:
         raise UserError("no models given: use --model NAME=PATH (once per model)")
     out: Dict[str, Path] = {}
@@ -117,6 +120,9 @@ def check_models(
                 f"model name {name!r} must start with a letter or digit and contain only "
                 "letters, digits, '.', '_', '+', '-'"
             )
+        if _HUB_ID_RE.match(str(path)) and not Path(path).exists():
+            out[str(name)] = Path(str(path))
+            continue
         path = Path(path).expanduser()
         if backend in BACKENDS:
             if not path.is_dir():

@@ -97,3 +97,13 @@ def test_presets_and_primary_metrics():
     assert primary_metric("xquad_vi", {"exact_match,none": 0.1, "f1,none": 0.3}) == "f1,none"
     assert primary_metric("my_task", {"sample_len": 5, "bleu,none": 3.0, "bleu_stderr,none": 0.1}) == "bleu,none"
     assert primary_metric("my_task", {"alias": "x"}) is None
+
+
+def test_hub_ids_pass_the_model_check_and_missing_local_paths_do_not(tmp_path):
+    from mergekit_ace.cli import UserError
+    from mergekit_ace.evaluation.runner import check_models
+
+    checked = check_models({"base": "meta-llama/Llama-3.2-3B-Instruct"}, "hf", {})
+    assert str(checked["base"]) == "meta-llama/Llama-3.2-3B-Instruct"
+    with pytest.raises(UserError, match="does not exist"):
+        check_models({"m": str(tmp_path / "missing" / "model")}, "hf", {})
