@@ -35,7 +35,6 @@ from mergekit_ace.rules.common import (
     TaskVectors,
     check_strategy,
     PINV_RTOL,
-    MergeInputError,
     accumulate_gram,
     check_finite_output,
     check_inputs,
@@ -243,13 +242,11 @@ def ace_merge(
     accumulation across experts stay in ``compute_dtype``. Inputs are never modified. With
     ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
-    check_inputs(base, experts, name=name, ids=ids)
+    check_inputs(base, experts, name=name, ids=ids, matrix_rule="ACE")
     check_parameter(name, "epsilon", epsilon, low=0.0)
     check_parameter(name, "tau", tau, low=0.0)
     check_parameter(name, "k_frac", k_frac, low=0.0, high=1.0)
     check_parameter(name, "scale", scale)
-    if base.ndim != 2:
-        raise MergeInputError(f"{describe(name)}: ACE's rule applies to 2-D weights, got {tuple(base.shape)}")
     streamed = check_strategy(strategy, name) == EXPERT_STREAMED
     T = len(experts)
     d_out, d_in = base.shape

@@ -31,13 +31,11 @@ from mergekit_ace.rules.common import (
     ROW_CHUNKED,
     TaskVectors,
     check_strategy,
-    MergeInputError,
     accumulate_gram,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
-    describe,
 )
 
 DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None)
@@ -111,12 +109,10 @@ def actmat_merge(
     ``compute_dtype``. Without a ridge, A's small eigenvalues are only as accurate as those
     products: keep float64 unless A is known to be well conditioned.
     """
-    check_inputs(base, experts, name=name, ids=ids)
+    check_inputs(base, experts, name=name, ids=ids, matrix_rule="ACTMat")
     check_parameter(name, "scale", scale)
     if rcond is not None:
         check_parameter(name, "rcond", rcond, low=0.0, high=1.0)
-    if base.ndim != 2:
-        raise MergeInputError(f"{describe(name)}: ACTMat's rule applies to 2-D weights, got {tuple(base.shape)}")
     streamed = check_strategy(strategy, name) == EXPERT_STREAMED
     T = len(experts)
     d_out, d_in = base.shape

@@ -36,14 +36,18 @@ def check_inputs(
     name: Optional[str] = None,
     ids: Optional[Sequence[Hashable]] = None,
     base_id: Optional[Hashable] = None,
+    matrix_rule: Optional[str] = None,
 ) -> None:
     """Raise :class:`MergeInputError` unless base and experts are finite, same-shaped tensors and
-    there is at least one expert. Nothing is copied or modified."""
+    there is at least one expert (and, when ``matrix_rule`` names a rule, the weight is 2-D).
+    Nothing is copied or modified."""
     where = describe(name)
     if base is None:
         raise MergeInputError(f"{where}: this rule needs a base model (task vectors are W_t - W_0)")
     if len(experts) == 0:
         raise MergeInputError(f"{where}: at least one expert (non-base model) is required")
+    if matrix_rule is not None and base.ndim != 2:
+        raise MergeInputError(f"{where}: {matrix_rule}'s rule applies to 2-D weights, got {tuple(base.shape)}")
     ids = list(ids) if ids is not None else [f"expert {i}" for i in range(len(experts))]
     base_label = base_id if base_id is not None else "base"
     for label, tensor in [(base_label, base), *zip(ids, experts)]:
