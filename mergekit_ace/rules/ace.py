@@ -35,7 +35,6 @@ from mergekit_ace.rules.common import (
     TaskVectors,
     check_strategy,
     PINV_RTOL,
-    accumulate_gram,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
@@ -70,32 +69,6 @@ def is_heterogeneous(gamma: float, tau: float) -> bool:
 
 
 # --------------------------------------------------------------------------- steps 2-3
-def centre(delta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Step 2: :math:`C = D - \mathbf{1}\mu^T`, :math:`\mu` the mean of D's rows. Returns (C, mu)."""
-    mu = delta.mean(dim=0)
-    return delta - mu, mu
-
-
-def covariance_proxy(delta: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Step 3: :math:`S = C^T C` for the centred task vector, without materialising C.
-
-    Uses :math:`C^T C = D^T D - d_{out}\,\mu\mu^T` accumulated over row blocks, in the dtype of
-    ``delta``. Returns ``(S, mu)``.
-    """
-    d_out, d_in = delta.shape
-    return _proxy_streamed(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)
-
-
-def regularised_proxy(S: torch.Tensor, epsilon: float, heterogeneous: bool) -> Tuple[torch.Tensor, float, float]:
-    r"""Step 3: the (possibly trace-normalised) proxy :math:`\tilde S_t` and its ridge
-    :math:`\epsilon_t`. Returns ``(S_tilde, eps_t, s_t)`` with :math:`s_t = \mathrm{tr}\,S + 10^{-12}`.
-    :math:`R_t = \tilde S_t + \epsilon_t I` is never formed explicitly."""
-    s_t = float(torch.trace(S)) + TINY
-    if heterogeneous:
-        return S / s_t, epsilon / s_t, s_t
-    return S, epsilon, s_t
-
-
 # --------------------------------------------------------------------------- step 4
 def collective_prior(S_tilde_sum: torch.Tensor, traces: Sequence[float], heterogeneous: bool) -> torch.Tensor:
     r"""Step 4 (Eqs. 11-13): :math:`c` = the mean of the rows of :math:`\sum_t \tilde S_t`;
@@ -343,20 +316,12 @@ def ace_merge(
             F += P[rows]  # P[rows] is still unrefined: each block is refined after it is read
             return F
 
-        if tall:
-            sigma, V = top_singular_pairs_gram(F_gram.to(dt), k)
-            del F_gram
-            sigma_iso, inv = _iso_and_inverse(sigma)
-            for rows in tv.chunks():
-                F = F_rows(rows)
-                P[rows] += ((F @ V) * (sigma_iso * inv)) @ V.T  # sigma_iso F V_k S_k^-1 V_k^T
-                del F
-        else:
-            F = Q if streamed else torch.cat([F_rows(rows) for rows in tv.chunks()])
-            sigma, U = top_singular_pairs_gram(F @ F.T, k)
-            sigma_iso, inv = _iso_and_inverse(sigma)
-            P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
-            del F
+        sigma_iso = _refine_streamed(
+            P, F_rows, k, d_out, d_in, row_chunk,
+            gram=F_gram.to(dt) if tall else None,
+            F_whole=Q if streamed else None,
+        )
+        F_gram = None
     Q = S_tilde = None  # release before the final add (the closures above are done)
 
     # Step 7: W = W0 + scale P (in place on P).
@@ -376,32 +341,27 @@ def ace_merge(
     return W
 
 
-def _proxy_streamed(delta_rows, d_out, d_in, dt, device, row_chunk):
-    """S = C^T C = D^T D - d_out mu mu^T, with D given block by block. Returns (S, mu)."""
-    gram, col_sum = accumulate_gram(delta_rows, d_out, d_in, dt, device, row_chunk)
-    mu = col_sum / d_out
-    gram.addr_(mu, mu, alpha=-float(d_out))
-    return gram, mu
+def _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk, gram=None, F_whole=None) -> float:
+    """Add sigma_iso U_k V_k^T to P in place, F given block by block. Returns sigma_iso.
 
-
-def _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk) -> float:
-    """Add sigma_iso U_k V_k^T to P in place, F given block by block. Returns sigma_iso."""
+    ``gram`` (tall case) is F^T F when the caller already accumulated it; ``F_whole`` (wide case)
+    is F when the caller already holds it."""
     if d_out >= d_in:
         # Right singular vectors from F^T F accumulated over row blocks, then U_k V_k^T row by row.
-        gram = torch.zeros(d_in, d_in, dtype=P.dtype, device=P.device)
-        for rows in row_chunks(d_out, row_chunk):
-            F = F_rows(rows)
-            gram.addmm_(F.T, F)
+        if gram is None:
+            gram = torch.zeros(d_in, d_in, dtype=P.dtype, device=P.device)
+            for rows in row_chunks(d_out, row_chunk):
+                F = F_rows(rows)
+                gram.addmm_(F.T, F)
         sigma, V = top_singular_pairs_gram(gram, k)
         del gram
         sigma_iso, inv = _iso_and_inverse(sigma)
-        proj = (V * inv) @ V.T  # V_k S_k^{-1} V_k^T
         # F_rows(rows) reads only P[rows], so each block is updated right after it is formed.
         for rows in row_chunks(d_out, row_chunk):
-            P[rows] += sigma_iso * (F_rows(rows) @ proj)
+            P[rows] += ((F_rows(rows) @ V) * (sigma_iso * inv)) @ V.T  # sigma_iso F V_k S_k^-1 V_k^T
         return sigma_iso
     # Wide matrix: d_out < d_in, F is no larger than one d_in x d_in proxy; work on it whole.
-    F = torch.cat([F_rows(rows) for rows in row_chunks(d_out, row_chunk)])
+    F = F_whole if F_whole is not None else torch.cat([F_rows(rows) for rows in row_chunks(d_out, row_chunk)])
     sigma, U = top_singular_pairs_gram(F @ F.T, k)
     sigma_iso, inv = _iso_and_inverse(sigma)
     P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
