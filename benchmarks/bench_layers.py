@@ -1,13 +1,15 @@
 """Per-layer time and peak memory of the package's rules (as mergekit calls them: the executor's
-plan, float64) versus the naive float32 formulation (benchmarks/naive.py), on 1B/3B/7B-shaped
-layers with three synthetic experts; and the largest relative difference of the two results on
-the merged task vector.
+plan, "auto" precision) versus the naive float32 formulation (benchmarks/naive.py), on
+1B/3B/7B-shaped layers with three synthetic experts; the largest relative difference of the two
+results on the merged task vector; and the precision "auto" chose.
 
-Each measurement runs in a fresh subprocess; peak memory = peak RSS of the call minus RSS before
-it (/proc clear_refs + VmHWM, glibc mmap threshold fixed at 64 KiB so freed buffers leave RSS),
-after a warm-up that maps the LAPACK code pages. Inputs (bf16 base + experts) are not counted.
+Each measurement runs in fresh subprocesses: the time in one with the default allocator (the
+median of up to three calls, as many as fit in ~10 s), the peak memory in another (peak RSS of
+the call minus RSS before it, /proc clear_refs + VmHWM, glibc mmap threshold fixed at 64 KiB so
+freed buffers leave RSS), both after a warm-up that maps the LAPACK code pages. Inputs (bf16 base
++ experts) are not counted.
 
-    python benchmarks/bench_layers.py --quick            # 1B-shaped layers (~10 min here)
+    python benchmarks/bench_layers.py --quick            # 1B-shaped layers (~20 min here)
     python benchmarks/bench_layers.py --layers 3b.k_proj 7b.q_proj
     python benchmarks/bench_layers.py --gpu              # 7B-shaped three-expert merge on a GPU
 """
@@ -44,42 +46,82 @@ from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
 from benchmarks.naive import ace_naive, actmat_naive
 
-def inputs(m, n, seed=0):
+def inputs(m, n, seed=0, kind="random"):
     g = torch.Generator().manual_seed(seed)
     W0 = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16)
-    # three experts, update norms 1 : 0.1 : 0.5 relative (a heterogeneous layer), full rank
-    ex = [(W0.float() + torch.randn(m, n, generator=g) * 1e-3 * s).to(torch.bfloat16) for s in (1.0, 0.1, 0.5)]
+    # three experts, update norms 1 : 0.1 : 0.5 relative (a heterogeneous layer); "random": full
+    # rank, flat spectrum; "decaying": singular values ~ 1/i (as fine-tuning updates tend to have)
+    ex = []
+    for s in (1.0, 0.1, 0.5):
+        d = torch.randn(m, n, generator=g)
+        if kind == "decaying":
+            r = min(m, n)
+            U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+            V = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+            d = (U * torch.arange(1, r + 1, dtype=torch.float32) ** -1.0) @ V.T
+            d = d / d.std()
+        ex.append((W0.float() + d * 1e-3 * s).to(torch.bfloat16))
     return W0, ex
 
 # warm-up on a small problem: map every code path's library pages
 W0, ex = inputs(64, 48)
 for f in (lambda: ace_naive(W0, ex), lambda: actmat_naive(W0, ex),
           lambda: execute_rule("ace", ace_merge, W0, ex, budget=1e9),
-          lambda: execute_rule("actmat", actmat_merge, W0, ex, budget=1e9)):
+          lambda: execute_rule("actmat", actmat_merge, W0, ex, budget=1e9),
+          lambda: execute_rule("ace", ace_merge, W0, ex, budget=1e9, tau=0.0)):  # refinement (SciPy eigh)
     f()
-W0, ex = inputs(*args["shape"])
+W0, ex = inputs(*args["shape"], kind=args["inputs"])
 rule = args["rule"]
 if args["impl"] == "naive":
     fn = (lambda: ace_naive(W0, ex)) if rule == "ace" else (lambda: actmat_naive(W0, ex))
 else:
     budget = args["budget"]
-    fn = lambda: execute_rule(rule, ace_merge if rule == "ace" else actmat_merge, W0, ex, budget=budget)
-t = time.perf_counter()
-out, peak = peak_extra_rss(fn)
-secs = time.perf_counter() - t
+    fn = lambda: execute_rule(rule, ace_merge if rule == "ace" else actmat_merge, W0, ex, budget=budget,
+                              return_diagnostics=True)
+if args["measure"] == "memory":
+    t = time.perf_counter()
+    out, peak = peak_extra_rss(fn)
+    secs = time.perf_counter() - t
+else:
+    # The median of up to 3 calls in this process (a merge runs many weights in one process), as
+    # many as fit in ~10 s: small layers vary by +-30% from call to call on this VM.
+    times, peak = [], 0
+    while len(times) < 3 and (not times or sum(times) < 10.0):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    secs = sorted(times)[(len(times) - 1) // 2]
+precision = "float32"
+if isinstance(out, tuple):
+    out, diag = out
+    precision = diag.precision
 torch.save(out.float(), args["out"])
-print(json.dumps(dict(seconds=secs, peak_bytes=peak)))
+print(json.dumps(dict(seconds=secs, peak_bytes=peak, precision=precision)))
 """
 
 
-def run_one(rule, impl, shape, threads, budget, tmp):
+def run_one(rule, impl, shape, threads, budget, tmp, kind="random"):
+    """Two fresh processes: one timed with the default allocator, one measuring the peak with a fixed
+    mmap threshold (which makes every large buffer a fresh mapping: honest RSS, but page faults
+    that a user's process does not pay, ~1 s on a 2048x2048 ACE merge)."""
     out = str(Path(tmp) / f"{rule}-{impl}-{shape[0]}x{shape[1]}.pt")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    args = dict(rule=rule, impl=impl, shape=list(shape), threads=threads, budget=budget, out=out, root=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+    result = {}
+    for measure in ("time", "memory"):
+        env = dict(os.environ)
+        if measure == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        args = dict(rule=rule, impl=impl, shape=list(shape), threads=threads, budget=budget, out=out, inputs=kind,
+                    root=str(ROOT), measure=measure)
+        proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], capture_output=True, text=True,
+                              env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if measure == "time":
+            result.update(seconds=got["seconds"], precision=got["precision"])
+        else:
+            result.update(peak_bytes=got["peak_bytes"])
+    return result, out
 
 
 def rel_diff(a_path, b_path, shape):
@@ -98,6 +140,8 @@ def main():
     p.add_argument("--rules", nargs="*", default=["ace", "actmat"])
     p.add_argument("--threads", type=int, default=1, help="torch threads in each worker (default 1)")
     p.add_argument("--budget", default="8GiB", help="memory budget handed to the planner")
+    p.add_argument("--inputs", choices=["random", "decaying"], default="random",
+                   help="task vectors with a flat spectrum (default) or singular values ~ 1/i")
     p.add_argument("--gpu", action="store_true", help="run the GPU benchmark instead (needs CUDA)")
     args = p.parse_args()
     if args.gpu:
@@ -108,20 +152,21 @@ def main():
 
     layers = args.layers or (QUICK if args.quick else list(LAYERS))
     budget = parse_size(args.budget)
-    print(f"threads={args.threads} budget={args.budget} python={sys.version.split()[0]}")
+    print(f"threads={args.threads} budget={args.budget} inputs={args.inputs} python={sys.version.split()[0]}")
     print(f"{'layer':16s} {'shape':>13s} {'rule':>6s} {'naive s':>8s} {'ours s':>8s} {'speedup':>7s} "
-          f"{'naive MiB':>9s} {'ours MiB':>9s} {'mem ratio':>9s} {'rel diff':>9s} {'max diff':>9s}")
+          f"{'naive MiB':>9s} {'ours MiB':>9s} {'mem ratio':>9s} {'rel diff':>9s} {'max diff':>9s}  precision")
     with tempfile.TemporaryDirectory() as tmp:
         for layer in layers:
             shape = LAYERS[layer]
             for rule in args.rules:
-                naive, npath = run_one(rule, "naive", shape, args.threads, budget, tmp)
-                ours, opath = run_one(rule, "ours", shape, args.threads, budget, tmp)
+                naive, npath = run_one(rule, "naive", shape, args.threads, budget, tmp, args.inputs)
+                ours, opath = run_one(rule, "ours", shape, args.threads, budget, tmp, args.inputs)
                 rel, mx = rel_diff(opath, npath, shape)
                 print(f"{layer:16s} {'x'.join(map(str, shape)):>13s} {rule:>6s} {naive['seconds']:8.2f} "
                       f"{ours['seconds']:8.2f} {naive['seconds'] / ours['seconds']:7.2f} "
                       f"{naive['peak_bytes'] / 2**20:9.0f} {ours['peak_bytes'] / 2**20:9.0f} "
-                      f"{ours['peak_bytes'] / max(1, naive['peak_bytes']):9.2f} {rel:9.1e} {mx:9.1e}", flush=True)
+                      f"{ours['peak_bytes'] / max(1, naive['peak_bytes']):9.2f} {rel:9.1e} {mx:9.1e}  "
+                      f"{ours['precision']}", flush=True)
 
 
 def gpu_benchmark():

@@ -13,8 +13,10 @@ RULES = {"ace": ace_merge, "actmat": actmat_merge}
 
 @pytest.mark.parametrize("rule", ["ace", "actmat"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_values_are_refused_naming_tensor_and_model(rule, bad):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_values_are_refused_naming_tensor_and_model(rule, bad, dtype):
     W0, experts = make_experts((12, 8), 3, [1.0, 0.1, 0.5])
+    W0, experts = W0.to(dtype), [e.to(dtype) for e in experts]
     experts[1] = experts[1].clone()
     experts[1][3, 4] = bad
     with pytest.raises(MergeInputError, match=r"'layers\.0\.q'.*model m1 .*non-finite"):

@@ -25,7 +25,7 @@ import torch
 
 from mergekit_ace.execution.budget import memory_budget
 from mergekit_ace.execution.memory import Estimate, estimate, format_bytes
-from mergekit_ace.rules.common import STRATEGIES, describe
+from mergekit_ace.rules.common import ACE_STRATEGIES, STRATEGIES, describe
 
 LOG = logging.getLogger(__name__)
 
@@ -34,9 +34,11 @@ MIN_ROW_CHUNK = 64
 #: Row blocks this tall already run matrix products at full speed; the planner uses the smallest
 #: such block (least memory) when the budget allows a bigger one.
 EFFICIENT_ROWS = 1024
-#: Precision of the O(d_out d_in^2) products. Float32 is NOT the default: measured, float32 Gram
-#: matrices lose 1e-4 accuracy for low-rank or large updates (docs/execution.md, "Precision").
+#: Precision of the O(d_out d_in^2) products: "auto" (default: float32 where the weight's
+#: conditioning allows, checked per weight, else float64; rules/precision.py), "float32" (unchecked:
+#: measured to lose 1e-4 accuracy for low-rank or large updates) or "float64".
 MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
+MATMUL_DTYPES = ("auto", "float32", "float64")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -51,11 +53,17 @@ class WeightPlan:
     fits: bool
 
 
-def matmul_dtype() -> torch.dtype:
-    name = os.environ.get(MATMUL_DTYPE_ENV, "float64")
-    if name not in ("float64", "float32"):
-        raise ValueError(f"{MATMUL_DTYPE_ENV} must be float64 or float32, got {name!r}")
-    return getattr(torch, name)
+def matmul_dtype():
+    """The rules' ``matmul_dtype`` from ``MERGEKIT_ACE_MATMUL_DTYPE`` (default ``"auto"``)."""
+    name = os.environ.get(MATMUL_DTYPE_ENV, "auto")
+    if name not in MATMUL_DTYPES:
+        raise ValueError(f"{MATMUL_DTYPE_ENV} must be one of {', '.join(MATMUL_DTYPES)}, got {name!r}")
+    return name if name == "auto" else getattr(torch, name)
+
+
+def _bytes_of(dtype) -> int:
+    """Element size the estimates assume: "auto" may fall back to float64, so 8."""
+    return 8 if isinstance(dtype, str) else torch.finfo(dtype).bits // 8
 
 
 def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
@@ -68,7 +76,7 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
         chunks.append(c)
         c //= 2
     plans = []
-    for strategy in STRATEGIES:
+    for strategy in (ACE_STRATEGIES if rule == "ace" else STRATEGIES):
         for chunk in chunks:
             est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
                            refine=refine, k_frac=k_frac)
@@ -154,7 +162,7 @@ def execute_rule(
     d_out, d_in = base.shape
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
     rule_parameters.setdefault("compute_dtype", COMPUTE_DTYPE)
-    kw = dict(matmul_bytes=torch.finfo(mdt).bits // 8, k_frac=rule_parameters.get("k_frac", 0.3),
+    kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
               refine=rule_parameters.get("k_frac", 0.3) > 0)
 
     def attempt(plan: WeightPlan, on: torch.device, b, e):

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from mergekit_ace.rules.common import EXPERT_STREAMED, ROW_CHUNKED
+from mergekit_ace.rules.common import ACE_STRATEGIES, EXPERT_STREAMED, ROW_RECOMPUTED, STRATEGIES
 
 #: The symmetric eigensolver (LAPACK syevd, cuSOLVER syevd) needs a copy of the matrix that
 #: becomes the eigenvectors plus about 2 n^2 of workspace.
@@ -58,53 +58,65 @@ def estimate(
     bd, bm = compute_bytes, matmul_bytes
     nn, mn, rn = n * n, m * n, r * n
     streamed = strategy == EXPERT_STREAMED
-    if strategy not in (ROW_CHUNKED, EXPERT_STREAMED):
-        raise ValueError(f"unknown strategy {strategy!r}")
+    if strategy not in (ACE_STRATEGIES if rule == "ace" else STRATEGIES):
+        raise ValueError(f"unknown strategy {strategy!r} for {rule}")
     if rule == "ace":
-        return _ace(m, n, T, r, bd, bm, streamed, refine and k_frac > 0, k_frac, nn, mn, rn)
+        return _ace(m, n, T, r, bd, bm, streamed, strategy == ROW_RECOMPUTED, refine and k_frac > 0, k_frac,
+                    nn, mn, rn)
     if rule == "actmat":
         return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn)
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def _ace(m, n, T, r, bd, bm, streamed, refine, k_frac, nn, mn, rn) -> Estimate:
+def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn) -> Estimate:
     k = int(math.floor(k_frac * min(m, n))) if refine else 0
     tall = m >= n
     kept = (0 if streamed else T * nn * bm) + (mn * bd if streamed else 0)  # S~_t list, or Q
     block = 3 * rn * bm  # one task-vector block, its centred copy, one product
     proxies = kept + nn * bm + nn * bd + block  # + the proxy being built + S_sum
     solve_block = 6 * rn * bd + 2 * rn * bm  # q, N, eps-sum, solve temporaries, F, sum_t D_t
-    sbar = nn * bd if refine else 0
-    fgram = nn * bm if refine and tall else 0
-    solve = kept + mn * bd + 2 * nn * bd + sbar + fgram + solve_block  # + P, M, L
+    sbar = nn * bm if refine else 0
+    f_buffer = mn * bm if refine and not (streamed or recompute) else 0  # F kept (Q's place if streamed)
+    solve = kept + mn * bd + 2 * nn * bd + sbar + f_buffer + solve_block  # + P, M, L
     phases = [proxies, solve]
     mm = T * 2.0 * m * nn * 2 + 2.0 * m * nn + nn * n / 3.0  # grams, D S~, solve, Cholesky
     eig = 0.0
     if refine:
+        if recompute:  # P, the proxies and Sbar stay; F's blocks are recomputed ((T+1) more products)
+            held = mn * bd + kept + sbar + 2 * rn * bd + 2 * rn * bm
+            mm += (T + 1) * 2.0 * m * nn
+        else:  # P and F (the proxies are released)
+            held = mn * bd + (mn * bd if streamed else mn * bm)
         if tall:
-            phases.append(kept + mn * bd + sbar + fgram + nn * bd + EIGH_COPIES * nn * bd)
-            phases.append(kept + mn * bd + sbar + n * k * bd + 4 * rn * bd + 2 * rn * bm)
+            # Gram of F (plus a float64 one when float32 is checked and misses), eigh workspace.
+            phases.append(held + nn * bm + nn * bd + EIGH_COPIES * nn * bd + rn * bd)
+            phases.append(held + n * k * bd + 3 * rn * bd)
             mm += 2.0 * m * nn * 2 + 4.0 * m * n * k  # (sum D) Sbar, F^T F, F V S^-1 V^T
-            if not streamed:
-                mm += (T + 1) * 2.0 * m * nn  # Res recomputed block by block in the second pass
             eig = EIGH_FLOP_FACTOR * n ** 3
         else:
-            f_whole = 0 if streamed else mn * bd
-            phases.append(kept + mn * bd + sbar + f_whole + m * m * bd + EIGH_COPIES * m * m * bd)
-            phases.append(kept + mn * bd + sbar + f_whole + 2 * k * n * bd + 2 * mn * bd)
+            phases.append(held + mn * bm + m * m * bd + EIGH_COPIES * m * m * bd)
+            phases.append(held + 2 * k * n * bd + 2 * mn * bd)
             mm += 2.0 * m * nn + 2.0 * m * m * n + 4.0 * m * n * k
-            if not streamed:
-                mm += (T + 1) * 2.0 * m * nn
             eig = EIGH_FLOP_FACTOR * m ** 3
     return Estimate(int(max(phases)), mm, eig)
 
 
 def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn) -> Estimate:
+    if T * m <= n:  # wide weight, A singular or nearly: the stacked task vectors' small Gram (actmat._actmat_wide)
+        tm = T * m
+        peak = max(tm * n * bd + tm * tm * bd * (1 + EIGH_COPIES) + n * tm * bd,  # X, K, eigh, Q
+                   tm * n * bd + n * tm * bd + 3 * mn * bd)  # X, Q, N, W and a temporary
+        mm = 2.0 * tm * tm * n * 2 + 2.0 * T * m * m * n + 4.0 * m * n * tm
+        return Estimate(int(peak), mm, EIGH_FLOP_FACTOR * tm ** 3)
     kept = mn * bd if streamed else T * nn * bm  # N, or the C_t list
     grams = kept + nn * bm + nn * bd + 3 * rn * bm  # + the Gram being built + A
     eig = kept + nn * bd + EIGH_COPIES * nn * bd + nn * bd  # A, eigh, kept eigenvectors
     apply = kept + nn * bd + (0 if streamed else mn * bd) + 5 * rn * bd
-    mm = T * 2.0 * m * nn * 2 + 4.0 * m * nn
+    mm = T * 2.0 * m * nn * 2  # Grams and numerator products
+    if not streamed and m > T * n:
+        mm += T * 2.0 * n * nn  # G_t = C_t A^+ once per expert (actmat: per_expert)
+    else:
+        mm += 2.0 * m * nn  # N A^+ row by row
     return Estimate(int(max(grams, eig, apply)), mm, EIGH_FLOP_FACTOR * n ** 3)
 
 

@@ -29,11 +29,15 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ace.rules.common import (
+    ACE_STRATEGIES,
     EXPERT_STREAMED,
+    ROW_RECOMPUTED,
     ROW_CHUNKED,
     TINY,
     TaskVectors,
+    add_gram_,
     check_strategy,
+    symmetrize_gram_,
     PINV_RTOL,
     check_finite_output,
     check_inputs,
@@ -41,6 +45,17 @@ from mergekit_ace.rules.common import (
     check_parameter,
     describe,
     row_chunks,
+)
+from mergekit_ace.rules.precision import (
+    TOLERANCE,
+    NeedsFloat64,
+    cholesky_right_solve,
+    cholesky_solve,
+    condition_number,
+    run_with_fallback,
+    solve_error_estimate,
+    subspace_error_estimate,
+    top_eigenpairs,
 )
 
 LOG = logging.getLogger(__name__)
@@ -95,22 +110,31 @@ class PriorSolver:
     c: torch.Tensor
     name: Optional[str] = None
     ridge: float = 1.0  # sum_t eps_t; with a positive ridge M is SPD by construction
+    solve_dtype: Optional[torch.dtype] = None  # precision of the triangular solves (default M's)
+    pseudo_inverse_fallback: bool = True  # False: a singular M is only reported (``singular``)
     _chol: Optional[torch.Tensor] = field(init=False, default=None)
     _z: Optional[torch.Tensor] = field(init=False, default=None)
     _y: Optional[torch.Tensor] = field(init=False, default=None)
     _denom: float = field(init=False, default=1.0)
     _pinv: Optional[torch.Tensor] = field(init=False, default=None)
+    cholesky_factor: Optional[torch.Tensor] = field(init=False, default=None)  # of M, in M's dtype
+    _singular: bool = field(init=False, default=False)
 
     def __post_init__(self):
         L, info = torch.linalg.cholesky_ex(self.M)
         if int(info) == 0 and (self.ridge > 0 or _well_conditioned(L)):
             ones = torch.ones(self.M.shape[0], 1, dtype=self.M.dtype, device=self.M.device)
-            y = torch.cholesky_solve(ones, L)[:, 0]
-            z = torch.cholesky_solve(self.c[:, None], L)[:, 0]
+            y = cholesky_solve(ones, L)[:, 0]
+            z = cholesky_solve(self.c[:, None], L)[:, 0]
             denom = 1.0 + float(self.c @ y)
             if abs(denom) > PINV_RTOL:
-                self._chol, self._y, self._z, self._denom = L, y, z, denom
+                sd = self.solve_dtype or L.dtype
+                self._chol, self._y, self._z, self._denom = L.to(sd), y.to(sd), z.to(sd), denom
+                self.cholesky_factor = L
                 return
+        self._singular = True
+        if not self.pseudo_inverse_fallback:
+            return
         LOG.warning("%s: the covariance sum is singular; using the pseudo-inverse of A", describe(self.name))
         A = self.M + self.c[None, :]  # 1 c^T adds c to every row
         self._pinv = torch.linalg.pinv(A, rtol=PINV_RTOL)
@@ -119,8 +143,18 @@ class PriorSolver:
         r""":math:`N A^{-1}` for a block of rows N (rows x d_in)."""
         if self._pinv is not None:
             return N @ self._pinv
-        X = torch.cholesky_solve(N.T, self._chol).T
+        N = N.to(self._chol.dtype)
+        X = cholesky_right_solve(N, self._chol)
         return X - torch.outer(N @ self._y, self._z) / self._denom
+
+    @property
+    def singular(self) -> bool:
+        return self._singular
+
+    def sherman_morrison_amplification(self) -> float:
+        r"""How much the rank-one correction can magnify errors:
+        :math:`(1+|c^TM^{-1}\mathbf 1|)/|1+c^TM^{-1}\mathbf 1|`."""
+        return (1.0 + abs(self._denom - 1.0)) / abs(self._denom)
 
 
 def _well_conditioned(L: torch.Tensor) -> bool:
@@ -138,14 +172,6 @@ def closed_form(
 
 
 # --------------------------------------------------------------------------- step 6
-def top_singular_pairs_gram(gram: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Top-k singular values and vectors of F from its Gram matrix (:math:`F^TF` or :math:`FF^T`):
-    eigenpairs of the Gram, largest first. Returns ``(sigma[k], vectors[:, k])``."""
-    evals, evecs = torch.linalg.eigh(gram)
-    order = torch.argsort(evals, descending=True)[:k]
-    return evals[order].clamp_min(0).sqrt(), evecs[:, order]
-
-
 def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) -> torch.Tensor:
     r"""Step 6 (Eqs. 14-16): :math:`P + \sigma_{iso} U_k V_k^T` where :math:`F = P + Res = USV^T`,
     :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`, :math:`\sigma_{iso}` = mean of the
@@ -156,7 +182,7 @@ def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) 
     k = int(math.floor(k_frac * min(F.shape)))
     refined = P.clone()
     if k > 0:
-        _refine_streamed(refined, lambda rows: F[rows], k, *F.shape, row_chunk=None)
+        _refine(refined, lambda rows: F[rows], k, F.dtype)
     return refined
 
 
@@ -166,6 +192,61 @@ def _iso_and_inverse(sigma: torch.Tensor) -> Tuple[float, torch.Tensor]:
     cutoff = float(sigma.max()) * sigma.numel() * torch.finfo(sigma.dtype).eps
     inv = torch.where(sigma > cutoff, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
     return sigma_iso, inv
+
+
+def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional[int]) -> torch.Tensor:
+    """F^T F (tall F, accumulated over row blocks) or F F^T (wide F, whole) in ``dtype``."""
+    if d_out < d_in:
+        Fm = torch.cat([F_rows(rows).to(dtype) for rows in row_chunks(d_out, row_chunk)])
+        return Fm @ Fm.T
+    gram = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    for rows in row_chunks(d_out, row_chunk):
+        block = F_rows(rows).to(dtype)
+        add_gram_(gram, block)
+        del block
+    return symmetrize_gram_(gram)
+
+
+def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: Optional[int] = None,
+            allowed_error: Optional[float] = None) -> Tuple[float, str]:
+    r"""Add :math:`\sigma_{iso}U_kV_k^T` of F to P in place (step 6), from the top eigenpairs of F's
+    smaller Gram; ``F_rows(rows)`` gives F's row block (it may read the unrefined ``P[rows]``: each
+    block of P is refined only after it was read). Returns ``(sigma_iso, precision of the Gram)``.
+
+    ``allowed_error`` (float32 products being checked): the error the subspace may add; a float32
+    Gram that misses it is recomputed in float64 from the same F, and if that misses it too,
+    :class:`NeedsFloat64` is raised (precision.py)."""
+    d_out, d_in = P.shape
+    count = k + 1 if k < min(d_out, d_in) else k  # one more pair: the gap after the k-th
+
+    def pairs(dtype):
+        gram = _gram_of_F(F_rows, d_out, d_in, dtype, P.device, row_chunk)
+        return top_eigenpairs(gram, count)
+
+    lam, vecs = pairs(gram_dtype)
+    if allowed_error is not None:
+        error = subspace_error_estimate(lam, k, gram_in_float32=gram_dtype == torch.float32)
+        if error > allowed_error and gram_dtype != torch.float64:
+            gram_dtype = torch.float64
+            lam, vecs = pairs(gram_dtype)
+            error = subspace_error_estimate(lam, k, gram_in_float32=False)
+        if error > allowed_error:
+            raise NeedsFloat64(f"the top-{k} singular subspace of F is too close to the next direction "
+                               f"(estimated error {error:.1e} from float32 products)")
+    sigma, vecs = lam[:k].clamp_min(0).sqrt(), vecs[:, :k]
+    sigma_iso, inv = _iso_and_inverse(sigma)  # the null-direction cutoff in the Gram's precision
+    inv = inv.double()
+    if d_out >= d_in:
+        # P += sigma_iso F V_k S_k^-1 V_k^T, row block by row block (V are right singular vectors).
+        scaled = (sigma_iso * inv).to(vecs.dtype)
+        for rows in row_chunks(d_out, row_chunk):
+            P[rows] += ((F_rows(rows).to(vecs.dtype) @ vecs) * scaled) @ vecs.T
+    else:
+        # Wide F: vecs are left singular vectors U_k; V_k^T = S_k^-1 U_k^T F.
+        F = torch.cat([F_rows(rows).to(P.dtype) for rows in row_chunks(d_out, row_chunk)])
+        U = vecs.to(P.dtype)
+        P += sigma_iso * U @ ((U.T @ F) * inv.to(P.dtype)[:, None])
+    return sigma_iso, str(gram_dtype).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------- the rule
@@ -179,6 +260,8 @@ class ACEDiagnostics:
     eps_over_s: List[float]
     k: int
     sigma_iso: Optional[float] = None
+    #: precision of the products: "float32", "float32 (float64 Gram of F)" or "float64"
+    precision: str = "float64"
 
 
 def ace_merge(
@@ -195,7 +278,7 @@ def ace_merge(
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
-    matmul_dtype: Optional[torch.dtype] = None,
+    matmul_dtype=None,
 ):
     r"""Merge one 2-D weight by ACE-Merging; returns :math:`W_0 + scale\cdot P` in ``compute_dtype``.
 
@@ -205,13 +288,17 @@ def ace_merge(
     * ``"row_chunked"``: the experts' proxies :math:`\tilde S_t` (T x d_in^2) are kept and the task
       vectors stream through them block by block (for tall matrices);
     * ``"expert_streamed"``: one proxy at a time; the products are accumulated into one full-size
-      :math:`Q = \sum_t D_t \tilde S_t` (for wide matrices).
+      :math:`Q = \sum_t D_t \tilde S_t` (for wide matrices);
+    * ``"row_recomputed"``: as ``"row_chunked"``, but F is recomputed for the refinement instead of
+      kept (least memory).
 
     Both use :math:`N = \sum_t C_t R_t = Q - \mathbf{1}w^T + \sum_t \epsilon_t C_t` with
     :math:`w = \sum_t \tilde S_t\mu_t`, and :math:`Res = Q - (\sum_t D_t)\bar S`.
 
-    ``matmul_dtype`` (default ``compute_dtype``) is the precision of the O(d_out d_in^2) products
-    (proxies, :math:`D_t\tilde S_t`, the Gram of F); the factorisations, the solve and every
+    ``matmul_dtype`` is the precision of the O(d_out d_in^2) products (proxies,
+    :math:`D_t\tilde S_t`, the Gram of F): ``None`` = ``compute_dtype``; ``"auto"`` = float32 where
+    the weight's conditioning allows it, checked as the rule goes, float64 otherwise
+    (:mod:`mergekit_ace.rules.precision`). The factorisations, the solve's factor and every
     accumulation across experts stay in ``compute_dtype``. Inputs are never modified. With
     ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
@@ -220,11 +307,18 @@ def ace_merge(
     check_parameter(name, "tau", tau, low=0.0)
     check_parameter(name, "k_frac", k_frac, low=0.0, high=1.0)
     check_parameter(name, "scale", scale)
-    streamed = check_strategy(strategy, name) == EXPERT_STREAMED
+    strategy = check_strategy(strategy, name, ACE_STRATEGIES)
+    args = (base, experts, epsilon, tau, k_frac, scale, name, ids, compute_dtype, row_chunk, strategy)
+    W, diag = run_with_fallback(lambda mt, check: _ace(*args, mt, check=check), matmul_dtype, compute_dtype, name)
+    return (W, diag) if return_diagnostics else W
+
+
+def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, strategy, mt, check):
+    """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
+    streamed = strategy == EXPERT_STREAMED
+    keep_F = strategy != ROW_RECOMPUTED
     T = len(experts)
     d_out, d_in = base.shape
-    dt = compute_dtype
-    mt = matmul_dtype or dt
     dev = base.device
     tv = TaskVectors(base, experts, mt, row_chunk)
 
@@ -236,8 +330,12 @@ def ace_merge(
     k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
 
     # Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t, w.
-    S_sum = torch.zeros(d_in, d_in, dtype=dt, device=dev)
-    w = torch.zeros(d_in, dtype=dt, device=dev)
+    # The d_in x d_in algebra (sums, M, its Cholesky factor) runs in float64, or in float32 while
+    # float32 products are being checked: the factor's backward error (u ||M||) is of the same
+    # order as the float32 Grams', which the estimates cover.
+    sd = mt if check else dt
+    S_sum = torch.zeros(d_in, d_in, dtype=sd, device=dev)
+    w = torch.zeros(d_in, dtype=sd, device=dev)
     S_tilde: List[torch.Tensor] = []
     eps_t: List[float] = []
     s_vals: List[float] = []
@@ -250,7 +348,7 @@ def ace_merge(
         eps_t.append(epsilon / s if het else epsilon)
         s_vals.append(s)
         S_sum += S
-        w += (S @ mus[t].to(mt)).to(dt)
+        w += (S @ mus[t].to(mt)).to(sd)
         if streamed:
             for rows in tv.chunks():
                 tv.add_product(Q[rows], t, rows, S)
@@ -263,106 +361,79 @@ def ace_merge(
     M = S_sum
     M.diagonal().add_(sum(eps_t))
     del S_sum
-    solver = PriorSolver(M, c, name, ridge=sum(eps_t))
+    solver = PriorSolver(M, c, name, ridge=sum(eps_t), solve_dtype=mt, pseudo_inverse_fallback=not check)
+    solve_error = 0.0
+    if check:
+        if solver.singular:
+            raise NeedsFloat64("the covariance sum is singular or not positive definite in float32")
+        kappa = condition_number(M, solver.cholesky_factor)
+        solve_error = solve_error_estimate(kappa, solver.sherman_morrison_amplification())
+        if solve_error > TOLERANCE:
+            raise NeedsFloat64(f"the covariance sum's condition number ~{kappa:.1e} is too large "
+                               f"for float32 products (estimated error {solve_error:.1e})")
     refine = het and k > 0
-    tall = d_out >= d_in
     # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
-    S_bar = ((M / T).to(mt) if mt != dt else M / T) if refine else None
+    S_bar = (M / T).to(mt) if refine else None
 
     def q_rows(rows: slice) -> torch.Tensor:
         """Q[rows] = sum_t D_t[rows] S~_t."""
         if streamed:
             return Q[rows]
-        out = torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev)
+        out = torch.zeros(rows.stop - rows.start, d_in, dtype=acc, device=dev)
         return tv.matmul_accumulate(out, rows, S_tilde)
 
-    def residual(rows: slice, q: torch.Tensor) -> torch.Tensor:
-        """Res[rows] = Q[rows] - (sum_t D_t[rows]) Sbar  (uncentred D_t)."""
-        res = q.clone()
-        res -= tv.weighted_sum(rows, [1.0] * T, mt) @ S_bar
-        return res
+    def F_from(rows: slice, q: torch.Tensor) -> torch.Tensor:
+        """F[rows] = P[rows] + Q[rows] - (sum_t D_t[rows]) Sbar  (uncentred D_t)."""
+        F = q.clone() if streamed else q
+        F -= tv.weighted_sum(rows, [1.0] * T, mt) @ S_bar
+        F += P[rows]
+        return F
 
-    # Step 5 over row blocks: P = N A^{-1}; F = P + Res (stored in Q's place when streamed).
+    # Step 5 over row blocks: P = N A^{-1}; F = P + Res kept for step 6 (in Q's place when streamed,
+    # else in its own buffer in the products' precision), unless it is to be recomputed.
     P = torch.empty(d_out, d_in, dtype=dt, device=dev)
-    F_gram = torch.zeros(d_in, d_in, dtype=mt, device=dev) if refine and tall else None
+    F_all = None
+    if refine and keep_F:
+        F_all = Q if streamed else torch.empty(d_out, d_in, dtype=mt, device=dev)
+    # Row-block accumulators: float64, or float32 when float32 products are being checked (their
+    # rounding is within what the estimates allow for).
+    acc = mt if check else dt
+    w_acc = w.to(acc)
     for rows in tv.chunks():
         q = q_rows(rows)
-        N = q - w
-        N += tv.weighted_sum(rows, eps_t, dt, mus)
+        N = q - w_acc
+        N += tv.weighted_sum(rows, eps_t, acc, mus)
         P[rows] = solver.solve(N)
         del N
-        if refine:
-            F = residual(rows, q)
-            F += P[rows]
-            if streamed:
-                Q[rows] = F
-            if tall:
-                Fm = F.to(mt)
-                F_gram.addmm_(Fm.T, Fm)
-                del Fm
-            del F
+        if F_all is not None:
+            F_all[rows] = F_from(rows, q)
         del q
     del solver, M
-    if streamed:
-        S_bar = None  # F is stored in Q's place; Sbar is no longer needed
+    if keep_F:
+        S_tilde = S_bar = Q = None
 
     sigma_iso = None
+    precision = str(mt).replace("torch.", "")
     if refine:
         # Step 6: P += sigma_iso U_k V_k^T from the top-k pairs of F (eigh of its smaller Gram).
-        def F_rows(rows: slice) -> torch.Tensor:
-            if streamed:
-                return Q[rows]
-            F = residual(rows, q_rows(rows))
-            F += P[rows]  # P[rows] is still unrefined: each block is refined after it is read
-            return F
-
-        sigma_iso = _refine_streamed(
-            P, F_rows, k, d_out, d_in, row_chunk,
-            gram=F_gram.to(dt) if tall else None,
-            F_whole=Q if streamed else None,
-        )
-        F_gram = None
-    Q = S_tilde = None  # release before the final add (the closures above are done)
+        F_rows = (lambda rows: F_all[rows]) if keep_F else (lambda rows: F_from(rows, q_rows(rows)))
+        allowed = TOLERANCE - solve_error if check else None
+        sigma_iso, gram_precision = _refine(P, F_rows, k, mt, row_chunk, allowed)
+        if gram_precision != precision:
+            precision = f"{precision} (float64 Gram of F)"
+    F_all = S_tilde = S_bar = Q = None
 
     # Step 7: W = W0 + scale P (in place on P).
     W = P.mul_(scale)
     W += base
     check_finite_output(W, name, "ACE")
-    if return_diagnostics:
-        diag = ACEDiagnostics(
-            traces=traces,
-            gamma=gamma,
-            heterogeneous=het,
-            eps_over_s=[epsilon / s for s in s_vals],
-            k=k,
-            sigma_iso=sigma_iso,
-        )
-        return W, diag
-    return W
-
-
-def _refine_streamed(P, F_rows, k, d_out, d_in, row_chunk, gram=None, F_whole=None) -> float:
-    """Add sigma_iso U_k V_k^T to P in place, F given block by block. Returns sigma_iso.
-
-    ``gram`` (tall case) is F^T F when the caller already accumulated it; ``F_whole`` (wide case)
-    is F when the caller already holds it."""
-    if d_out >= d_in:
-        # Right singular vectors from F^T F accumulated over row blocks, then U_k V_k^T row by row.
-        if gram is None:
-            gram = torch.zeros(d_in, d_in, dtype=P.dtype, device=P.device)
-            for rows in row_chunks(d_out, row_chunk):
-                F = F_rows(rows)
-                gram.addmm_(F.T, F)
-        sigma, V = top_singular_pairs_gram(gram, k)
-        del gram
-        sigma_iso, inv = _iso_and_inverse(sigma)
-        # F_rows(rows) reads only P[rows], so each block is updated right after it is formed.
-        for rows in row_chunks(d_out, row_chunk):
-            P[rows] += ((F_rows(rows) @ V) * (sigma_iso * inv)) @ V.T  # sigma_iso F V_k S_k^-1 V_k^T
-        return sigma_iso
-    # Wide matrix: d_out < d_in, F is no larger than one d_in x d_in proxy; work on it whole.
-    F = F_whole if F_whole is not None else torch.cat([F_rows(rows) for rows in row_chunks(d_out, row_chunk)])
-    sigma, U = top_singular_pairs_gram(F @ F.T, k)
-    sigma_iso, inv = _iso_and_inverse(sigma)
-    P += sigma_iso * U @ ((U.T @ F) * inv[:, None])
-    return sigma_iso
+    diag = ACEDiagnostics(
+        traces=traces,
+        gamma=gamma,
+        heterogeneous=het,
+        eps_over_s=[epsilon / s for s in s_vals],
+        k=k,
+        sigma_iso=sigma_iso,
+        precision=precision,
+    )
+    return W, diag

@@ -16,11 +16,14 @@ input covariance by the task vector's Gram matrix :math:`C_t \approx D_t^T D_t` 
 The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutoff
 :math:`\lambda_i > \mathrm{rcond}\cdot\lambda_{max}`, ``rcond`` defaulting to ``PINV_RTOL`` = 1e-10
 (float64 Gram noise is ~1e-13 relative; directions below the cutoff count as outside A's range).
+Where every eigenvalue clears the cutoff by a margin (A is invertible, :math:`A^+ = A^{-1}`) a
+Cholesky solve gives the same result for a fraction of the cost (:func:`range_solver`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Hashable, List, Optional, Sequence
 
 import torch
@@ -36,6 +39,15 @@ from mergekit_ace.rules.common import (
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
+)
+from mergekit_ace.rules.precision import (
+    TOLERANCE,
+    NeedsFloat64,
+    cholesky_right_solve,
+    extreme_eigenvalues,
+    AUTO,
+    run_with_fallback,
+    solve_error_estimate,
 )
 
 DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None)
@@ -65,6 +77,19 @@ class SymmetricPseudoInverse:
         keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
         return cls(Q=evecs[:, keep], inv_eigvals=1.0 / evals[keep], rank=int(keep.sum()))
 
+    @classmethod
+    def of_gram(cls, X: torch.Tensor, K: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
+        r"""The same for :math:`A = X^TX` from the small Gram :math:`K = XX^T` (rows of X fewer than
+        its columns): :math:`Au = \lambda u` with :math:`u = X^Tv/\sqrt\lambda` for each eigenpair
+        :math:`Kv = \lambda v`, so only K is decomposed; same cutoff."""
+        evals, evecs = torch.linalg.eigh(K)
+        if rcond is None:
+            rcond = PINV_RTOL
+        top = float(evals.max()) if evals.numel() else 0.0
+        keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+        lam = evals[keep]
+        return cls(Q=(X.T @ evecs[:, keep]) / lam.sqrt(), inv_eigvals=1.0 / lam, rank=int(keep.sum()))
+
     def apply(self, N: torch.Tensor) -> torch.Tensor:
         r""":math:`N A^+` for a block of rows."""
         return ((N @ self.Q) * self.inv_eigvals) @ self.Q.T
@@ -75,10 +100,49 @@ class SymmetricPseudoInverse:
 
 
 @dataclass
+class CholeskySolve:
+    r""":math:`N A^{-1}` for an SPD A through its Cholesky factor (``solve_dtype`` for the triangular
+    solves); :math:`AA^{-1} = I`, so :meth:`project` is the identity."""
+
+    factor: torch.Tensor
+    rank: int
+
+    def apply(self, N: torch.Tensor) -> torch.Tensor:
+        return cholesky_right_solve(N.to(self.factor.dtype), self.factor)
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        return W
+
+
+#: Cholesky is used only when the smallest eigenvalue clears the pseudo-inverse cutoff by this
+#: factor (the estimate of lambda_min errs high; see precision.extreme_eigenvalues).
+CHOLESKY_MARGIN = 1e3
+
+
+def range_solver(A: torch.Tensor, rcond: Optional[float] = None, solve_dtype: Optional[torch.dtype] = None,
+                 require_invertible: bool = False):
+    r"""``(solver, kappa)`` for :math:`N \mapsto NA^+`: a :class:`CholeskySolve` when A is clearly
+    invertible at the cutoff (estimated :math:`\lambda_{min} > 10^3\,\mathrm{rcond}\,\lambda_{max}`),
+    else the :class:`SymmetricPseudoInverse` (kappa = inf), or :class:`NeedsFloat64` with
+    ``require_invertible`` (before the costly eigendecomposition)."""
+    rcond = PINV_RTOL if rcond is None else rcond
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        lam_min, lam_max = extreme_eigenvalues(A, L, dtype=torch.float64)
+        if lam_min > CHOLESKY_MARGIN * rcond * lam_max > 0:
+            return CholeskySolve(L.to(solve_dtype or A.dtype), A.shape[0]), lam_max / lam_min
+    if require_invertible:
+        raise NeedsFloat64("sum_t C_t is singular")
+    return SymmetricPseudoInverse.of(A, rcond), math.inf
+
+
+@dataclass
 class ACTMatDiagnostics:
     traces: List[float]
     rank: int
     d_in: int
+    #: precision of the Gram and numerator products ("float32" or "float64")
+    precision: str = "float64"
 
 
 def actmat_merge(
@@ -94,7 +158,7 @@ def actmat_merge(
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
-    matmul_dtype: Optional[torch.dtype] = None,
+    matmul_dtype=None,
 ):
     r"""Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
 
@@ -104,22 +168,33 @@ def actmat_merge(
     Memory, not the result, depends on ``row_chunk`` and ``strategy``: ``"row_chunked"`` keeps the T
     Gram matrices :math:`C_t` and forms the numerator :math:`N = \sum_t D_t C_t` one row block at a
     time (tall matrices); ``"expert_streamed"`` keeps one :math:`C_t` at a time and accumulates N
-    full-size (wide matrices). ``matmul_dtype`` (default ``compute_dtype``) is the precision of the
-    Gram and numerator products; the sums, the eigendecomposition and the solve use
-    ``compute_dtype``. Without a ridge, A's small eigenvalues are only as accurate as those
-    products: keep float64 unless A is known to be well conditioned.
+    full-size (wide matrices). ``matmul_dtype`` is the precision of the Gram and numerator
+    products: ``None`` = ``compute_dtype``; ``"auto"`` = float32 when A is invertible and well
+    conditioned enough (estimated, :mod:`mergekit_ace.rules.precision`), float64 otherwise. The sums
+    and the factorisation use ``compute_dtype``. Without a ridge, A's small eigenvalues are only as
+    accurate as those products, so a singular or ill-conditioned A always gets float64 products.
     """
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="ACTMat")
     check_parameter(name, "scale", scale)
     if rcond is not None:
         check_parameter(name, "rcond", rcond, low=0.0, high=1.0)
     streamed = check_strategy(strategy, name) == EXPERT_STREAMED
+    if len(experts) * base.shape[0] <= base.shape[1] and matmul_dtype == AUTO:
+        matmul_dtype = None  # rank(A) <= T d_out <= d_in: A is singular or nearly so, float64 it is
+    args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, streamed)
+    W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check), matmul_dtype, compute_dtype,
+                                name)
+    return (W, diag) if return_diagnostics else W
+
+
+def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, streamed, mt, check):
+    """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
     T = len(experts)
     d_out, d_in = base.shape
-    dt = compute_dtype
-    mt = matmul_dtype or dt
     dev = base.device
     tv = TaskVectors(base, experts, mt, row_chunk)
+    if T * d_out <= d_in:
+        return _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt)
 
     # A = sum_t C_t, C_t = D_t^T D_t, expert by expert; C_t kept (row_chunked) or folded into N.
     covs: List[torch.Tensor] = []
@@ -137,17 +212,27 @@ def actmat_merge(
         else:
             covs.append(C)
     check_nonzero_task_vectors(traces, name, ids)
-    pinv = SymmetricPseudoInverse.of(A, rcond)
+    pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check)
     del A
+    if check:
+        error = solve_error_estimate(kappa)
+        if error > TOLERANCE:
+            raise NeedsFloat64(f"sum_t C_t is singular or ill-conditioned (condition number ~{kappa:.1e}; "
+                               f"estimated error {error:.1e} from float32 products)")
 
     # W = W0 (or W0 A A^+) + scale N A^+, one row block at a time (in N's place when streamed).
+    # Tall weights with the C_t kept (d_out > T d_in): N A^+ = sum_t D_t (C_t A^+), solving for the
+    # T d_in x d_in blocks G_t = C_t A^+ once instead of for every row of N.
+    per_expert = not streamed and d_out > T * d_in
+    if per_expert:
+        covs = [pinv.apply(C).to(mt) for C in covs]
     W = N if streamed else torch.empty(d_out, d_in, dtype=dt, device=dev)
     for rows in tv.chunks():
         if streamed:
             num = N[rows]
         else:
             num = tv.matmul_accumulate(torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev), rows, covs)
-        update = pinv.apply(num)
+        update = num if per_expert else pinv.apply(num).to(dt)
         del num
         update *= scale
         update += base[rows] if keep_base else pinv.project(base[rows].to(dt))
@@ -155,9 +240,35 @@ def actmat_merge(
         del update
     del covs
     check_finite_output(W, name, "ACTMat")
-    if return_diagnostics:
-        return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in)
-    return W
+    return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in, precision=str(mt).replace("torch.", ""))
+
+
+def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt):
+    r"""ACTMat for a weight with :math:`T d_{out} \le d_{in}` (A is singular, or nearly so when
+    equal): everything in the space of the stacked task vectors :math:`X = [D_1; ...; D_T]`
+    (T d_out x d_in), whose Gram :math:`K = XX^T` is no larger than A. :math:`A^+` from K (:meth:`SymmetricPseudoInverse.of_gram`), and
+    :math:`D_tC_t = (D_tD_t^T)D_t` with :math:`D_tD_t^T` the t-th diagonal block of K. Same result
+    as the d_in x d_in route; (d_in / T d_out)^3 less eigendecomposition work, and d_out/d_in of
+    the numerator's."""
+    T = len(tv)
+    d_out, d_in = base.shape
+    whole = slice(0, d_out)
+    X = torch.cat([tv.block(t, whole).to(dt) for t in range(T)])
+    traces = [float(X[t * d_out:(t + 1) * d_out].square().sum()) for t in range(T)]
+    check_nonzero_task_vectors(traces, name, ids)
+    K = X @ X.T
+    pinv = SymmetricPseudoInverse.of_gram(X, K, rcond)
+    N = torch.zeros(d_out, d_in, dtype=dt, device=base.device)
+    for t in range(T):
+        rows = slice(t * d_out, (t + 1) * d_out)
+        N.addmm_(K[rows, rows], X[rows])
+    del X, K
+    W = pinv.apply(N)
+    del N
+    W *= scale
+    W += base if keep_base else pinv.project(base.to(dt))
+    check_finite_output(W, name, "ACTMat")
+    return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in, precision=str(dt).replace("torch.", ""))
 
 
 def covariance_alignment(deltas: Sequence[torch.Tensor]) -> torch.Tensor:

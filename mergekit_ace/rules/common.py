@@ -56,7 +56,7 @@ def check_inputs(
                 f"{where}: shape mismatch: model {label} has {tuple(tensor.shape)}, "
                 f"base has {tuple(base.shape)}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not is_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise MergeInputError(
                 f"{where}: model {label} has {bad} non-finite value(s) (NaN or Inf); "
@@ -64,8 +64,17 @@ def check_inputs(
             )
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. ``aminmax`` propagates NaN and shows infinities, and is
+    ~30x faster than ``isfinite(...).all()`` on bfloat16 CPU tensors (measured)."""
+    if tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite_output(result: torch.Tensor, name: Optional[str], rule: str) -> torch.Tensor:
-    if not bool(torch.isfinite(result).all()):
+    if not is_finite(result):
         raise MergeInputError(
             f"{describe(name)}: the {rule} rule produced non-finite values; the inputs are "
             "numerically degenerate for this weight (check the experts' updates and epsilon)"
@@ -132,6 +141,39 @@ def row_chunks(n_rows: int, chunk: Optional[int]):
         yield slice(start, min(n_rows, start + step))
 
 
+def _gram_edges(n: int):
+    """Column blocks for :func:`add_gram_`: none below 512 columns, 256 up to 2048, else 512 wide
+    (measured fastest here for 1B-7B widths)."""
+    if n < 512:
+        return [0, n]
+    width = 256 if n <= 2048 else 512
+    return list(range(0, n, width)) + [n]
+
+
+def add_gram_(gram: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    r"""``gram += X^T X`` computing only the upper block triangle (the Gram is symmetric): ~40% fewer
+    flops than ``X.T @ X`` for wide X. The strictly-lower blocks are left for
+    :func:`symmetrize_gram_`, to be called once after the last block."""
+    edges = _gram_edges(X.shape[1])
+    for i in range(len(edges) - 1):
+        a = slice(edges[i], edges[i + 1])
+        for j in range(i, len(edges) - 1):
+            b = slice(edges[j], edges[j + 1])
+            gram[a, b].addmm_(X[:, a].T, X[:, b])
+    return gram
+
+
+def symmetrize_gram_(gram: torch.Tensor) -> torch.Tensor:
+    """Fill the strictly-lower blocks of a Gram accumulated by :func:`add_gram_` from the upper ones."""
+    edges = _gram_edges(gram.shape[0])
+    for i in range(len(edges) - 1):
+        a = slice(edges[i], edges[i + 1])
+        for j in range(i + 1, len(edges) - 1):
+            b = slice(edges[j], edges[j + 1])
+            gram[b, a] = gram[a, b].T
+    return gram
+
+
 def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk: Optional[int] = None):
     r"""Stream :math:`D^T D` and the column sums of D over row blocks, ``block_fn(rows) -> D[rows]``
     (D is never materialised whole). Returns ``(gram, col_sum)``."""
@@ -139,10 +181,10 @@ def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk
     col_sum = torch.zeros(n_cols, dtype=dtype, device=device)
     for rows in row_chunks(n_rows, row_chunk):
         block = block_fn(rows)
-        gram.addmm_(block.T, block)
+        add_gram_(gram, block)
         col_sum += block.sum(dim=0)
         del block
-    return gram, col_sum
+    return symmetrize_gram_(gram), col_sum
 
 
 # --------------------------------------------------------------------------- streaming helpers
@@ -153,11 +195,16 @@ ROW_CHUNKED = "row_chunked"
 #: ~ d_out d_in + 2 d_in^2; best for wide matrices such as down_proj, where T d_in^2 > d_out d_in).
 EXPERT_STREAMED = "expert_streamed"
 STRATEGIES = (ROW_CHUNKED, EXPERT_STREAMED)
+#: ACE only: row blocks as ``row_chunked``, but F = P + Res is not kept for the refinement; it is
+#: recomputed block by block ((T+1) more products, one d_out x d_in buffer less: the least memory
+#: for tall matrices).
+ROW_RECOMPUTED = "row_recomputed"
+ACE_STRATEGIES = STRATEGIES + (ROW_RECOMPUTED,)
 
 
-def check_strategy(strategy: str, name: Optional[str]) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{describe(name)}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+def check_strategy(strategy: str, name: Optional[str], allowed: Sequence[str] = STRATEGIES) -> str:
+    if strategy not in allowed:
+        raise ValueError(f"{describe(name)}: unknown strategy {strategy!r}; expected one of {tuple(allowed)}")
     return strategy
 
 
@@ -211,9 +258,9 @@ class TaskVectors:
             D = self.block(t, rows)
             if mu is not None:
                 D -= mu
-            gram.addmm_(D.T, D)
+            add_gram_(gram, D)
             del D
-        return gram
+        return symmetrize_gram_(gram)
 
     def weighted_sum(self, rows: slice, weights: Sequence[float], dtype: torch.dtype,
                      mus: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
@@ -232,6 +279,8 @@ class TaskVectors:
     def add_product(self, out: torch.Tensor, t: int, rows: slice, mat: torch.Tensor) -> torch.Tensor:
         """``out += D_t[rows] @ mat`` (the product in ``dtype``, accumulated in out's dtype)."""
         D = self.block(t, rows)
+        if out.dtype == D.dtype == mat.dtype:
+            return out.addmm_(D, mat)
         prod = D @ mat
         del D
         out += prod

@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = [  # rule, strategy, d_out, d_in, row_chunk, tau (ACE: 0.3 heterogeneous for these inputs)
     ("ace", "row_chunked", 4096, 384, 512, 0.3),
     ("ace", "expert_streamed", 4096, 384, 512, 0.3),
+    ("ace", "row_recomputed", 4096, 384, 512, 0.3),
     ("ace", "row_chunked", 384, 1536, None, 0.3),
     ("ace", "expert_streamed", 384, 1536, None, 0.3),
     ("actmat", "row_chunked", 4096, 384, 512, None),
-    ("actmat", "expert_streamed", 384, 1536, None, None),
+    ("actmat", "expert_streamed", 384, 1536, None, None),  # 3 x 384 < 1536: the small-Gram route
+    ("actmat", "expert_streamed", 768, 1536, None, None),
 ]
 
 SCRIPT = textwrap.dedent("""
@@ -37,6 +39,7 @@ SCRIPT = textwrap.dedent("""
             W0, experts = make_experts(shape, 3, [1.0, 0.01, 0.3], seed=0)
             ace_merge(W0, experts, strategy=s, row_chunk=16)
             actmat_merge(W0, experts, strategy=s, row_chunk=16)
+            ace_merge(W0, experts, strategy="row_recomputed", row_chunk=16)
     out = []
     for rule, strategy, m, n, chunk, tau in json.loads(sys.argv[1]):
         W0, experts = make_experts((m, n), 3, [1.0, 0.01, 0.3], seed=0)

@@ -33,25 +33,32 @@ def test_every_strategy_the_planner_picks_gives_the_same_result(rule, shape):
     picked = set()
     for budget in budgets:
         seen, injector = _recorder()
-        out = execute_rule(rule, RULES[rule], W0, experts, budget=budget, fault_injector=injector)
+        out = execute_rule(rule, RULES[rule], W0, experts, budget=budget, fault_injector=injector,
+                           matmul_dtype=torch.float64)
         (plan, _), = seen
         assert plan.estimate.peak_bytes <= budget
         picked.add((plan.strategy, plan.row_chunk))
         torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
-    # Small budgets drive the planner through row chunks, and for tall weights through both
-    # strategies (wide ones: expert-streamed is both smaller and cheaper).
+    # Small budgets drive the planner through row chunks, and for tall ACE weights through all
+    # three strategies (wide ones: expert-streamed is both smaller and cheaper). Tall ACTMat weights
+    # (d_out > T d_in) keep the C_t: solving for C_t A^+ once is cheaper than N A^+ row by row.
     if shape[0] > shape[1]:
         assert any(chunk is not None for _, chunk in picked)
-        assert {s for s, _ in picked} == {"row_chunked", "expert_streamed"}
+        expected = {"row_chunked", "expert_streamed", "row_recomputed"} if rule == "ace" else {"row_chunked"}
+        assert {s for s, _ in picked} == expected
 
 
 def test_planner_prefers_expert_streamed_for_wide_and_row_chunks_for_tall():
     # Wide: the 3 float64 proxies (96 MiB) on top of M, L, Sbar (96 MiB) do not fit 160 MiB.
     wide = choose_plan("ace", 256, 2048, 3, 160 * 2**20)
     assert wide.fits and wide.strategy == "expert_streamed"
-    # Tall: Q and P (62.5 MiB each) do not fit 100 MiB; the proxies are 1.5 MiB.
+    # Tall: P with Q or with a kept F (62.5 MiB each) does not fit 100 MiB; the proxies are 1.5 MiB,
+    # so F is recomputed block by block.
     tall = choose_plan("ace", 32000, 256, 3, 100 * 2**20)
-    assert tall.fits and tall.strategy == "row_chunked" and tall.row_chunk is not None
+    assert tall.fits and tall.strategy == "row_recomputed" and tall.row_chunk is not None
+    # With room for F, it is kept (fewer products).
+    roomy = choose_plan("ace", 32000, 256, 3, 400 * 2**20)
+    assert roomy.fits and roomy.strategy != "row_recomputed"
 
 
 def test_injected_out_of_memory_retries_smaller_with_the_same_result():
@@ -64,7 +71,8 @@ def test_injected_out_of_memory_retries_smaller_with_the_same_result():
         if len(seen) <= 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    out = execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector)
+    out = execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector,
+                       matmul_dtype=torch.float64)
     torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
     assert len(seen) == 3
     assert seen[1].estimate.peak_bytes <= seen[0].estimate.peak_bytes / 2
@@ -78,7 +86,8 @@ def test_other_errors_are_not_swallowed():
         raise RuntimeError("something else")
 
     with pytest.raises(RuntimeError, match="something else"):
-        execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector)
+        execute_rule("ace", ace_merge, W0, experts, budget=1e9, fault_injector=injector,
+                     matmul_dtype=torch.float64)
 
 
 def test_out_of_memory_everywhere_falls_back_to_cpu_once_logged(monkeypatch, caplog):
@@ -106,7 +115,8 @@ def test_out_of_memory_everywhere_falls_back_to_cpu_once_logged(monkeypatch, cap
         for rule in ("ace", "actmat"):
             injector.fallback_phase = False
             reference = RULES[rule](W0, experts)
-            out = execute_rule(rule, RULES[rule], W0, experts, budget=1e9, fault_injector=injector)
+            out = execute_rule(rule, RULES[rule], W0, experts, budget=1e9, fault_injector=injector,
+                               matmul_dtype=torch.float64)
             torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "CPU" in r.getMessage()]
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "on the CPU" in r.getMessage()]
@@ -119,7 +129,8 @@ def test_nothing_fits_goes_straight_to_the_cpu(monkeypatch):
     monkeypatch.setattr(executor, "_on_accelerator", lambda device: True)
     W0, experts = make_experts((128, 32), 2, [1.0, 0.1], seed=11)
     seen, injector = _recorder()
-    out = execute_rule("actmat", actmat_merge, W0, experts, budget=1, fault_injector=injector)
+    out = execute_rule("actmat", actmat_merge, W0, experts, budget=1, fault_injector=injector,
+                       matmul_dtype=torch.float64)
     torch.testing.assert_close(out, actmat_merge(W0, experts), rtol=1e-10, atol=1e-12)
     assert len(seen) == 1  # no doomed on-device attempt
 

@@ -1,0 +1,182 @@
+r"""Which precision the O(d_out d_in^2) products may use, decided from the conditioning.
+
+The rules' results are float64. Their matrix products (Gram matrices, :math:`D_t\tilde S_t`,
+:math:`D_t C_t`, the Gram of F) are 2x cheaper in float32 on a CPU (and 30-60x on consumer GPUs),
+but a float32 product carries a relative error of about :math:`u = 2^{-24}` that the rest of the
+rule can amplify:
+
+* the solve with :math:`M` (ACE, :math:`M=\sum_t R_t`) or :math:`A=\sum_t C_t` (ACTMat) by up to
+  its condition number :math:`\kappa`; measured on 128-2048 wide synthetic layers, the error of
+  float32 Grams and products stays below :math:`u\max(\kappa, 10\sqrt\kappa)`;
+* ACE's refinement through the top-k singular subspace of F: a perturbation :math:`E` of the
+  Gram :math:`F^TF` turns that subspace by about :math:`\|E\|/(\lambda_k-\lambda_{k+1})`
+  (Davis-Kahan), and only the pairs at the boundary mix, so the result moves by about
+  :math:`\sqrt{2/k}\,\|E\|/(\lambda_k-\lambda_{k+1})` relative. :math:`\|E\| \approx u\lambda_1`
+  for a float32 Gram, :math:`\approx 2u\sigma_1\sigma_k` for a float64 Gram of a float32 F.
+
+``matmul_dtype="auto"`` (the executor's default) runs the products -- and, in ACE, the
+d_in x d_in sums and the Cholesky factor, whose backward error is of the same order -- in float32
+and checks these estimates as soon as the quantities they need exist (:math:`\kappa` right after
+the Gram matrices, the gap right after the eigendecomposition); if their sum exceeds
+:data:`TOLERANCE`, the weight is recomputed in float64. Both are documented in ``docs/execution.md``; the estimates
+were checked against a float64 reference in ``tests/test_precision.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Tuple, TypeVar
+
+import torch
+
+LOG = logging.getLogger(__name__)
+R = TypeVar("R")
+
+#: Unit roundoff of float32.
+UNIT_ROUNDOFF_FLOAT32 = 2.0 ** -24
+#: Largest estimated relative error (on the merged task vector) accepted from float32 products:
+#: a third of the 1e-4 the float64 path is held to (the estimates track measured errors within ~3x).
+TOLERANCE = 3e-5
+#: The value of ``matmul_dtype`` that asks for the decision described above.
+AUTO = "auto"
+
+
+class NeedsFloat64(Exception):
+    """Raised inside a rule when float32 products are estimated to be too inaccurate for a weight;
+    the rule catches it and recomputes that weight with float64 products."""
+
+
+def resolve_matmul_dtype(matmul_dtype, compute_dtype: torch.dtype) -> Tuple[torch.dtype, bool]:
+    """``(dtype of the first attempt, whether to check it)`` for a rule's ``matmul_dtype`` argument:
+    ``"auto"`` -> float32 with checks (only when computing in float64), ``None`` -> compute dtype."""
+    if isinstance(matmul_dtype, str):
+        if matmul_dtype != AUTO:
+            dtype = getattr(torch, matmul_dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"matmul_dtype must be 'auto', 'float32' or 'float64', got {matmul_dtype!r}")
+            return dtype, False
+        if compute_dtype == torch.float64:
+            return torch.float32, True
+        return compute_dtype, False
+    return (matmul_dtype or compute_dtype), False
+
+
+def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, compute_dtype: torch.dtype,
+                      name: Optional[str] = None) -> R:
+    """``rule(products dtype, check)``: with ``"auto"``, first ``(float32, True)``, and on
+    :class:`NeedsFloat64` once more ``(compute_dtype, False)``; otherwise the dtype asked for."""
+    dtype, checked = resolve_matmul_dtype(matmul_dtype, compute_dtype)
+    if not checked:
+        return rule(dtype, False)
+    try:
+        return rule(dtype, True)
+    except NeedsFloat64 as why:
+        LOG.debug("%s: %s; recomputing with float64 products", repr(name) if name else "<unnamed tensor>", why)
+        return rule(compute_dtype, False)
+
+
+def extreme_eigenvalues(
+    M: torch.Tensor, cholesky_factor: torch.Tensor, iterations: int = 20, probes: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[float, float]:
+    r"""Estimates of :math:`(\lambda_{min}, \lambda_{max})` of an SPD matrix M, by block power
+    iteration on M and on :math:`M^{-1}` (through its Cholesky factor) with a Rayleigh-Ritz step,
+    in ``dtype``: float32 is enough to estimate condition numbers up to ~1e6 (far above any that
+    float32 products are accepted for); rank decisions at a 1e-10 cutoff need float64.
+
+    Costs about ``3 * iterations * probes * n^2`` multiply-adds. The estimates err towards a
+    smaller condition number (:math:`\hat\lambda_{max} \le \lambda_{max}`,
+    :math:`\hat\lambda_{min} \ge \lambda_{min}`), by little after 20 iterations from random starts."""
+    n = M.shape[0]
+    p = min(probes, n)
+    Mf, Lf = M.to(dtype), cholesky_factor.to(dtype)
+    g = torch.Generator(device=M.device).manual_seed(0)
+    X = torch.randn(n, p, dtype=dtype, device=M.device, generator=g)
+    Y = X.clone()
+    for _ in range(iterations):
+        X = torch.linalg.qr(Mf @ X).Q
+        Y = torch.linalg.qr(cholesky_solve(Y, Lf)).Q
+    lam_max = float(torch.linalg.eigvalsh((X.T @ Mf @ X).double()).max())
+    lam_min = float(torch.linalg.eigvalsh((Y.T @ Mf @ Y).double()).min())
+    return lam_min, lam_max
+
+
+def cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    r""":math:`M^{-1}B` with :math:`M = LL^T` (two triangular solves; faster than
+    ``torch.cholesky_solve`` for few right-hand sides)."""
+    return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
+def cholesky_right_solve(N: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    r""":math:`NM^{-1}` with :math:`M = LL^T`, for a block of rows N (two triangular solves from
+    the right: :math:`ZL^T = N`, then :math:`XL = Z`)."""
+    Z = torch.linalg.solve_triangular(L.T, N, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+
+
+def solve_error_estimate(kappa: float, amplification: float = 1.0) -> float:
+    r"""Relative error of a solve whose right-hand side and matrix come from float32 products:
+    :math:`u \max(\kappa, 10\sqrt\kappa)` times any further ``amplification`` (Sherman-Morrison)."""
+    if not math.isfinite(kappa) or kappa <= 0:
+        return math.inf
+    return UNIT_ROUNDOFF_FLOAT32 * max(kappa, 10.0 * math.sqrt(kappa)) * amplification
+
+
+def subspace_error_estimate(eigenvalues: torch.Tensor, k: int, gram_in_float32: bool) -> float:
+    r"""Relative error that a perturbed Gram of F causes in :math:`\sigma_{iso}U_kV_k^T`:
+    :math:`\sqrt{2/k}\,\|E\| / (\lambda_k - \lambda_{k+1})` with ``eigenvalues`` the top ones of the
+    Gram, largest first (``k + 1`` of them, or ``k`` when k is the whole spectrum) and
+    :math:`\|E\| = u\lambda_1` (float32 Gram) or :math:`2u\sigma_1\sigma_k` (float64 Gram of a
+    float32 F)."""
+    if k <= 0:
+        return 0.0
+    lam = eigenvalues.double().clamp_min(0)
+    lam1, lamk = float(lam[0]), float(lam[k - 1])
+    following = float(lam[k]) if lam.numel() > k else 0.0
+    gap = lamk - following
+    if gap <= 0 or lam1 <= 0:
+        return math.inf
+    perturbation = UNIT_ROUNDOFF_FLOAT32 * (lam1 if gram_in_float32 else 2.0 * math.sqrt(lam1 * lamk))
+    return math.sqrt(2.0 / k) * perturbation / gap
+
+
+def top_eigenpairs(gram: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The ``count`` largest eigenvalues (descending) and their eigenvectors of a symmetric matrix.
+
+    On the CPU only those pairs are computed (LAPACK ``syevr`` through SciPy: tridiagonalisation,
+    then MRRR for the wanted pairs and their back-transformation), about half the time of a full
+    ``eigh``; elsewhere ``torch.linalg.eigh``."""
+    n = gram.shape[0]
+    count = max(0, min(count, n))
+    if gram.device.type == "cpu" and 0 < count < n:
+        values, vectors = _scipy_top_eigenpairs(gram, count)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values[n - count:], vectors[:, n - count:]
+    return values.flip(0), vectors.flip(1)
+
+
+def _scipy_top_eigenpairs(gram: torch.Tensor, count: int):
+    import scipy.linalg
+
+    n = gram.shape[0]
+    with _blas_threads(torch.get_num_threads()):
+        values, vectors = scipy.linalg.eigh(
+            gram.numpy(), subset_by_index=[n - count, n - 1], driver="evr", check_finite=False
+        )
+    return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+def _blas_threads(n: int):
+    """Limit SciPy's BLAS/LAPACK threads to torch's, so that ``torch.set_num_threads`` governs the
+    whole rule (threadpoolctl)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def condition_number(M: torch.Tensor, cholesky_factor: torch.Tensor) -> float:
+    r""":math:`\hat\kappa(M) = \hat\lambda_{max}/\hat\lambda_{min}` from :func:`extreme_eigenvalues`."""
+    lam_min, lam_max = extreme_eigenvalues(M, cholesky_factor)
+    return lam_max / lam_min if lam_min > 0 else math.inf

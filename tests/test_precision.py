@@ -1,0 +1,210 @@
+"""The "auto" precision of the products (rules/precision.py): float32 where the estimates allow it,
+float64 otherwise, and 1e-4 of the float64 reference either way; and the exact pieces it relies on
+(extreme-eigenvalue estimates, the top-k eigensolver, the symmetric Gram, ACTMat's Cholesky path)."""
+
+import math
+
+import pytest
+import torch
+
+from mergekit_ace.rules import actmat as actmat_rule
+from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.actmat import CholeskySolve, SymmetricPseudoInverse, actmat_merge, range_solver
+from mergekit_ace.rules.common import add_gram_, symmetrize_gram_
+from mergekit_ace.rules.precision import (
+    TOLERANCE,
+    UNIT_ROUNDOFF_FLOAT32,
+    extreme_eigenvalues,
+    resolve_matmul_dtype,
+    solve_error_estimate,
+    subspace_error_estimate,
+    top_eigenpairs,
+)
+from tests.reference import ace_reference, actmat_reference, rel_err
+
+
+def bf16_experts(shape, scales=(1.0, 0.1, 0.5), std=1e-3, spectrum=None, rank=None, seed=0):
+    """A bf16 base and experts as fine-tuned checkpoints store them: W0 ~ N(0, 0.02^2), updates of
+    relative size ``scales``; full rank, ``rank``-limited, or with singular values ~ i^-spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    W0 = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16)
+    experts = []
+    for s in scales:
+        if rank is not None:
+            d = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / math.sqrt(rank)
+        else:
+            d = torch.randn(m, n, generator=g)
+        if spectrum is not None:
+            U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            S = torch.arange(1, S.numel() + 1, dtype=torch.float32) ** -spectrum
+            d = U @ torch.diag(S) @ Vh
+            d = d / d.std()
+        experts.append((W0.float() + d * std * s).to(torch.bfloat16))
+    return W0, experts
+
+
+WELL_CONDITIONED = [(384, 256), (256, 256), (96, 512)]
+
+
+@pytest.mark.parametrize("shape", WELL_CONDITIONED)
+@pytest.mark.parametrize("tau", [0.3, 1e9])
+def test_ace_auto_uses_float32_where_conditioning_allows_and_keeps_1e4(shape, tau):
+    W0, experts = bf16_experts(shape)
+    ref, het = ace_reference(W0, experts, tau=tau)
+    out, diag = ace_merge(W0, experts, tau=tau, matmul_dtype="auto", return_diagnostics=True)
+    assert diag.precision.startswith("float32") and diag.heterogeneous == het
+    err = rel_err(out, ref, W0)
+    assert 1e-12 < err < 1e-4  # float32 products really ran, and stayed within the target
+
+
+@pytest.mark.parametrize("shape", [(384, 256), (256, 256), (1024, 96)])  # 1024 > 3 x 96: per-expert solve
+def test_actmat_auto_uses_float32_for_a_well_conditioned_sum(shape):
+    W0, experts = bf16_experts(shape)
+    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+    assert diag.precision == "float32"
+    assert 1e-12 < rel_err(out, actmat_reference(W0, experts), W0) < 1e-4
+
+
+ILL_CONDITIONED = [
+    dict(rank=16),  # low-rank updates (+ bf16 rounding noise): tiny gap at the k-th singular value
+    dict(spectrum=1.0),  # singular values ~ 1/i, as fine-tuning updates tend to have
+    dict(std=0.1, scales=(1.0, 0.01, 0.3)),  # large updates, 100x norm spread
+]
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (96, 512), (512, 128), (1024, 96)])
+@pytest.mark.parametrize("case", ILL_CONDITIONED, ids=["rank16", "spectrum", "large"])
+def test_auto_holds_1e4_on_ill_conditioned_weights(shape, case):
+    """Where float32 products would miss 1e-4, "auto" notices and recomputes in float64."""
+    W0, experts = bf16_experts(shape, **case)
+    for tau in (0.3, 1e9):
+        ref, _ = ace_reference(W0, experts, tau=tau)
+        out, diag = ace_merge(W0, experts, tau=tau, matmul_dtype="auto", return_diagnostics=True)
+        assert rel_err(out, ref, W0) < 1e-4, (tau, diag.precision)
+    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+    assert rel_err(out, actmat_reference(W0, experts), W0) < 1e-4, diag.precision
+
+
+def test_auto_falls_back_where_unchecked_float32_fails():
+    """The cases that make unchecked float32 products miss 1e-4 are exactly where auto chooses
+    float64 (and then matches the reference to float64 accuracy)."""
+    W0, experts = bf16_experts((512, 512), rank=16)
+    ref, het = ace_reference(W0, experts)
+    assert het
+    assert rel_err(ace_merge(W0, experts, matmul_dtype=torch.float32), ref, W0) > 1e-4
+    out, diag = ace_merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+    assert diag.precision == "float64" and rel_err(out, ref, W0) < 1e-9
+    ref = actmat_reference(W0, experts)
+    assert rel_err(actmat_merge(W0, experts, matmul_dtype=torch.float32), ref, W0) > 1e-4
+    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+    assert diag.precision == "float64" and rel_err(out, ref, W0) < 1e-9
+
+
+def test_singular_actmat_sum_skips_float32_before_any_eigendecomposition(monkeypatch):
+    """A rank-deficient sum_t C_t is detected from the Cholesky factor; the pseudo-inverse's
+    eigendecomposition then runs once, in the float64 pass."""
+    calls = []
+    original = SymmetricPseudoInverse.of.__func__
+
+    def counting(cls, A, rcond=None):
+        calls.append(A.dtype)
+        return original(cls, A, rcond)
+
+    monkeypatch.setattr(SymmetricPseudoInverse, "of", classmethod(counting))
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    experts = [W0 + torch.randn(200, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 64, generator=g,
+                                                                                         dtype=torch.float64)
+               for _ in range(3)]  # rank(A) = 12 < 64
+    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+    assert diag.precision == "float64" and diag.rank == 12 and calls == [torch.float64]
+    assert rel_err(out, actmat_reference(W0, experts), W0) < 1e-9
+
+
+def test_wide_actmat_is_known_singular_and_goes_straight_to_float64(monkeypatch):
+    """T d_out <= d_in: A cannot be well conditioned, so not even the float32 Grams are computed."""
+    seen = []
+    original = actmat_rule._actmat
+
+    def spy(*args, check):
+        seen.append(args[-1])
+        return original(*args, check=check)
+
+    monkeypatch.setattr(actmat_rule, "_actmat", spy)
+    W0, experts = bf16_experts((32, 256))
+    out = actmat_merge(W0, experts, matmul_dtype="auto")
+    assert seen == [torch.float64]
+    assert rel_err(out, actmat_reference(W0, experts), W0) < 1e-9
+
+
+def test_range_solver_uses_cholesky_when_invertible_with_the_pseudo_inverses_result():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, 80, generator=g, dtype=torch.float64)
+    A = X.T @ X
+    N = torch.randn(7, 80, generator=g, dtype=torch.float64)
+    solver, kappa = range_solver(A)
+    assert isinstance(solver, CholeskySolve) and 1 < kappa < 1e3
+    torch.testing.assert_close(solver.apply(N), SymmetricPseudoInverse.of(A).apply(N), rtol=1e-10, atol=1e-12)
+    singular = X[:, :20].T @ X[:, :20]
+    singular = torch.block_diag(singular, torch.zeros(5, 5, dtype=torch.float64))
+    solver, kappa = range_solver(singular)
+    assert isinstance(solver, SymmetricPseudoInverse) and solver.rank == 20 and kappa == math.inf
+
+
+def test_extreme_eigenvalue_estimates():
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(-4, 1, 300, dtype=torch.float64)
+    M = Q @ torch.diag(spectrum) @ Q.T
+    lam_min, lam_max = extreme_eigenvalues(M, torch.linalg.cholesky(M))
+    assert lam_max == pytest.approx(10.0, rel=0.02)
+    assert lam_min == pytest.approx(1e-4, rel=0.1)
+    assert lam_min >= 1e-4 * (1 - 1e-3) and lam_max <= 10.0 * (1 + 1e-3)  # they err towards smaller kappa
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_eigenpairs_equal_a_full_eigendecomposition(dtype):
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(500, 400, generator=g, dtype=torch.float64)
+    G = (X.T @ X).to(dtype)
+    values, vectors = top_eigenpairs(G, 37)
+    full_values, full_vectors = torch.linalg.eigh(G.double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(values.double(), full_values.flip(0)[:37], rtol=tol, atol=0)
+    overlap = (vectors.double().T @ full_vectors.flip(1)[:, :37]).abs()
+    torch.testing.assert_close(overlap.diagonal(), torch.ones(37, dtype=torch.float64), rtol=0, atol=100 * tol)
+    assert top_eigenpairs(G, 400)[0].shape == (400,)  # the whole spectrum
+
+
+@pytest.mark.parametrize("n", [100, 700, 2100])
+def test_symmetric_gram_equals_full_product(n):
+    g = torch.Generator().manual_seed(7)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    blocks = [torch.randn(rows, n, generator=g, dtype=torch.float64) for rows in (13, 50)]
+    for X in blocks:
+        add_gram_(gram, X)
+    symmetrize_gram_(gram)
+    X = torch.cat(blocks)
+    torch.testing.assert_close(gram, X.T @ X, rtol=1e-12, atol=1e-10)
+
+
+def test_error_estimates():
+    u = UNIT_ROUNDOFF_FLOAT32
+    assert solve_error_estimate(4.0) == pytest.approx(20 * u)  # 10 sqrt(kappa) dominates
+    assert solve_error_estimate(1e4, amplification=2.0) == pytest.approx(2e4 * u)
+    assert solve_error_estimate(math.inf) == math.inf
+    lam = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    assert subspace_error_estimate(lam, 2, gram_in_float32=True) == pytest.approx(1.0 * u * 4.0 / 1.0)
+    assert subspace_error_estimate(lam, 2, gram_in_float32=False) == pytest.approx(1.0 * 2 * u * 2 * 2.0 ** 0.5)
+    assert subspace_error_estimate(torch.tensor([1.0, 1.0]), 1, True) == math.inf  # no gap
+    assert TOLERANCE < 1e-4
+
+
+def test_resolve_matmul_dtype():
+    assert resolve_matmul_dtype("auto", torch.float64) == (torch.float32, True)
+    assert resolve_matmul_dtype("auto", torch.float32) == (torch.float32, False)
+    assert resolve_matmul_dtype(None, torch.float64) == (torch.float64, False)
+    assert resolve_matmul_dtype("float32", torch.float64) == (torch.float32, False)
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        resolve_matmul_dtype("float16x", torch.float64)
