@@ -31,26 +31,26 @@ import torch
 from mergekit_ace.rules.common import (
     ACE_STRATEGIES,
     EXPERT_STREAMED,
-    ROW_RECOMPUTED,
+    PINV_RTOL,
     ROW_CHUNKED,
+    ROW_RECOMPUTED,
     TINY,
     TaskVectors,
     add_gram_,
-    check_strategy,
-    symmetrize_gram_,
-    PINV_RTOL,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
+    check_strategy,
+    cholesky_right_solve,
+    cholesky_solve,
     describe,
     row_chunks,
+    symmetrize_gram_,
 )
 from mergekit_ace.rules.precision import (
     TOLERANCE,
     NeedsFloat64,
-    cholesky_right_solve,
-    cholesky_solve,
     condition_number,
     run_with_fallback,
     solve_error_estimate,
@@ -330,12 +330,13 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
     k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
 
     # Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t, w.
-    # The d_in x d_in algebra (sums, M, its Cholesky factor) runs in float64, or in float32 while
-    # float32 products are being checked: the factor's backward error (u ||M||) is of the same
-    # order as the float32 Grams', which the estimates cover.
-    sd = mt if check else dt
-    S_sum = torch.zeros(d_in, d_in, dtype=sd, device=dev)
-    w = torch.zeros(d_in, dtype=sd, device=dev)
+    # The d_in x d_in algebra (sums, M, its Cholesky factor) and the row-block accumulators run in
+    # float64, or in float32 while float32 products are being checked: their rounding (the
+    # factor's backward error u ||M||) is of the order of the float32 Grams', which the estimates
+    # cover.
+    wd = mt if check else dt
+    S_sum = torch.zeros(d_in, d_in, dtype=wd, device=dev)
+    w = torch.zeros(d_in, dtype=wd, device=dev)
     S_tilde: List[torch.Tensor] = []
     eps_t: List[float] = []
     s_vals: List[float] = []
@@ -348,10 +349,9 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
         eps_t.append(epsilon / s if het else epsilon)
         s_vals.append(s)
         S_sum += S
-        w += (S @ mus[t].to(mt)).to(sd)
+        w += (S @ mus[t].to(mt)).to(wd)
         if streamed:
-            for rows in tv.chunks():
-                tv.add_product(Q[rows], t, rows, S)
+            tv.add_products(Q, t, S)
             del S
         else:
             S_tilde.append(S)
@@ -379,7 +379,7 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
         """Q[rows] = sum_t D_t[rows] S~_t."""
         if streamed:
             return Q[rows]
-        out = torch.zeros(rows.stop - rows.start, d_in, dtype=acc, device=dev)
+        out = torch.zeros(rows.stop - rows.start, d_in, dtype=wd, device=dev)
         return tv.matmul_accumulate(out, rows, S_tilde)
 
     def F_from(rows: slice, q: torch.Tensor) -> torch.Tensor:
@@ -395,14 +395,10 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
     F_all = None
     if refine and keep_F:
         F_all = Q if streamed else torch.empty(d_out, d_in, dtype=mt, device=dev)
-    # Row-block accumulators: float64, or float32 when float32 products are being checked (their
-    # rounding is within what the estimates allow for).
-    acc = mt if check else dt
-    w_acc = w.to(acc)
     for rows in tv.chunks():
         q = q_rows(rows)
-        N = q - w_acc
-        N += tv.weighted_sum(rows, eps_t, acc, mus)
+        N = q - w
+        N += tv.weighted_sum(rows, eps_t, wd, mus)
         P[rows] = solver.solve(N)
         del N
         if F_all is not None:

@@ -33,17 +33,17 @@ from mergekit_ace.rules.common import (
     PINV_RTOL,
     ROW_CHUNKED,
     TaskVectors,
-    check_strategy,
     accumulate_gram,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
+    check_strategy,
+    cholesky_right_solve,
 )
 from mergekit_ace.rules.precision import (
     TOLERANCE,
     NeedsFloat64,
-    cholesky_right_solve,
     extreme_eigenvalues,
     AUTO,
     run_with_fallback,
@@ -59,6 +59,13 @@ def task_covariance(delta: torch.Tensor, row_chunk: Optional[int] = None) -> tor
     return accumulate_gram(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)[0]
 
 
+def _above_cutoff(evals: torch.Tensor, rcond: Optional[float]) -> torch.Tensor:
+    r"""Mask of the eigenvalues kept by the pseudo-inverse: :math:`\lambda_i > \mathrm{rcond}\,\lambda_{max}`."""
+    rcond = PINV_RTOL if rcond is None else rcond
+    top = float(evals.max()) if evals.numel() else 0.0
+    return evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+
+
 @dataclass
 class SymmetricPseudoInverse:
     r""":math:`A^+ = Q_r \Lambda_r^{-1} Q_r^T` from ``eigh(A)``, keeping
@@ -71,10 +78,7 @@ class SymmetricPseudoInverse:
     @classmethod
     def of(cls, A: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
         evals, evecs = torch.linalg.eigh(A)
-        if rcond is None:
-            rcond = PINV_RTOL
-        top = float(evals.max()) if evals.numel() else 0.0
-        keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+        keep = _above_cutoff(evals, rcond)
         return cls(Q=evecs[:, keep], inv_eigvals=1.0 / evals[keep], rank=int(keep.sum()))
 
     @classmethod
@@ -83,10 +87,7 @@ class SymmetricPseudoInverse:
         its columns): :math:`Au = \lambda u` with :math:`u = X^Tv/\sqrt\lambda` for each eigenpair
         :math:`Kv = \lambda v`, so only K is decomposed; same cutoff."""
         evals, evecs = torch.linalg.eigh(K)
-        if rcond is None:
-            rcond = PINV_RTOL
-        top = float(evals.max()) if evals.numel() else 0.0
-        keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+        keep = _above_cutoff(evals, rcond)
         lam = evals[keep]
         return cls(Q=(X.T @ evecs[:, keep]) / lam.sqrt(), inv_eigvals=1.0 / lam, rank=int(keep.sum()))
 
@@ -206,8 +207,7 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         traces.append(float(torch.trace(C)))
         A += C
         if streamed:
-            for rows in tv.chunks():
-                tv.add_product(N[rows], t, rows, C)
+            tv.add_products(N, t, C)
             del C
         else:
             covs.append(C)

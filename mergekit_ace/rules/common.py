@@ -141,6 +141,19 @@ def row_chunks(n_rows: int, chunk: Optional[int]):
         yield slice(start, min(n_rows, start + step))
 
 
+def cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    r""":math:`M^{-1}B` with :math:`M = LL^T` (two triangular solves; faster than
+    ``torch.cholesky_solve`` for few right-hand sides)."""
+    return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
+def cholesky_right_solve(N: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    r""":math:`NM^{-1}` with :math:`M = LL^T`, for a block of rows N (two triangular solves from
+    the right: :math:`ZL^T = N`, then :math:`XL = Z`)."""
+    Z = torch.linalg.solve_triangular(L.T, N, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
+
+
 def _gram_edges(n: int):
     """Column blocks for :func:`add_gram_`: none below 512 columns, 256 up to 2048, else 512 wide
     (measured fastest here for 1B-7B widths)."""
@@ -279,11 +292,17 @@ class TaskVectors:
     def add_product(self, out: torch.Tensor, t: int, rows: slice, mat: torch.Tensor) -> torch.Tensor:
         """``out += D_t[rows] @ mat`` (the product in ``dtype``, accumulated in out's dtype)."""
         D = self.block(t, rows)
-        if out.dtype == D.dtype == mat.dtype:
+        if out.dtype == D.dtype == mat.dtype:  # accumulate in place, no temporary
             return out.addmm_(D, mat)
         prod = D @ mat
         del D
         out += prod
+        return out
+
+    def add_products(self, out: torch.Tensor, t: int, mat: torch.Tensor) -> torch.Tensor:
+        """``out += D_t @ mat`` for the whole weight (out is d_out x d_in), one row block at a time."""
+        for rows in self.chunks():
+            self.add_product(out[rows], t, rows, mat)
         return out
 
     def matmul_accumulate(self, out: torch.Tensor, rows: slice, mats: Sequence[torch.Tensor]) -> torch.Tensor:

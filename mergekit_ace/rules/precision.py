@@ -30,6 +30,8 @@ from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 
+from mergekit_ace.rules.common import cholesky_solve, describe
+
 LOG = logging.getLogger(__name__)
 R = TypeVar("R")
 
@@ -72,7 +74,7 @@ def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, comp
     try:
         return rule(dtype, True)
     except NeedsFloat64 as why:
-        LOG.debug("%s: %s; recomputing with float64 products", repr(name) if name else "<unnamed tensor>", why)
+        LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
         return rule(compute_dtype, False)
 
 
@@ -100,19 +102,6 @@ def extreme_eigenvalues(
     lam_max = float(torch.linalg.eigvalsh((X.T @ Mf @ X).double()).max())
     lam_min = float(torch.linalg.eigvalsh((Y.T @ Mf @ Y).double()).min())
     return lam_min, lam_max
-
-
-def cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    r""":math:`M^{-1}B` with :math:`M = LL^T` (two triangular solves; faster than
-    ``torch.cholesky_solve`` for few right-hand sides)."""
-    return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
-
-
-def cholesky_right_solve(N: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    r""":math:`NM^{-1}` with :math:`M = LL^T`, for a block of rows N (two triangular solves from
-    the right: :math:`ZL^T = N`, then :math:`XL = Z`)."""
-    Z = torch.linalg.solve_triangular(L.T, N, upper=True, left=False)
-    return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
 
 
 def solve_error_estimate(kappa: float, amplification: float = 1.0) -> float:
