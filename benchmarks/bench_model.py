@@ -1,73 +1,238 @@
-"""Whole synthetic model merged through ``mergekit-yaml`` with ace, actmat, ties and
-task_arithmetic on the same inputs; wall time of each ``mergekit-yaml`` process and its ratio to
-ties. The model is a randomly initialised Llama (toymodels) with three perturbed experts whose
-update norms differ (1 : 0.1 : 0.5 x 1e-3). Needs the package installed in the environment
-(``pip install --no-deps --force-reinstall .``) so that mergekit-yaml knows ace/actmat.
+"""Whole models at the mission's size merged through plain ``mergekit-yaml``: ace, actmat, ties and
+task_arithmetic on the same synthetic checkpoints (exact Llama-3.2-3B / OLMo-3-7B tensor names,
+shapes and configs; ``mergekit_ace/synthetic.py``), one ``mergekit-yaml`` process per method.
 
-    python benchmarks/bench_model.py                      # hidden 512, 4 layers (a few minutes here)
-    python benchmarks/bench_model.py --hidden 1024 --intermediate 2816 --layers 8 --vocab 32000
+    python benchmarks/bench_model.py --shape llama-3.2-3b                 # all 28 layers, CPU
+    python benchmarks/bench_model.py --shape llama-3.2-3b --layers 2      # full-size layers, quick
+    python benchmarks/bench_model.py --shape olmo-3-7b --cuda --json r.json
+    MERGEKIT_ACE_MEMORY_BUDGET=2GiB python benchmarks/bench_model.py --shape olmo-3-7b --cuda --methods ace
+    python benchmarks/bench_model.py --shape olmo-3-7b --layers 1 --cuda --verify   # CUDA == CPU?
+
+Per method: wall time of the process, its phases (loading, this package's rule, writing, the rest;
+``benchmarks/merge_probe.py``), peak RSS and peak anonymous RSS, on CUDA the peak GPU memory
+allocated, OOM retries, CPU fallbacks and float64 recomputations, and ``mergekit-ace plan``'s
+estimate next to it (rule seconds from a throughput measured when the plan runs; the largest weight's
+memory need). ``--verify`` merges ace and actmat with float32 output on the chosen device and on
+the CPU and prints the relative difference of the merged task vectors.
+
+Checkpoints are written once into ``--workdir`` (reused while their parameters match:
+base + T experts, each 6.4 GB for the 3B shape and 14.6 GB for the 7B one); each merge goes to
+``--out-root`` and is deleted after it is measured (``--keep`` keeps them). Needs the package
+installed (``pip install .``: mergekit-yaml must know ace and actmat).
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import torch
 
-def build(root: Path, hidden, intermediate, layers, vocab):
-    from mergekit_ace import toymodels
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
-    tok = toymodels.train_tokenizer()
-    cfg = toymodels.tiny_config("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                num_layers=layers, num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 256))
-    base = toymodels.make_model(cfg, seed=0)
-    paths = [toymodels.save_pretrained(base, tok, root / "base", dtype="bfloat16")]
-    for i, s in enumerate((1e-3, 1e-4, 5e-4), start=1):
-        paths.append(toymodels.save_pretrained(toymodels.perturbed_copy(base, seed=i, scale=s), tok,
-                                               root / f"expert{i}", dtype="bfloat16"))
-    return paths
+from mergekit_ace import synthetic  # noqa: E402
+
+METHODS = ("ties", "task_arithmetic", "ace", "actmat")
+RULES = ("ace", "actmat")
+GIB = 2 ** 30
 
 
-def config(method, paths):
-    params = {"ties": "      weight: 1.0\n      density: 0.5\n", "task_arithmetic": "      weight: 0.3333\n"}
+def merge_config(method: str, paths, dtype: str = "bfloat16") -> str:
+    experts = paths[1:]
+    params = {"ties": "      weight: 1.0\n      density: 0.5\n",
+              "task_arithmetic": f"      weight: {1.0 / len(experts):.6f}\n"}
     models = "".join(f"  - model: {p}\n" + (f"    parameters:\n{params[method]}" if method in params else "")
-                     for p in paths[1:])
-    return f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: bfloat16\n"
+                     for p in experts)
+    return f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: {dtype}\n"
+
+
+def run_probe(config: Path, out: Path, record: Path, cuda: bool, env) -> dict:
+    cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out)]
+    if cuda:
+        cmd.append("--cuda")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:  # interrupted: stop the merge; its probe still writes a partial record
+        proc.terminate()
+        proc.communicate()
+        raise
+    if not record.exists():
+        sys.stderr.write(stderr[-5000:])
+        raise SystemExit(f"merge probe produced no record for {config.name} (exit {proc.returncode})")
+    result = json.loads(record.read_text())
+    if not result["ok"]:
+        sys.stderr.write(stderr[-5000:])
+    result["stderr_tail"] = stderr[-2000:]
+    return result
+
+
+def plan_estimate(config: Path, env) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "mergekit_ace.cli", "plan", str(config), "--json"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-500:]}
+    summary = json.loads(proc.stdout)["summary"]
+    return {"seconds": summary["seconds"], "worst_weight": summary["worst_weight"],
+            "worst_weight_bytes": summary["worst_weight_bytes"], "matmul_flops": summary["matmul_flops"],
+            "eigh_flops": summary["eigh_flops"], "planned_for": summary["planned_for"]}
+
+
+def compare_outputs(a: Path, b: Path, base: Path) -> dict:
+    """Relative difference of two merges' task vectors: ||A - B|| / ||B - W_0|| over all 2-D weights
+    (Frobenius, summed), and the largest per-weight value."""
+    from safetensors import safe_open
+
+    def tensors(d: Path):
+        handles = {}
+        index = d / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+                 else [p.name for p in d.glob("*.safetensors")])
+        for f in files:
+            h = safe_open(str(d / f), "pt")
+            for k in h.keys():
+                handles[k] = h
+        return handles
+
+    ha, hb, h0 = tensors(a), tensors(b), tensors(base)
+    num = den = 0.0
+    worst, worst_name = 0.0, None
+    for name, h in hb.items():
+        x = h.get_tensor(name).double()
+        if x.ndim != 2 or name not in h0:
+            continue
+        y = ha[name].get_tensor(name).double()
+        w0 = h0[name].get_tensor(name).double()
+        d2, t2 = float((y - x).square().sum()), float((x - w0).square().sum())
+        num, den = num + d2, den + t2
+        if t2 > 0 and (d2 / t2) ** 0.5 > worst:
+            worst, worst_name = (d2 / t2) ** 0.5, name
+    return {"relative_difference": (num / den) ** 0.5 if den else float("nan"),
+            "worst_weight": worst_name, "worst_relative_difference": worst}
+
+
+def fmt_gib(b):
+    return "" if b is None else f"{b / GIB:.2f}"
+
+
+def table(rows, cuda: bool) -> str:
+    ties = next((r["wall_s"] for r in rows if r["method"] == "ties" and r["ok"]), None)
+    head = ["method", "wall s", "x ties", "load s", "rule s", "write s", "other s", "peak RSS GiB",
+            "peak anon GiB"] + (["GPU peak GiB"] if cuda else []) + [
+            "OOM retries", "CPU fallbacks", "fp64 redo", "plan rule s", "plan largest GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        plan = r.get("plan") or {}
+        secs = plan.get("seconds") or {}
+        key = next((k for k in secs if ("cpu" not in k) == cuda), None)
+        cells = [r["method"] + ("" if r["ok"] else " (FAILED)"), f"{r['wall_s']:.1f}",
+                 f"{r['wall_s'] / ties:.2f}" if ties else "", f"{r['load_s']:.1f}", f"{r['rule_s']:.1f}",
+                 f"{r['write_s']:.1f}", f"{r['other_s']:.1f}", fmt_gib(r["peak_rss_bytes"]),
+                 fmt_gib(r["peak_anon_rss_bytes"])]
+        if cuda:
+            cells.append(fmt_gib(r.get("cuda_max_allocated_bytes")))
+        cells += [str(r["oom_retries"]), str(r["cpu_fallbacks"]), str(r["float64_recomputes"]),
+                  f"{secs[key]:.0f}" if key else "", fmt_gib(plan.get("worst_weight_bytes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--methods", nargs="*", default=["ties", "task_arithmetic", "ace", "actmat"])
+    p.add_argument("--shape", choices=sorted(synthetic.FAMILIES), default="llama-3.2-3b")
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (full-size layers)")
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
+    p.add_argument("--gen-device", default=None,
+                   help="where the checkpoints' random numbers are drawn (default: cuda with --cuda, else cpu)")
+    p.add_argument("--workdir", default="bench-work", help="where the checkpoints are written and reused")
+    p.add_argument("--out-root", default=None, help="where merges are written (default: WORKDIR/merges)")
+    p.add_argument("--keep", action="store_true", help="keep the merged models")
+    p.add_argument("--verify", action="store_true",
+                   help="ace/actmat with float32 output on the chosen device and on the CPU; compare")
+    p.add_argument("--no-plan", action="store_true", help="skip mergekit-ace plan's estimate")
+    p.add_argument("--json", default=None, help="write every record to this file")
     args = p.parse_args()
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        paths = build(root, args.hidden, args.intermediate, args.layers, args.vocab)
-        print(f"model: llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} "
-              f"vocab={args.vocab}, 3 experts, bfloat16; torch threads: default")
-        times = {}
+
+    work = Path(args.workdir).resolve()
+    out_root = Path(args.out_root).resolve() if args.out_root else work / "merges"
+    out_root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
+
+    t = time.perf_counter()
+    step = max(1, len(synthetic.tensor_shapes(synthetic.transformers_config(args.shape, args.layers))) // 10)
+    paths = synthetic.write_checkpoints(
+        work / f"{args.shape}-L{args.layers or 'all'}-T{args.experts}-s{args.seed}", args.shape,
+        num_experts=args.experts, num_layers=args.layers, seed=args.seed,
+        device=args.gen_device or ("cuda" if args.cuda else "cpu"),
+        progress=lambda i, n, name: print(f"  checkpoints: {i}/{n} tensors", flush=True) if i % step == 0 else None)
+    gen_s = time.perf_counter() - t
+    cfg = synthetic.transformers_config(args.shape, args.layers)
+    size = synthetic.checkpoint_bytes(args.shape, args.layers)
+    header = (f"shape {args.shape}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate "
+              f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} "
+              f"head; base + {args.experts} experts, bf16, {size / GIB:.2f} GiB each; checkpoints ready in "
+              f"{gen_s:.0f} s; device {'cuda' if args.cuda else 'cpu'}; "
+              f"{os.environ.get('MERGEKIT_ACE_MEMORY_BUDGET', 'default')} budget, "
+              f"{os.environ.get('MERGEKIT_ACE_MATMUL_DTYPE', 'auto')} products; torch {torch.__version__}, "
+              f"{platform.machine()} {os.cpu_count()} CPUs")
+    print(header, flush=True)
+
+    records = []
+    if args.verify:
+        for method in [m for m in args.methods if m in RULES]:
+            outs = {}
+            for dev in (["cuda", "cpu"] if args.cuda else ["cpu"]):
+                conf = out_root / f"{method}-verify.yml"
+                conf.write_text(merge_config(method, paths, dtype="float32"))
+                out = out_root / f"verify-{method}-{dev}"
+                shutil.rmtree(out, ignore_errors=True)
+                r = run_probe(conf, out, out_root / f"{method}-{dev}.json", dev == "cuda", env)
+                if not r["ok"]:
+                    raise SystemExit(f"{method} on {dev} failed: {r['error']}")
+                outs[dev] = out
+                print(f"verify {method} on {dev}: {r['wall_s']:.1f} s", flush=True)
+            if len(outs) == 2:
+                cmp = compare_outputs(outs["cuda"], outs["cpu"], paths[0])
+                print(f"verify {method}: cuda vs cpu relative difference {cmp['relative_difference']:.2e} "
+                      f"(worst weight {cmp['worst_weight']}: {cmp['worst_relative_difference']:.2e})", flush=True)
+                records.append(dict(method=method, verify=cmp))
+            if not args.keep:
+                for out in outs.values():
+                    shutil.rmtree(out, ignore_errors=True)
+    else:
         for method in args.methods:
-            cfg = root / f"{method}.yml"
-            cfg.write_text(config(method, paths))
-            t = time.perf_counter()
-            proc = subprocess.run([str(exe), str(cfg), str(root / f"out-{method}")], capture_output=True,
-                                  text=True, env=env)
-            times[method] = time.perf_counter() - t
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:])
-                raise SystemExit(f"mergekit-yaml failed for {method}")
-        ref = times.get("ties")
-        for method, secs in times.items():
-            print(f"{method:16s} {secs:8.1f} s" + (f"   {secs / ref:6.2f} x ties" if ref else ""))
+            conf = out_root / f"{method}.yml"
+            conf.write_text(merge_config(method, paths))
+            out = out_root / f"out-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_probe(conf, out, out_root / f"{method}.json", args.cuda, env)
+            r["method"] = method
+            if method in RULES and not args.no_plan:
+                r["plan"] = plan_estimate(conf, env)
+            records.append(r)
+            print(f"{method}: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} in {r['wall_s']:.1f} s", flush=True)
+            if args.json:  # after every method, so that an interrupted run keeps what it measured
+                Path(args.json).write_text(json.dumps(dict(header=header, records=records), indent=1))
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        print()
+        print(table(records, args.cuda))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header=header, records=records), indent=1))
+    return 0 if all(r.get("ok", True) for r in records) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -208,3 +208,32 @@ def test_resolve_matmul_dtype():
     assert resolve_matmul_dtype("float32", torch.float64) == (torch.float32, False)
     with pytest.raises(ValueError, match="matmul_dtype"):
         resolve_matmul_dtype("float16x", torch.float64)
+
+
+def test_executor_skips_the_float32_attempt_for_a_kind_that_keeps_needing_float64(monkeypatch):
+    """A model repeats its weight shapes every layer: once AUTO_SKIP_AFTER weights of a kind fell
+    back to float64, the next ones of that kind go straight to float64 (same result, no discarded
+    float32 pass); a kind whose float32 attempt succeeds keeps trying float32."""
+    from mergekit_ace.execution import executor
+
+    monkeypatch.setattr(executor, "_auto_float64_streak", {})
+    tried = []
+    original = executor._execute
+
+    def spy(*args, matmul_dtype, **kw):
+        tried.append(matmul_dtype)
+        return original(*args, matmul_dtype=matmul_dtype, **kw)
+
+    monkeypatch.setattr(executor, "_execute", spy)
+    # Low-rank updates, 100x norm spread (heterogeneous branch): float32 is not enough.
+    W0, experts = bf16_experts((160, 96), rank=8, std=1e-2, scales=(1.0, 0.01, 0.1))
+    ref, _ = ace_reference(W0, experts)
+    outs = [executor.execute_rule("ace", ace_merge, W0, experts, matmul_dtype="auto") for _ in range(4)]
+    assert tried == ["auto", "auto", torch.float64, torch.float64]
+    for out in outs:
+        assert rel_err(out, ref, W0) < 1e-9
+    tried.clear()
+    W1, experts1 = bf16_experts((384, 256))  # well conditioned: float32 accepted every time
+    for _ in range(3):
+        executor.execute_rule("ace", ace_merge, W1, experts1, matmul_dtype="auto")
+    assert tried == ["auto"] * 3

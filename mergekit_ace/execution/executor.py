@@ -26,6 +26,7 @@ import torch
 from mergekit_ace.execution.budget import memory_budget
 from mergekit_ace.execution.memory import Estimate, estimate, format_bytes
 from mergekit_ace.rules.common import ACE_STRATEGIES, STRATEGIES, describe
+from mergekit_ace.rules.precision import float64_recompute_count
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
 _fallback_count = 0
+_retry_count = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,24 @@ def matmul_dtype():
     if name not in MATMUL_DTYPES:
         raise ValueError(f"{MATMUL_DTYPE_ENV} must be one of {', '.join(MATMUL_DTYPES)}, got {name!r}")
     return name if name == "auto" else getattr(torch, name)
+
+
+_tf32_warned = False
+
+
+def float32_products_are_ieee(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` are full float32 (what "auto"'s error estimates
+    assume). ``torch.set_float32_matmul_precision("high")`` (TF32 or bfloat16 passes on recent GPUs
+    and CPUs) gives ~1e-3 relative products instead of ~6e-8; "auto" then uses float64 products."""
+    exact = torch.get_float32_matmul_precision() == "highest"
+    if device.type == "cuda":
+        exact = exact and not torch.backends.cuda.matmul.allow_tf32
+    global _tf32_warned
+    if not exact and not _tf32_warned:
+        _tf32_warned = True
+        LOG.warning("float32 matmul precision is reduced (TF32/bfloat16 passes allowed); %s=auto uses "
+                    "float64 products", MATMUL_DTYPE_ENV)
+    return exact
 
 
 def _bytes_of(dtype) -> int:
@@ -141,6 +161,31 @@ def fallback_count() -> int:
     return _fallback_count
 
 
+def oom_retry_count() -> int:
+    """How many times this process retried a weight with a smaller plan after running out of memory."""
+    return _retry_count
+
+
+def _count_retry() -> None:
+    global _retry_count
+    with _fallback_lock:
+        _retry_count += 1
+
+
+#: "auto" products: after this many consecutive weights of one kind (rule, shape, expert count,
+#: device type, parameters) needed float64, later weights of that kind skip the float32 attempt
+#: (a model's layers repeat the same shapes: 28-32 weights of each kind in a 3B-7B model).
+AUTO_SKIP_AFTER = 2
+_auto_lock = threading.Lock()
+_auto_float64_streak: dict = {}
+
+
+def _auto_kind(rule_kind: str, base: torch.Tensor, n_experts: int, parameters: dict) -> tuple:
+    params = tuple(sorted((k, v) for k, v in parameters.items()
+                          if k not in ("ids", "scale") and isinstance(v, (int, float, str))))
+    return (rule_kind, tuple(base.shape), n_experts, base.device.type, params)
+
+
 def execute_rule(
     rule_kind: str,
     rule: Callable[..., torch.Tensor],
@@ -157,10 +202,47 @@ def execute_rule(
     ``rule_kind`` is ``"ace"`` or ``"actmat"`` (for the estimates). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
+
+    With ``matmul_dtype="auto"`` (the default), a weight whose kind (:data:`AUTO_SKIP_AFTER`) needed
+    float64 products the last times is computed in float64 directly, without a float32 attempt
+    that would be thrown away; float64 is what "auto" would have fallen back to.
     """
+    mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
+    if mdt != "auto":
+        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
+                        fault_injector=fault_injector, matmul_dtype=mdt, **rule_parameters)
+    kind = _auto_kind(rule_kind, base, len(experts), rule_parameters)
+    with _auto_lock:
+        skip = _auto_float64_streak.get(kind, 0) >= AUTO_SKIP_AFTER
+    if skip:
+        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
+                        fault_injector=fault_injector, matmul_dtype=torch.float64, **rule_parameters)
+    before = float64_recompute_count()
+    out = _execute(rule_kind, rule, base, experts, name=name, budget=budget,
+                   fault_injector=fault_injector, matmul_dtype=mdt, **rule_parameters)
+    with _auto_lock:  # another thread's recomputation may be counted here: it only costs speed
+        recomputed = float64_recompute_count() > before
+        _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if recomputed else 0
+    return out
+
+
+def _execute(
+    rule_kind: str,
+    rule: Callable[..., torch.Tensor],
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    name: Optional[str] = None,
+    budget: Optional[float] = None,
+    fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
+    **rule_parameters,
+) -> torch.Tensor:
+    """:func:`execute_rule` with the products' dtype decided (``matmul_dtype`` in rule_parameters)."""
     device = base.device
     d_out, d_in = base.shape
-    mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
+    mdt = rule_parameters.pop("matmul_dtype")
+    if mdt == "auto" and not float32_products_are_ieee(device):
+        mdt = torch.float64
     rule_parameters.setdefault("compute_dtype", COMPUTE_DTYPE)
     kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
               refine=rule_parameters.get("k_frac", 0.3) > 0)
@@ -190,6 +272,8 @@ def execute_rule(
             _free_cache(device)
             failed = plan
             plan = _smaller(plans, failed)
+            if plan is not None:
+                _count_retry()
             LOG.info("%s: out of memory with %s/row_chunk=%s on %s; %s", describe(name), failed.strategy,
                      failed.row_chunk, device, "retrying smaller" if plan else "no smaller plan")
             reason = "out of memory"

@@ -64,7 +64,7 @@ def merge_group(
         )
     else:
         merged = check_finite_output(
-            average_task_vectors(base, experts, scale, COMPUTE_DTYPE), name, rule_name
+            average_task_vectors(base, experts, scale, COMPUTE_DTYPE, out_dtype=out_dtype), name, rule_name
         )
     return merged.to(out_dtype)
 

@@ -109,14 +109,31 @@ def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) ->
 
 
 def average_task_vectors(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], scale: float, dtype: torch.dtype
+    base: torch.Tensor, experts: Sequence[torch.Tensor], scale: float, dtype: torch.dtype,
+    out_dtype: Optional[torch.dtype] = None, block_elements: int = 1 << 22,
 ) -> torch.Tensor:
-    """``W_0 + scale * mean_t D_t`` -- what both rules do for non-2-D weights and embeddings."""
-    acc = torch.zeros(base.shape, dtype=dtype, device=base.device)
-    for expert in experts:
-        acc += task_vector(expert, base, dtype)
-    acc /= len(experts)
-    return base.to(dtype) + scale * acc
+    """``W_0 + scale * mean_t D_t`` -- what both rules do for non-2-D weights and embeddings.
+
+    Computed in ``dtype`` one block of rows (about ``block_elements`` values) at a time and written
+    into a result of ``out_dtype`` (default ``dtype``), so a 128k-row embedding needs its result
+    plus a few blocks, not T + 2 full-size ``dtype`` copies."""
+    out = torch.empty(base.shape, dtype=out_dtype or dtype, device=base.device)
+    if base.ndim == 0:
+        rows_per_block, n_rows = 1, 1
+        views = lambda x: x.reshape(1)  # noqa: E731
+    else:
+        n_rows = base.shape[0]
+        rows_per_block = max(1, block_elements // max(1, base[0].numel()))
+        views = lambda x: x  # noqa: E731
+    flat_out, flat_base, flat_experts = views(out), views(base), [views(e) for e in experts]
+    for rows in row_chunks(n_rows, rows_per_block):
+        acc = torch.zeros(flat_base[rows].shape, dtype=dtype, device=base.device)
+        for expert in flat_experts:
+            acc += task_vector(expert[rows], flat_base[rows], dtype)
+        acc *= scale / len(experts)
+        acc += flat_base[rows].to(dtype)
+        flat_out[rows] = acc
+    return out
 
 
 def check_nonzero_task_vectors(

@@ -44,6 +44,14 @@ TOLERANCE = 3e-5
 AUTO = "auto"
 
 
+_recomputed = 0
+
+
+def float64_recompute_count() -> int:
+    """How many weights this process recomputed with float64 products after a float32 attempt."""
+    return _recomputed
+
+
 class NeedsFloat64(Exception):
     """Raised inside a rule when float32 products are estimated to be too inaccurate for a weight;
     the rule catches it and recomputes that weight with float64 products."""
@@ -74,6 +82,8 @@ def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, comp
     try:
         return rule(dtype, True)
     except NeedsFloat64 as why:
+        global _recomputed
+        _recomputed += 1  # a statistic (benchmarks); an increment race only miscounts it
         LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
         return rule(compute_dtype, False)
 

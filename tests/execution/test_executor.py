@@ -150,3 +150,41 @@ def test_memory_budget_setting(monkeypatch):
         set_memory_budget(None)
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_auto_uses_float64_products_when_float32_matmuls_are_reduced_precision():
+    # torch.set_float32_matmul_precision("high") allows TF32 (CUDA) / bf16 passes (CPU): float32
+    # products then carry ~1e-3 errors, which "auto"'s error estimates do not model.
+    seen = []
+
+    def rule(base, experts, **kw):
+        seen.append(kw["matmul_dtype"])
+        return base.double()
+
+    W0, experts = make_experts((64, 32), 2, [1.0, 0.5], seed=1)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        execute_rule("ace", rule, W0, experts, matmul_dtype="auto")
+        torch.set_float32_matmul_precision("high")
+        assert not executor.float32_products_are_ieee(torch.device("cpu"))
+        execute_rule("ace", rule, W0, experts, matmul_dtype="auto")
+        execute_rule("ace", rule, W0, experts, matmul_dtype=torch.float32)  # asked for: kept
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["auto", torch.float64, torch.float32]
+    assert executor.float32_products_are_ieee(torch.device("cpu"))
+
+
+def test_oom_retries_are_counted():
+    W0, experts = make_experts((256, 32), 2, [1.0, 0.5], seed=2)
+    before = executor.oom_retry_count()
+    failed = []
+
+    def injector(plan, device):
+        if not failed:
+            failed.append(plan)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    execute_rule("actmat", actmat_merge, W0, experts, budget=float("inf"), fault_injector=injector,
+                 matmul_dtype=torch.float64)
+    assert executor.oom_retry_count() == before + 1

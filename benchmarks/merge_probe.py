@@ -1,0 +1,142 @@
+"""Run ``mergekit-yaml`` in this process, as the command would, and record what the merge cost.
+
+    python benchmarks/merge_probe.py RESULT.json -- CONFIG.yml OUT_DIR [mergekit-yaml options]
+
+Writes RESULT.json (also when the merge fails): wall time; time in mergekit's tensor loading
+(``LoadTensor``), in writing (``SaveTensor`` and the final flush) and in this package's rules
+(``execute_rule``, for ace/actmat); the rest ("other": mergekit's own arithmetic for other
+methods, planning, the model card); peak RSS (VmHWM) and the peak of anonymous RSS (sampled every
+0.1 s: the process's own allocations, without the safetensors pages it maps); on CUDA
+``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``; OOM retries, CPU fallbacks and
+float64 recomputations of this package's executor. On CUDA every timed section ends with a
+``torch.cuda.synchronize()`` so that asynchronous work is charged to the section that queued it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class _Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_anon = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak_anon = max(self.peak_anon, _status_kib("RssAnon"))
+            self.stop.wait(0.1)
+
+
+def main(argv):
+    if "--" not in argv or argv.index("--") != 1:
+        raise SystemExit(__doc__)
+    result_path, mk_args = Path(argv[0]), argv[2:]
+    import torch
+
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    times = {"load": 0.0, "write": 0.0, "rule": 0.0}
+    counts = {"load": 0, "write": 0, "rule": 0}
+
+    def timed(section, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                sync()
+                times[section] += time.perf_counter() - start
+                counts[section] += 1
+        return wrapper
+
+    import mergekit.io.tasks as io_tasks
+    import mergekit.merge_methods  # noqa: F401 - registers ace/actmat (the package's import hook)
+    import mergekit_ace
+    import mergekit_ace.methods._shared as shared
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+    from mergekit_ace.execution import executor
+    from mergekit_ace.rules import precision
+
+    mergekit_ace.register_methods()
+    io_tasks.LoadTensor.execute = timed("load", io_tasks.LoadTensor.execute)
+    io_tasks.SaveTensor.execute = timed("write", io_tasks.SaveTensor.execute)
+    io_tasks.FinalizeModel.execute = timed("write", io_tasks.FinalizeModel.execute)
+    per_weight = []
+    rule_fn = timed("rule", shared.execute_rule)
+
+    def rule_with_record(kind, rule, base, experts, **kw):
+        start = time.perf_counter()
+        out = rule_fn(kind, rule, base, experts, **kw)
+        per_weight.append([kw.get("name"), list(base.shape), round(time.perf_counter() - start, 4)])
+        return out
+
+    shared.execute_rule = rule_with_record
+
+    import signal
+
+    def stop(signum, frame):  # a run stopped from outside still leaves its record (ok: false)
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    sampler = _Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    error = None
+    try:
+        mergekit_yaml(mk_args, standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised as the exit status
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    record = {
+        "argv": mk_args,
+        "ok": error is None,
+        "error": error,
+        "wall_s": wall,
+        "load_s": times["load"],
+        "write_s": times["write"],
+        "rule_s": times["rule"],
+        "other_s": wall - times["load"] - times["write"] - times["rule"],
+        "loads": counts["load"],
+        "rule_calls": counts["rule"],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_anon_rss_bytes": sampler.peak_anon * 1024,
+        "oom_retries": executor.oom_retry_count(),
+        "cpu_fallbacks": executor.fallback_count(),
+        "float64_recomputes": precision.float64_recompute_count(),
+        "per_weight": per_weight,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if cuda and torch.cuda.is_initialized():
+        record.update(cuda_device=torch.cuda.get_device_name(),
+                      cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
+                      cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
+    result_path.write_text(json.dumps(record, indent=2))
+    return 0 if error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
