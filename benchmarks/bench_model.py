@@ -156,7 +156,8 @@ def main():
     p.add_argument("--gen-device", default=None,
                    help="where the checkpoints' random numbers are drawn (default: cuda with --cuda, else cpu)")
     p.add_argument("--workdir", default="bench-work", help="where the checkpoints are written and reused")
-    p.add_argument("--out-root", default=None, help="where merges are written (default: WORKDIR/merges)")
+    p.add_argument("--out-root", default=None,
+                   help="where merges and their records are written (default: beside the checkpoints)")
     p.add_argument("--keep", action="store_true", help="keep the merged models")
     p.add_argument("--verify", action="store_true",
                    help="ace/actmat with float32 output on the chosen device and on the CPU; compare")
@@ -165,19 +166,20 @@ def main():
     args = p.parse_args()
 
     work = Path(args.workdir).resolve()
-    out_root = Path(args.out_root).resolve() if args.out_root else work / "merges"
-    out_root.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"{args.shape}-L{args.layers or 'all'}-T{args.experts}-s{args.seed}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
 
     t = time.perf_counter()
     step = max(1, len(synthetic.tensor_shapes(synthetic.transformers_config(args.shape, args.layers))) // 10)
     paths = synthetic.write_checkpoints(
-        work / f"{args.shape}-L{args.layers or 'all'}-T{args.experts}-s{args.seed}", args.shape,
+        ckpt, args.shape,
         num_experts=args.experts, num_layers=args.layers, seed=args.seed,
         device=args.gen_device or ("cuda" if args.cuda else "cpu"),
         progress=lambda i, n, name: print(f"  checkpoints: {i}/{n} tensors", flush=True) if i % step == 0 else None)
     gen_s = time.perf_counter() - t
+    out_root = Path(args.out_root).resolve() if args.out_root else ckpt / "merges"
+    out_root.mkdir(parents=True, exist_ok=True)
     cfg = synthetic.transformers_config(args.shape, args.layers)
     size = synthetic.checkpoint_bytes(args.shape, args.layers)
     header = (f"shape {args.shape}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate "
