@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def fit_requests(lm, requests, model: str, task: str, record: CallRecord) -> Non
 
     context_length = _context_length(lm)
     default = getattr(lm, "max_gen_toks", 256)
-    groups: Dict[str, List[Any]] = {}
-    for req in requests:
-        _, gen_kwargs = req.args
-        groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(req)
-    for reqs in groups.values():
-        gen_kwargs = dict(reqs[0].args[1])
+    groups: Dict[str, Tuple[Dict[str, Any], List[Any]]] = {}
+    for req in requests:  # args: (context, gen_kwargs[, multimodal inputs])
+        gen_kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else {}
+        key = json.dumps(gen_kwargs, sort_keys=True, default=str)
+        groups.setdefault(key, (dict(gen_kwargs), []))[1].append(req)
+    for gen_kwargs, reqs in groups.values():
         requested = int(normalize_gen_kwargs(gen_kwargs, default)["max_gen_toks"])
         effective = dict(gen_kwargs)
         entry: Dict[str, Any] = {"requested_max_gen_toks": requested}
@@ -121,7 +121,7 @@ def fit_requests(lm, requests, model: str, task: str, record: CallRecord) -> Non
                     effective.pop(alias, None)
                 effective["max_gen_toks"] = allowed
                 for req in reqs:
-                    req.arguments = (req.args[0], effective)
+                    req.arguments = (req.args[0], effective, *req.args[2:])
             if longest is not None and longest > context_length - allowed:
                 message = (
                     f"task {task!r}, model {model!r}: the longest prompt has {longest} tokens; "
