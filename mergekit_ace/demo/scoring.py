@@ -56,7 +56,7 @@ def score_models(
 
     tasks = [task_name(s) for s in SKILL_NAMES]
     log("Scoring with mergekit_ace.evaluation.evaluate_models (lm-eval)")
-    return evaluate_models(
+    results = evaluate_models(
         {name: str(path) for name, path in models.items()},
         tasks,
         output_dir,
@@ -68,6 +68,11 @@ def score_models(
         overwrite=True,
         primary_metrics={task_name(s): f"{METRICS[s]},none" for s in SKILL_NAMES},
     )
+    if results["failures"]:  # the demo's tables need every score
+        from mergekit_ace.evaluation.summary import failure_line
+
+        raise RuntimeError("scoring failed: " + "; ".join(failure_line(f) for f in results["failures"]))
+    return results
 
 
 def _plain(metrics: Mapping[str, float]) -> Dict[str, float]:

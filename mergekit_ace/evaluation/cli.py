@@ -4,12 +4,18 @@ Example::
 
     mergekit-ace eval --model base=/m/base --model zh=/m/zh --model ace=/m/merged \\
         --tasks ace-llama --owners owners.yaml --base base --allow-code-execution --output out/
+
+Exit codes: 0 all (model, task) cells scored; 1 some failed (one line each on stderr; the others
+are in the output); 2 bad input; 130/143 interrupted by Ctrl-C/SIGTERM (rerun with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import signal
 import sys
 from typing import Dict, List
 
@@ -68,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="result directory (results.json, report.md, charts, lm-eval logs)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (model, task) results in --output computed with the same "
+                             "settings; compute the rest and the failed ones")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="write lm-eval's per-sample outputs (prompt, response, score) per cell")
     parser.add_argument("--owners", metavar="FILE",
                         help="JSON/YAML file mapping each task to the model that owns it "
                              "(or each model to its tasks); enables the normalised table")
@@ -110,42 +121,78 @@ def _models(pairs: List[tuple]) -> Dict[str, str]:
     return models
 
 
+@contextlib.contextmanager
+def _progress_on_stderr():
+    """The run's own log (cells skipped, scored, failed; generation capped) on stderr."""
+    logger = logging.getLogger("mergekit_ace.evaluation")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mergekit-ace eval: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def run(args: argparse.Namespace) -> int:
-    from mergekit_ace.evaluation.runner import evaluate_models
+    from mergekit_ace.evaluation.runner import Interrupted, evaluate_models
+    from mergekit_ace.evaluation.summary import failure_line
 
     if not args.models:
         raise UserError("no models given: use --model NAME=PATH (once per model)")
     if not args.tasks:
         raise UserError("no tasks given: use --tasks with lm-eval task names or a preset")
     include = args.include_path
-    content = evaluate_models(
-        _models(args.models),
-        args.tasks,
-        args.output,
-        owners=args.owners,
-        base=args.base,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        model_args=args.model_args,
-        data_dir=args.data_dir,
-        include_path=include if include is None or len(include) > 1 else include[0],
-        allow_code_execution=args.allow_code_execution,
-        overwrite=args.overwrite,
-        device=args.device,
-        gen_kwargs=args.gen_kwargs,
-        primary_metrics=dict(args.primary_metric) or None,
-        tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        code_timeout=args.code_timeout,
-        apply_chat_template=args.apply_chat_template,
-        bootstrap_iters=args.bootstrap_iters,
-        seed=args.seed,
-    )
-    if content:  # the main process of a distributed run
-        summary = {
-            m: {t: content["raw"][m][t] for t in content["tasks"]} for m in content["raw"]
-        }
-        print(json.dumps({"output": str(args.output), "scores": summary}, indent=2), file=sys.stdout)
+    try:
+        with _progress_on_stderr():
+            content = evaluate_models(
+                _models(args.models),
+                args.tasks,
+                args.output,
+                owners=args.owners,
+                base=args.base,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size,
+                backend=args.backend,
+                model_args=args.model_args,
+                data_dir=args.data_dir,
+                include_path=include if include is None or len(include) > 1 else include[0],
+                allow_code_execution=args.allow_code_execution,
+                overwrite=args.overwrite,
+                resume=args.resume,
+                device=args.device,
+                gen_kwargs=args.gen_kwargs,
+                primary_metrics=dict(args.primary_metric) or None,
+                tensor_parallel_size=args.tensor_parallel_size,
+                data_parallel_size=args.data_parallel_size,
+                code_timeout=args.code_timeout,
+                apply_chat_template=args.apply_chat_template,
+                bootstrap_iters=args.bootstrap_iters,
+                seed=args.seed,
+                log_samples=args.log_samples,
+            )
+    except Interrupted as interrupt:
+        return 128 + interrupt.signum
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    if not content:  # not the main process of a distributed run
+        return 0
+    summary = {m: {t: content["raw"][m][t] for t in content["tasks"]} for m in content["raw"]}
+    print(json.dumps({"output": str(args.output), "scores": summary,
+                      "failed": [[f["model"], f["task"]] for f in content["failures"]]},
+                     indent=2), file=sys.stdout)
+    if content["failures"]:
+        total = sum(len(row) for row in content["status"].values())
+        print(f"mergekit-ace eval: {len(content['failures'])} of {total} (model, task) cells "
+              f"failed; the other results are in {args.output}; rerun the same command with "
+              "--resume to retry the failed ones:", file=sys.stderr)
+        for failure in content["failures"]:
+            print(f"mergekit-ace eval: failed: {failure_line(failure)}", file=sys.stderr)
+        return 1
     return 0

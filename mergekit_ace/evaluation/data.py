@@ -108,23 +108,33 @@ def local_data_files(data_dir: os.PathLike, path: str, name: Optional[str]) -> D
 
 
 @contextlib.contextmanager
-def redirect_datasets(data_dir: Optional[os.PathLike]):
+def redirect_datasets(data_dir: Optional[os.PathLike], served: Optional[List[Dict[str, Any]]] = None):
     """Within the block, ``datasets.load_dataset(path, name, ...)`` for a Hub data set reads
-    ``data_dir/path/name/<split>.jsonl`` (see the module doc). ``data_dir=None`` changes nothing."""
-    if data_dir is None:
+    ``data_dir/path/name/<split>.jsonl`` (see the module doc). ``data_dir=None`` changes nothing.
+
+    ``served``, when given, gets one entry per call: ``{"dataset", "name", "files"}`` (the local
+    files read) or, for a call not redirected, ``{"dataset", "name", "data_files", "revision"}``.
+    """
+    if data_dir is None and served is None:
         yield
         return
     import datasets
 
-    root = Path(data_dir)
+    root = None if data_dir is None else Path(data_dir)
     original = datasets.load_dataset
 
     def load_dataset(path=None, name=None, *args, **kwargs):
-        if is_local_dataset(path) or args:
+        if root is None or is_local_dataset(path) or args:
+            if served is not None:
+                served.append({"dataset": path, "name": name,
+                               "data_files": kwargs.get("data_files"),
+                               "revision": kwargs.get("revision")})
             return original(path, name, *args, **kwargs)
         files = local_data_files(root, path, name)
         ignored = sorted(k for k, v in kwargs.items() if v is not None)
         log.info("--data-dir: %s/%s read from %s (ignoring %s)", path, name, files, ignored)
+        if served is not None:
+            served.append({"dataset": path, "name": name, "files": sorted(files.values())})
         return original("json", data_files=files)
 
     datasets.load_dataset = load_dataset

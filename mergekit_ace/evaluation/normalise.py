@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from mergekit_ace.evaluation.presets import metric_keys, primary_metric
+from mergekit_ace.evaluation.presets import PRIMARY_METRICS, metric_keys, primary_metric
 
 
 class TableError(ValueError):
@@ -104,14 +104,17 @@ def roles(models: Sequence[str], owners: Optional[Mapping[str, str]], base: Opti
 
 def select_primary(
     scores: Scores, tasks: Sequence[str], overrides: Optional[Mapping[str, str]] = None
-) -> Dict[str, str]:
+) -> Dict[str, Optional[str]]:
     """``{task: metric key}``: the primary metric of each task, found in the first model that
-    reports the task. An override naming a metric the task does not report is an error."""
-    chosen: Dict[str, str] = {}
+    reports the task. An override naming a metric the task does not report is an error. A task
+    no model has a result for (every run of it failed) gets the override or the table's choice
+    (:data:`~.presets.PRIMARY_METRICS`), else None."""
+    chosen: Dict[str, Optional[str]] = {}
     for task in tasks:
         reports = [scores[m][task] for m in scores if task in scores[m]]
         if not reports:
-            raise TableError(f"no model has a result for task {task!r}")
+            chosen[task] = (overrides or {}).get(task) or PRIMARY_METRICS.get(task)
+            continue
         override = (overrides or {}).get(task)
         if override is not None:
             keys = metric_keys(reports[0])
@@ -145,7 +148,11 @@ def build_tables(
     metrics = select_primary(scores, tasks, primary_overrides)
     raw: Dict[str, Dict[str, Optional[float]]] = {
         m: {
-            t: (float(scores[m][t][metrics[t]]) if metrics[t] in scores[m].get(t, {}) else None)
+            t: (
+                float(scores[m][t][metrics[t]])
+                if metrics[t] is not None and metrics[t] in scores[m].get(t, {})
+                else None
+            )
             for t in tasks
         }
         for m in models

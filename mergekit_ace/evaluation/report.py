@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from mergekit_ace.evaluation.store import replacing, write_atomic
+
 ROLE_ORDER = {"base": 0, "expert": 1, "merge": 2}
 
 
@@ -28,6 +30,12 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _cell(tables: Mapping[str, Any], model: str, task: str, text: str) -> str:
+    """``text``, or the cell's status ("failed", "not run") when it has no result."""
+    status = (tables.get("status") or {}).get(model, {}).get(task, "ok")
+    return text if status == "ok" else status
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -41,7 +49,7 @@ def raw_rows(tables: Mapping[str, Any]) -> List[List[str]]:
         cells = [m, tables["roles"][m]]
         for t in tables["tasks"]:
             v = tables["raw"][m][t]
-            cells.append(_fmt(None if v is None else v * 100 if t in scale else v))
+            cells.append(_cell(tables, m, t, _fmt(None if v is None else v * 100 if t in scale else v)))
         avg = tables["averages"][m]["raw"]
         cells.append(_fmt(None if avg is None else avg * 100 if len(scale) == len(tables["tasks"]) else avg))
         rows.append(cells)
@@ -52,7 +60,7 @@ def normalised_rows(tables: Mapping[str, Any]) -> List[List[str]]:
     rows = []
     for m in ordered_models(tables):
         cells = [m, tables["roles"][m]]
-        cells += [_fmt(tables["normalised"][m][t]) for t in tables["tasks"]]
+        cells += [_cell(tables, m, t, _fmt(tables["normalised"][m][t])) for t in tables["tasks"]]
         cells.append(_fmt(tables["averages"][m]["normalised"]))
         rows.append(cells)
     return rows
@@ -63,8 +71,12 @@ def render_markdown(
     config: Optional[Mapping[str, Any]] = None,
     lm_eval_tables: Optional[Mapping[str, str]] = None,
     charts: Sequence[str] = (),
+    failures: Sequence[Mapping[str, Any]] = (),
+    record: Optional[Mapping[str, Any]] = None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """The text of ``report.md``."""
+    """The text of ``report.md``. ``tables["status"]`` (``{model: {task: status}}``), when
+    present, marks cells without a result as "failed" or "not run"; ``failures`` are listed."""
     tasks = tables["tasks"]
     scale = _fraction_tasks(tables)
     parts = ["# Evaluation report", ""]
@@ -92,7 +104,7 @@ def render_markdown(
         + ". The average is the mean over tasks."
     )
     parts.append("")
-    header = ["model", "role"] + [f"{t}<br>`{tables['primary_metrics'][t]}`" for t in tasks] + ["average"]
+    header = ["model", "role"] + [f"{t}<br>`{tables['primary_metrics'][t] or '–'}`" for t in tasks] + ["average"]
     parts.append(markdown_table(header, raw_rows(tables)))
     if tables.get("normalised") is not None:
         owners = tables["owners"]
@@ -105,14 +117,42 @@ def render_markdown(
         parts.append("")
         header = ["model", "role"] + [f"{t}<br>(owner: {owners[t]})" for t in tasks] + ["average"]
         parts.append(markdown_table(header, normalised_rows(tables)))
+    if failures:
+        parts += ["", "## Failed", ""]
+        parts.append("These (model, task) cells failed; the other cells ran. `--resume` retries them.")
+        parts.append("")
+        parts.append(markdown_table(
+            ["model", "task", "stage", "error"],
+            [[f["model"], f["task"], f["stage"], f"{f['type']}: {_one_line(f['message'])}"]
+             for f in failures],
+        ))
+    not_run = [(m, t) for m, row in (tables.get("status") or {}).items()
+               for t, st in row.items() if st == "not run"]
+    if not_run:
+        parts += ["", f"Not run (interrupted): {', '.join(f'{m}/{t}' for m, t in not_run)}; "
+                      "rerun the same command with `--resume` to finish."]
+    if warnings:
+        parts += ["", "## Warnings", ""]
+        parts += [f"- {_one_line(w, 500)}" for w in warnings]
     if charts:
         parts += ["", "## Charts", ""]
         parts += [f"![{Path(c).stem}]({c})" for c in charts]
+    if record:
+        versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items() if v)
+        parts += ["", "## Record", "",
+                  f"Versions: {versions}. Seed {record.get('seed')}. Model identities, the "
+                  "generation settings used per task and model, and the data files read are in "
+                  "`results.json` (`record`)."]
     if lm_eval_tables:
         parts += ["", "## lm-eval results per model (all metrics)", ""]
         for model, table in lm_eval_tables.items():
             parts += [f"### {model}", "", table.strip(), ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def bar_chart(
@@ -157,8 +197,11 @@ def bar_chart(
     ax.legend(fontsize="small", ncol=1, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -167,13 +210,17 @@ def write_report(
     tables: Mapping[str, Any],
     config: Optional[Mapping[str, Any]] = None,
     lm_eval_tables: Optional[Mapping[str, str]] = None,
+    failures: Sequence[Mapping[str, Any]] = (),
+    record: Optional[Mapping[str, Any]] = None,
+    warnings: Sequence[str] = (),
 ) -> Dict[str, Path]:
-    """Write ``report.md``, ``scores_raw.png`` and (with owners) ``scores_normalised.png``."""
+    """Write ``report.md``, ``scores_raw.png`` and (with owners) ``scores_normalised.png``, each
+    through a temporary file and a rename."""
     directory = Path(directory)
     charts = [bar_chart(tables, directory / "scores_raw.png", normalised=False)]
     if tables.get("normalised") is not None:
         charts.append(bar_chart(tables, directory / "scores_normalised.png", normalised=True))
-    text = render_markdown(tables, config, lm_eval_tables, [c.name for c in charts])
-    report = directory / "report.md"
-    report.write_text(text, encoding="utf-8")
+    text = render_markdown(tables, config, lm_eval_tables, [c.name for c in charts], failures,
+                           record, warnings)
+    report = write_atomic(directory / "report.md", text)
     return {"report": report, **{c.stem: c for c in charts}}

@@ -1,39 +1,42 @@
 """Run lm-evaluation-harness on every model and write the tables: :func:`evaluate_models`.
 
-Each model is scored by ``lm_eval.simple_evaluate`` with lm-eval's own ``TaskManager`` (stock task
-YAMLs plus an optional ``include_path``) and its ``EvaluationTracker`` (aggregated results and
-per-sample logs). Three offline adaptations wrap the run, each leaving the stock tasks unchanged:
-``--data-dir`` (:mod:`.data`), HumanEval's ``code_eval`` metric (:mod:`.code_exec`) and NLTK's
-Punkt model for IFEval (:mod:`.nltk_data`).
+The run is a grid of (model, task) *cells*. Each model is loaded once with lm-eval's model
+registry; each of its tasks is then scored by ``lm_eval.simple_evaluate`` with lm-eval's own
+``TaskManager`` (stock task YAMLs plus an optional ``include_path``) and ``EvaluationTracker``
+(lm-eval's results file and, with ``log_samples``, per-sample logs). Three offline adaptations
+wrap the run, each leaving the stock tasks unchanged: ``--data-dir`` (:mod:`.data`), HumanEval's
+``code_eval`` metric (:mod:`.code_exec`) and NLTK's Punkt model for IFEval (:mod:`.nltk_data`).
 
-Output directory (written to a temporary sibling and renamed into place at the end)::
-
-    results.json            scores, tables, config, lm-eval's raw results per model
-    report.md               raw and normalised tables with averages
-    scores_raw.png          grouped bar chart of the raw primary metrics
-    scores_normalised.png   grouped bar chart of the normalised scores (with owners)
-    lm_eval/<model>/        lm-eval's results_<date>.json and samples_<task>_<date>.jsonl
+Each cell is written to the output directory as soon as it finishes (:mod:`.store`), with the
+settings it was computed with (:mod:`.record`), so ``resume`` keeps it; a cell that fails is
+recorded with its error and lm-eval stage (:mod:`.lm_calls`) and the run goes on; generation is
+fitted to each model's context length (:mod:`.lm_calls`). ``results.json``, ``report.md`` and the
+charts are rebuilt from the cells at the end, also when the run fails or is interrupted
+(:mod:`.summary`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import functools
 import gc
-import json
 import logging
-import math
-import os
 import re
-import shutil
-import tempfile
+import signal
+import threading
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from mergekit_ace.cli import UserError
+from mergekit_ace.evaluation import record as records
+from mergekit_ace.evaluation.lm_calls import Stage, observe
 from mergekit_ace.evaluation.presets import expand_tasks, metric_keys
+from mergekit_ace.evaluation.store import RESULTS_FILE, OutputStore
+from mergekit_ace.evaluation.summary import clean_json, failure_line
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,6 @@ TOKENIZER_FILES = (
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # "owner/name" with no local directory of that name: a Hugging Face Hub repository id.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-RESULTS_FILE = "results.json"
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -143,17 +145,6 @@ def check_models(
     return out
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty directory unless ``overwrite``."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        what = "results" if (output_dir / RESULTS_FILE).exists() else "files"
-        raise UserError(
-            f"--output {output_dir} already holds {what}; pass --overwrite to replace it"
-        )
-
-
 @functools.lru_cache(maxsize=8)
 def _task_manager(include_path: Tuple[str, ...], include_defaults: bool = True):
     from lm_eval.tasks import TaskManager
@@ -205,21 +196,6 @@ def task_config(tm, task: str) -> Optional[Dict[str, Any]]:
     return entry.cfg
 
 
-def _clean_json(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python, unknown objects -> str."""
-    from lm_eval.utils import handle_non_serializable
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean_json(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return _clean_json(handle_non_serializable(value))
-
-
 def extract_scores(results: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
     """``{task: {"metric,filter": value}}`` from ``simple_evaluate``'s ``results["results"]``."""
     out: Dict[str, Dict[str, float]] = {}
@@ -228,66 +204,206 @@ def extract_scores(results: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-# --------------------------------------------------------------------------- atomic output
-def replace_directory(staging: Path, target: Path) -> None:
-    """Move the finished ``staging`` directory to ``target``; an old ``target`` is renamed aside
-    first and deleted only once the new one is in place (restored if the move fails)."""
-    backup = None
-    if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        backup.rmdir()
-        os.rename(target, backup)
+def parse_gen_kwargs(gen_kwargs: Union[str, Mapping[str, Any], None]) -> Optional[Dict[str, Any]]:
+    """``--gen-kwargs "k=v,..."`` (lm-eval's syntax and typing) or a dict -> dict (None: none)."""
+    if gen_kwargs is None or gen_kwargs == "":
+        return None
+    if isinstance(gen_kwargs, Mapping):
+        return dict(gen_kwargs)
+    from lm_eval.utils import simple_parse_args_string
+
     try:
-        os.rename(staging, target)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        return dict(simple_parse_args_string(str(gen_kwargs))) or None
+    except Exception as error:
+        raise UserError(f"--gen-kwargs {gen_kwargs!r} is not of the form key=value,key=value: {error}")
 
 
-# --------------------------------------------------------------------------- the run
-def _run_one(
-    name: str,
-    backend: str,
-    model_args: Dict[str, Any],
-    tasks: List[str],
-    tm,
-    logs_dir: Path,
-    options: Dict[str, Any],
-):
-    """``simple_evaluate`` one model; save lm-eval's results and samples; return the results
-    (without samples), or None on a non-main rank (``accelerate launch``)."""
-    import lm_eval
-    from lm_eval.loggers import EvaluationTracker
+# --------------------------------------------------------------------------- interrupts
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
 
-    tracker = EvaluationTracker(output_path=str(logs_dir / name / "results.json"))
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the block (main thread only), SIGTERM raises :class:`Interrupted`, so the run stops
+    the way Ctrl-C stops it: the cell under way is dropped, the finished ones stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        results = lm_eval.simple_evaluate(
-            model=backend,
-            model_args=model_args,
-            tasks=tasks,
-            task_manager=tm,
-            log_samples=True,
-            evaluation_tracker=tracker,
-            **options,
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _environment_collected_once():
+    """lm-eval's ``simple_evaluate`` records torch's environment report (which runs ``pip list``
+    and other commands, ~0.5 s) in every result; within one run it is the same for every cell,
+    so it is collected once and reused."""
+    try:
+        import torch.utils.collect_env as collect_env
+    except Exception:  # pragma: no cover - lm-eval then records the error itself
+        yield
+        return
+    original = collect_env.get_pretty_env_info
+    collect_env.get_pretty_env_info = functools.lru_cache(maxsize=1)(original)
+    try:
+        yield
+    finally:
+        collect_env.get_pretty_env_info = original
+
+
+def _main_process() -> bool:
+    """False on the non-main processes of ``accelerate launch``/``torchrun`` (they only help)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- one model, one cell
+def load_model(backend: str, model_args: Dict[str, Any], options: Mapping[str, Any]):
+    """The lm-eval model object, created as ``simple_evaluate`` creates it from a name."""
+    import lm_eval.api.registry
+
+    try:
+        cls = lm_eval.api.registry.get_model(backend)
+        return cls.create_from_arg_obj(
+            model_args,
+            {"batch_size": options.get("batch_size"), "max_batch_size": None,
+             "device": options.get("device")},
         )
     except ImportError as error:
         if backend == "vllm":
             raise UserError(f"--backend vllm needs vLLM: pip install vllm ({error})") from None
         raise
-    if results is None:
-        return None
-    samples = results.pop("samples", {})
-    tracker.save_results_aggregated(results=dict(results), samples=samples)
-    for task_name in results.get("configs", {}):
-        if task_name in samples:
-            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    results.pop("task_hashes", None)
-    return results
 
 
+def _data_record(served: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The data a cell read (from :func:`.data.redirect_datasets`), with file hashes."""
+    out: List[Dict[str, Any]] = []
+    for entry in served:
+        item: Dict[str, Any] = {"dataset": entry["dataset"], "name": entry["name"]}
+        files = entry.get("files")
+        if files is None and entry.get("data_files") is not None:
+            given = entry["data_files"]
+            given = given.values() if isinstance(given, Mapping) else [given]
+            files = [f for g in given for f in ([g] if isinstance(g, str) else g)]
+        if files is not None:
+            item["files"] = records.data_files_record(files) or [str(f) for f in files]
+        else:
+            item["revision"] = entry.get("revision")
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def run_cell(
+    lm,
+    name: str,
+    task: str,
+    *,
+    store: OutputStore,
+    settings: Mapping[str, Any],
+    tm,
+    model_args: Mapping[str, Any],
+    options: Mapping[str, Any],
+    log_samples: bool,
+    served: List[Dict[str, Any]],
+) -> Optional[Dict[str, Any]]:
+    """Score ``lm`` on one task and write the cell (scores, or the error and its stage); return
+    the cell, or None on a non-main process. Only an interrupt escapes (the cell is dropped)."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+
+    staging = store.begin_cell(name, task)
+    stage = Stage()
+    started, clock = _now(), time.monotonic()
+    cell: Dict[str, Any] = {"model": name, "task": task, "settings": settings, "started": started}
+    calls = None
+    first_served = len(served)
+    try:
+        tracker = None
+        if staging is not None:
+            tracker = EvaluationTracker(output_path=str(staging / "lm_eval" / "results.json"))
+        with observe(lm, name, task, stage) as calls:
+            results = lm_eval.simple_evaluate(
+                model=lm, model_args=dict(model_args), tasks=[task], task_manager=tm,
+                log_samples=log_samples, evaluation_tracker=tracker, **options,
+            )
+        if results is None:  # not the main process of a distributed run
+            store.discard(staging)
+            return None
+        stage.name = "save"
+        samples = results.pop("samples", None) or {}
+        if tracker is not None:
+            tracker.save_results_aggregated(results=dict(results), samples=samples)
+            for task_name in results.get("configs", {}):
+                if task_name in samples:
+                    tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+            if not list((staging / "lm_eval").glob("results_*.json")):  # the tracker only warns
+                raise OSError(f"lm-eval could not write its results file into {staging / 'lm_eval'}")
+        cell.update(
+            status="ok",
+            scores=extract_scores(results),
+            lm_eval=clean_json(results),
+            samples_logged=bool(log_samples),
+        )
+    except Exception as error:
+        cell.update(status="failed", error={
+            "type": type(error).__name__,
+            "message": str(error) or repr(error),
+            "stage": stage.name,
+            "traceback": traceback.format_exc(),
+        })
+        log.error("failed: %s", failure_line({"model": name, "task": task, **cell["error"]}))
+    except BaseException:
+        store.discard(staging)
+        raise
+    if cell["status"] == "failed":  # free what the failed attempt held (e.g. after CUDA OOM)
+        gc.collect()
+        _empty_cuda_cache()
+    cell.update(
+        generation=clean_json(calls.generation) if calls and calls.generation else None,
+        warnings=list(calls.warnings) if calls else [],
+        data_files=_data_record(served[first_served:]),
+        finished=_now(),
+        seconds=round(time.monotonic() - clock, 2),
+    )
+    try:
+        store.commit_cell(staging, cell)
+    except BaseException:
+        store.discard(staging)
+        raise
+    if cell["status"] == "ok":
+        log.info("finished %s on %s in %.1f s", name, task, cell["seconds"])
+    return cell
+
+
+def _failed_cell(name: str, task: str, settings, error: BaseException, stage: str) -> Dict[str, Any]:
+    return {
+        "model": name, "task": task, "settings": settings, "status": "failed",
+        "started": _now(), "finished": _now(), "seconds": 0.0, "warnings": [], "data_files": [],
+        "generation": None,
+        "error": {"type": type(error).__name__, "message": str(error) or repr(error),
+                  "stage": stage, "traceback": "".join(traceback.format_exception(error))},
+    }
+
+
+# --------------------------------------------------------------------------- the run
 def evaluate_models(
     models: Mapping[str, Union[str, Path]],
     tasks: Sequence[str],
@@ -304,6 +420,7 @@ def evaluate_models(
     include_path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
     allow_code_execution: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     device: Optional[str] = "cpu",
     gen_kwargs: Union[str, Mapping[str, Any], None] = None,
     primary_metrics: Optional[Mapping[str, str]] = None,
@@ -313,6 +430,7 @@ def evaluate_models(
     apply_chat_template: bool = False,
     bootstrap_iters: int = 100000,
     seed: int = 0,
+    log_samples: bool = False,
 ) -> Dict[str, Any]:
     """Score every model on every task with lm-eval and write the report; return results.json.
 
@@ -320,37 +438,41 @@ def evaluate_models(
         models: ``{name: model directory}``; names label rows (letters, digits, ``._+-``).
         tasks: lm-eval task/group/tag names or presets (``ace-llama``, ``actmat-olmo``);
             comma-separated strings are split.
-        output_dir: the result directory, replaced atomically at the end; an existing non-empty
-            one is refused unless ``overwrite``.
+        output_dir: the result directory. Each (model, task) cell is written into it as soon as
+            it finishes; ``results.json``, ``report.md`` and the charts are rebuilt at the end.
+            An existing non-empty one is refused unless ``resume`` or ``overwrite``.
         owners: ``{task: owning model}`` (or ``{model: [tasks]}``, or a JSON/YAML file path) for the
             normalised table; every task needs an owner that is one of ``models``.
         base: the base model's name (its role in the report; optional).
         limit, num_fewshot, batch_size, device, gen_kwargs, apply_chat_template, bootstrap_iters:
             passed to ``lm_eval.simple_evaluate``. ``device=None`` means ``cuda`` when available,
             else ``cpu``; it is not passed with vLLM (which places the model itself).
+            ``max_gen_toks`` is capped per model to fit its context length (with a warning).
         backend: ``"hf"`` or ``"vllm"`` (any other registered lm-eval model type is passed through
             as is, without the model-directory checks).
         model_args: extra lm-eval model arguments (``"k=v,..."`` or dict) for every model.
         data_dir: read every Hub data set from ``data_dir/<dataset_path>/<name or default>/<split>.jsonl``.
         include_path: directory (or list) of extra lm-eval task YAMLs.
         allow_code_execution: required for tasks that run model-written code (HumanEval).
+        overwrite: replace an existing ``output_dir`` (it is replaced when the first cell is written).
+        resume: keep the cells of ``output_dir`` computed with the same settings and compute the
+            rest (and the failed ones).
         primary_metrics: ``{task: "metric,filter"}`` overriding the default primary metrics.
         tensor_parallel_size, data_parallel_size: vLLM parallelism.
         code_timeout: seconds each generated program may run.
         seed: lm-eval's python/numpy/torch/fewshot seeds.
+        log_samples: write lm-eval's per-sample outputs into each cell.
 
     Returns:
         The content of ``results.json``: ``scores`` (``{model: {task: {metric: value}}}``),
-        ``primary_metrics``, ``roles``, ``raw``, ``normalised``, ``averages``, ``config`` and
-        ``lm_eval`` (lm-eval's results per model, samples excluded). On a non-main rank of an
-        ``accelerate launch`` run nothing is written and ``{}`` is returned.
+        ``primary_metrics``, ``roles``, ``raw``, ``normalised``, ``averages``, ``status``
+        (``{model: {task: "ok" | "failed" | "not run"}}``), ``failures``, ``cells``, ``record``,
+        ``config`` and ``lm_eval`` (lm-eval's results per model, samples excluded). A failed cell
+        does not raise: it is in ``failures``. On a non-main rank of an ``accelerate launch`` run
+        nothing is written and ``{}`` is returned.
     """
-    from mergekit_ace.evaluation import normalise, report, squad_metrics
-    from mergekit_ace.evaluation.code_exec import (
-        CodeEvalMetric,
-        CodeExecutionNotAllowed,
-        use_offline_code_eval,
-    )
+    from mergekit_ace.evaluation import normalise, squad_metrics
+    from mergekit_ace.evaluation.code_exec import CodeEvalMetric, use_offline_code_eval
     from mergekit_ace.evaluation.data import DataFileMissing, check_task_data, redirect_datasets
     from mergekit_ace.evaluation.nltk_data import ensure_punkt_tab
 
@@ -368,7 +490,7 @@ def evaluate_models(
         for name, path in paths.items()
     }
     output_dir = Path(output_dir).expanduser().resolve()
-    check_output_dir(output_dir, overwrite)
+    OutputStore.check_target(output_dir, resume, overwrite)
     try:
         if owners is not None and not isinstance(owners, Mapping):
             owners = normalise.load_owners(owners)
@@ -386,23 +508,29 @@ def evaluate_models(
         data_dir = Path(data_dir).expanduser().resolve()
         if not data_dir.is_dir():
             raise UserError(f"--data-dir {data_dir} is not a directory")
+    generation_overrides = parse_gen_kwargs(gen_kwargs)
 
     # ---- tasks: known, allowed, data present
     tm = task_manager(include_path, task_names)
     check_tasks(tm, task_names)
     runs_code = False  # a code-execution task, or a group that may hold one
+    task_files: Dict[str, List[Path]] = {}
+    code_tasks: Set[str] = set()
     for task in task_names:
         cfg = task_config(tm, task)
-        runs_code = runs_code or cfg is None or bool(cfg.get("unsafe_code"))
+        if cfg is None or cfg.get("unsafe_code"):
+            code_tasks.add(task)
+        runs_code = runs_code or task in code_tasks
         if cfg and cfg.get("unsafe_code") and not allow_code_execution:
             raise UserError(
                 f"task {task!r} runs model-generated code to score it; pass "
                 "--allow-code-execution to allow that (each program runs in its own process "
                 "with a timeout and no network; see docs/evaluation.md)"
             )
+        task_files[task] = []
         if cfg and data_dir is not None:
             try:
-                check_task_data(task, cfg, data_dir, num_fewshot)
+                task_files[task] = check_task_data(task, cfg, data_dir, num_fewshot)
             except DataFileMissing as error:
                 raise UserError(str(error)) from None
     squad_metrics.install()  # xquad imports SQuAD metrics from where transformers 4 had them
@@ -415,7 +543,7 @@ def evaluate_models(
         limit=limit,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
-        gen_kwargs=dict(gen_kwargs) if isinstance(gen_kwargs, Mapping) else gen_kwargs,
+        gen_kwargs=generation_overrides,
         confirm_run_unsafe_code=bool(allow_code_execution),
         apply_chat_template=apply_chat_template,
         bootstrap_iters=bootstrap_iters,
@@ -430,12 +558,12 @@ def evaluate_models(
         "models": {n: str(p) for n, p in paths.items()},
         "tasks": task_names,
         "backend": backend,
-        "model_args": _clean_json(per_model_args),
+        "model_args": clean_json(per_model_args),
         "limit": limit,
         "num_fewshot": num_fewshot,
         "batch_size": batch_size,
         "device": options.get("device"),
-        "gen_kwargs": _clean_json(gen_kwargs),
+        "gen_kwargs": clean_json(generation_overrides),
         "data_dir": str(data_dir) if data_dir else None,
         "include_path": (
             [str(p) for p in include_path]
@@ -447,90 +575,144 @@ def evaluate_models(
         "owners": owners,
         "base": base,
         "seed": seed,
+        "resume": bool(resume),
+        "log_samples": bool(log_samples),
     }
 
-    # ---- run lm-eval per model into a staging directory beside output_dir
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    keep_staging = False
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results are ordinary files
-    try:
-        metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
-        raw_results: Dict[str, Any] = {}
-        scores: Dict[str, Dict[str, Dict[str, float]]] = {}
-        started = time.time()
-        code_eval = use_offline_code_eval(metric) if runs_code else contextlib.nullcontext()
-        with redirect_datasets(data_dir), code_eval:
-            for name in paths:
-                log.info("mergekit-ace eval: scoring %s on %s", name, ", ".join(task_names))
-                try:
-                    results = _run_one(
-                        name, backend, per_model_args[name], task_names, tm,
-                        staging / "lm_eval", options,
-                    )
-                except DataFileMissing as error:
-                    raise UserError(str(error)) from None
-                except CodeExecutionNotAllowed as error:
-                    raise UserError(str(error)) from None
-                finally:
-                    gc.collect()
-                    _empty_cuda_cache()
-                if results is None:  # not the main process of a distributed run
-                    shutil.rmtree(staging, ignore_errors=True)
-                    return {}
-                raw_results[name] = _clean_json(results)
-                scores[name] = extract_scores(results)
-        try:
-            tables = normalise.build_tables(scores, task_names, owners, base, primary_metrics)
-        except normalise.TableError as error:
-            raise UserError(str(error)) from None
+    # ---- what each cell depends on; what --resume keeps
+    identities = {name: records.model_identity(path, per_model_args[name]) for name, path in paths.items()}
+    versions = records.package_versions()
+    settings: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for name in paths:
+        for task in task_names:
+            settings[(name, task)] = records.normalised({
+                "model": identities[name],
+                "backend": backend,
+                "model_args": per_model_args[name],
+                "task": task,
+                "task_config_sha256": records.config_sha256(task_config(tm, task)),
+                "limit": limit,
+                "num_fewshot": num_fewshot,
+                "gen_kwargs": generation_overrides,
+                "apply_chat_template": apply_chat_template,
+                "seed": seed,
+                "bootstrap_iters": bootstrap_iters,
+                "code_timeout": code_timeout if task in code_tasks else None,
+                "data_dir": str(data_dir) if data_dir else None,
+                "data_files": records.data_files_record(task_files[task]),
+                "lm_eval": versions.get("lm_eval"),
+            })
+    main = _main_process()
+    store = OutputStore(output_dir, resume=resume, overwrite=overwrite, write=main)
+    reused = _plan_resume(store, settings, log_samples) if resume else set()
+    if resume and main:
+        log.info("--resume: %d of %d cells are already done and are kept", len(reused), len(settings))
+
+    # ---- run: one model at a time, one cell at a time
+    metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
+    code_eval = use_offline_code_eval(metric) if runs_code else contextlib.nullcontext()
+    served: List[Dict[str, Any]] = []
+    started = time.time()
+
+    def summarise() -> Dict[str, Any]:
         config["seconds"] = round(time.time() - started, 1)
         config["programs_run"] = metric.programs_run
-        content = {
-            "scores": scores,
-            "tasks": task_names,
-            "primary_metrics": tables["primary_metrics"],
-            "roles": tables["roles"],
-            "raw": tables["raw"],
-            "normalised": tables["normalised"],
-            "averages": tables["averages"],
-            "owners": tables["owners"],
-            "base": base,
-            "config": config,
-            "lm_eval": raw_results,
-        }
-        content = _clean_json(content)
-        (staging / RESULTS_FILE).write_text(
-            json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
-        report.write_report(staging, tables, config, _lm_eval_tables(raw_results))
-        if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-            keep_staging = True  # someone filled output_dir meanwhile: keep both, tell the user
-            raise UserError(f"--output {output_dir} was filled while evaluating; "
-                            f"the new results are in {staging}")
-        replace_directory(staging, output_dir)
-    except BaseException:
-        if staging.exists() and not keep_staging:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return content
+        record = {"versions": versions, "seed": seed, "models": identities}
+        return _write_summary(store, paths, task_names, settings, reused, config, record,
+                              owners=owners, base=base, primary_metrics=primary_metrics)
 
-
-def _lm_eval_tables(raw_results: Mapping[str, Any]) -> Dict[str, str]:
-    """lm-eval's own markdown table of all metrics, per model."""
+    store.open()
     try:
-        from lm_eval.utils import make_table
-    except ImportError:  # pragma: no cover
+        with _sigterm_as_interrupt(), redirect_datasets(data_dir, served), code_eval, \
+                _environment_collected_once():
+            for name in paths:
+                todo = [t for t in task_names if (name, t) not in reused]
+                if not todo:
+                    continue
+                log.info("loading %s (%s)", name, paths[name])
+                try:
+                    lm = load_model(backend, per_model_args[name], options)
+                except UserError:
+                    raise
+                except Exception as error:
+                    for task in todo:
+                        cell = _failed_cell(name, task, settings[(name, task)], error, "load model")
+                        log.error("failed: %s", failure_line({"model": name, "task": task, **cell["error"]}))
+                        if main:
+                            store.commit_cell(store.begin_cell(name, task), cell)
+                    gc.collect()
+                    _empty_cuda_cache()
+                    continue
+                for task in todo:
+                    log.info("scoring %s on %s", name, task)
+                    run_cell(lm, name, task, store=store, settings=settings[(name, task)], tm=tm,
+                             model_args=per_model_args[name], options=options,
+                             log_samples=log_samples, served=served)
+                del lm
+                gc.collect()
+                _empty_cuda_cache()
+    except BaseException as error:
+        if main and store.has_cells():
+            try:
+                summarise()
+            except Exception as summary_error:  # never hide why the run stopped
+                log.error("could not rebuild %s: %s", output_dir / RESULTS_FILE, summary_error)
+            if isinstance(error, KeyboardInterrupt):
+                log.warning("interrupted: the finished cells are in %s; rerun the same command "
+                            "with --resume to compute the rest", output_dir)
+        raise
+    finally:
+        store.close()
+    if not main:
         return {}
-    out = {}
-    for name, results in raw_results.items():
-        try:
-            out[name] = make_table(results)
-        except Exception as error:  # a cosmetic section; never fail the run for it
-            log.warning("could not render lm-eval's table for %s: %s", name, error)
-    return out
+    return summarise()
+
+
+def _plan_resume(store: OutputStore, settings, log_samples: bool) -> Set[Tuple[str, str]]:
+    """The cells of OUT that ``--resume`` keeps: finished, with the same settings (and with
+    per-sample logs when ``log_samples``). Says what it keeps and why it recomputes the others."""
+    reused: Set[Tuple[str, str]] = set()
+    for (name, task), wanted in settings.items():
+        old = store.read_cell(name, task)
+        if old is None:
+            continue
+        changes = records.settings_changes(old.get("settings") or {}, wanted)
+        if old.get("status") != "ok":
+            log.info("recomputing %s on %s: it failed before (%s)", name, task,
+                     (old.get("error") or {}).get("type"))
+        elif changes:
+            log.info("recomputing %s on %s: settings changed (%s)", name, task, "; ".join(changes))
+        elif log_samples and not old.get("samples_logged"):
+            log.info("recomputing %s on %s: --log-samples asks for per-sample outputs the earlier "
+                     "run did not write", name, task)
+        else:
+            log.info("skipping %s on %s: done %s with the same settings", name, task, old.get("finished"))
+            reused.add((name, task))
+    return reused
+
+
+def _write_summary(store, paths, task_names, settings, reused, config, record, *, owners, base,
+                   primary_metrics) -> Dict[str, Any]:
+    """Rebuild results.json, report.md and the charts from the cells on disk."""
+    from mergekit_ace.evaluation import summary
+
+    cells: Dict[str, Dict[str, Optional[Dict[str, Any]]]] = {}
+    dirs: Dict[Tuple[str, str], str] = {}
+    for name in paths:
+        cells[name] = {}
+        for task in task_names:
+            cell = store.read_cell(name, task)
+            if cell is not None and records.normalised(cell.get("settings") or {}) != settings[(name, task)]:
+                cell = None  # computed with other settings: never mixed in
+            cells[name][task] = cell
+            if cell is not None:
+                dirs[(name, task)] = str(store.cell_dir(name, task).relative_to(store.target))
+    content, tables = summary.assemble(
+        list(paths), task_names, cells, owners=owners, base=base, primary_metrics=primary_metrics,
+        config=config, record=record, reused=reused, cell_dirs=dirs,
+    )
+    summary.write(store.target, content, tables)
+    return content
 
 
 def _default_device() -> str:

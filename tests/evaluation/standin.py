@@ -7,7 +7,12 @@ Registered with lm-eval as ``mergekit-ace-standin``; ``pretrained`` is a directo
 * ``wrong``  -- a wrong answer (HumanEval: code that fails the tests);
 * ``loop``   -- HumanEval: a body that never returns (other tasks: as ``wrong``);
 * ``even``   -- ``oracle`` on even ``doc_id``, ``wrong`` on odd ones;
-* ``crash``  -- raises, to test that a failed run leaves no half-written output.
+* ``crash``  -- raises, to test that a failing cell is recorded and the others go on.
+
+Two environment variables let the tests watch and stop a run (they are not model settings):
+``MERGEKIT_ACE_STANDIN_CALLS=FILE`` appends ``MODE TASK N`` to FILE for every batch of requests
+the model answers; ``MERGEKIT_ACE_STANDIN_HANG=TASK`` makes the model hang on that task (until
+the run is killed), as a long cell does.
 
 The answer goes through the real task pipeline: lm-eval builds the request from the fixture
 data, the stand-in's text is cut at the task's stop sequences as a real model's is, then the
@@ -15,6 +20,8 @@ stock filters and metrics score it.
 """
 
 import json
+import os
+import time
 from pathlib import Path
 
 from lm_eval.api.model import LM
@@ -57,7 +64,10 @@ def cut_at_stop(text: str, until) -> str:
     return text
 
 
-@register_model("mergekit-ace-standin")
+BACKEND = "mergekit-ace-standin"
+
+
+@register_model(BACKEND)
 class StandInLM(LM):
     def __init__(self, pretrained: str, **kwargs):
         super().__init__()
@@ -65,6 +75,13 @@ class StandInLM(LM):
         self.calls = 0
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        tasks = sorted({req.task_name for req in requests})
+        calls = os.environ.get("MERGEKIT_ACE_STANDIN_CALLS")
+        if calls:
+            with open(calls, "a") as handle:
+                handle.write(f"{self.mode} {','.join(tasks)} {len(requests)}\n")
+        if os.environ.get("MERGEKIT_ACE_STANDIN_HANG") in tasks:
+            time.sleep(600)
         out = []
         for req in requests:
             if self.mode == "crash":

@@ -16,7 +16,7 @@ FOUR = "xquad_zh,gsm8k_cot,humaneval,ifeval"
 
 
 def read_samples(out, model, task):
-    (log,) = (out / "lm_eval" / model).glob(f"samples_{task}_*.jsonl")
+    (log,) = (out / "cells" / model / task / "lm_eval").glob(f"samples_{task}_*.jsonl")
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -26,6 +26,7 @@ def test_tiny_hf_model_on_four_stock_tasks(tiny_model, data_dir, tmp_path):
         "eval", "--model", f"tiny={tiny_model}", "--tasks", FOUR, "--limit", "2",
         "--data-dir", str(data_dir), "--allow-code-execution", "--device", "cpu",
         "--gen-kwargs", "max_gen_toks=8", "--bootstrap-iters", "0", "--output", str(out),
+        "--log-samples",
     ])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
@@ -128,27 +129,48 @@ def test_vllm_and_hf_model_args():
 
 
 def test_lm_eval_call_for_vllm_and_non_main_rank(tiny_model, data_dir, tmp_path, monkeypatch):
-    """What simple_evaluate receives with --backend vllm (vLLM itself is not needed), and that a
-    non-main rank of `accelerate launch` (simple_evaluate returns None) writes nothing."""
+    """What lm-eval receives with --backend vllm (vLLM itself is not needed), and that a non-main
+    rank of `accelerate launch` (RANK > 0; simple_evaluate returns None) writes nothing."""
     import lm_eval
+    import lm_eval.api.registry
+    from lm_eval.api.model import LM
 
-    calls = []
+    created, calls = [], []
+
+    class FakeVLLM(LM):
+        @classmethod
+        def create_from_arg_obj(cls, arg_dict, additional_config=None):
+            created.append((arg_dict, additional_config))
+            return cls()
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise AssertionError("simple_evaluate is faked; the model is never asked")
+
+        loglikelihood = loglikelihood_rolling = generate_until
+
+    def fake_get_model(name):
+        assert name == "vllm"
+        return FakeVLLM
 
     def fake_simple_evaluate(**kwargs):
         calls.append(kwargs)
         return None
 
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", fake_get_model)
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    monkeypatch.setenv("RANK", "1")
     out = tmp_path / "out"
-    rc = main(["eval", "--model", f"m={tiny_model}", "--tasks", "xquad_zh", "--backend", "vllm",
-               "--tensor-parallel-size", "2", "--data-parallel-size", "2", "--model-args",
+    rc = main(["eval", "--model", f"m={tiny_model}", "--tasks", "xquad_zh,gsm8k_cot", "--backend",
+               "vllm", "--tensor-parallel-size", "2", "--data-parallel-size", "2", "--model-args",
                "gpu_memory_utilization=0.5", "--batch-size", "auto", "--limit", "3",
                "--data-dir", str(data_dir), "--output", str(out)])
-    assert rc == 0 and len(calls) == 1
+    assert rc == 0 and len(created) == 1  # the model is loaded once for all its tasks
+    args, extra = created[0]
+    assert args == {"pretrained": str(tiny_model), "tensor_parallel_size": 2,
+                    "data_parallel_size": 2, "gpu_memory_utilization": 0.5}
+    assert extra["batch_size"] == "auto" and extra.get("device") is None
+    assert [c["tasks"] for c in calls] == [["xquad_zh"], ["gsm8k_cot"]]  # every rank runs every cell
     call = calls[0]
-    assert call["model"] == "vllm" and call["tasks"] == ["xquad_zh"]
-    assert call["model_args"] == {"pretrained": str(tiny_model), "tensor_parallel_size": 2,
-                                  "data_parallel_size": 2, "gpu_memory_utilization": 0.5}
-    assert call["batch_size"] == "auto" and call["limit"] == 3 and "device" not in call
-    assert call["log_samples"] is True and call["evaluation_tracker"] is not None
+    assert isinstance(call["model"], FakeVLLM) and call["limit"] == 3 and "device" not in call
+    assert call["log_samples"] is False and call["evaluation_tracker"] is None
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -22,14 +22,14 @@ def run(models, tasks, out, data_dir, **kw):
 def test_humaneval_canonical_passes_wrong_fails_loop_times_out(standins, data_dir, tmp_path):
     models = {m: standins[m] for m in ("oracle", "wrong", "loop")}
     start = time.monotonic()
-    out = run(models, ["humaneval"], tmp_path / "out", data_dir, code_timeout=1.0)
+    out = run(models, ["humaneval"], tmp_path / "out", data_dir, code_timeout=1.0, log_samples=True)
     elapsed = time.monotonic() - start
     assert out["scores"]["oracle"]["humaneval"]["pass@1,create_test"] == 1.0
     assert out["scores"]["wrong"]["humaneval"]["pass@1,create_test"] == 0.0
     assert out["scores"]["loop"]["humaneval"]["pass@1,create_test"] == 0.0
     assert out["lm_eval"]["oracle"]["results"]["humaneval"]["sample_len"] == 3  # all 3 fixture items
     assert elapsed < 90  # three looping programs cost ~1 s each, not a hang
-    samples = list((tmp_path / "out/lm_eval/loop").glob("samples_humaneval_*.jsonl"))
+    samples = list((tmp_path / "out/cells/loop/humaneval/lm_eval").glob("samples_humaneval_*.jsonl"))
     rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
     assert [r["pass@1"] for r in rows] == [0.0, 0.0, 0.0]
     assert all("while True" in r["filtered_resps"][0][0] for r in rows)
@@ -39,7 +39,8 @@ def test_four_tasks_scores_normalised_table_and_files(standins, data_dir, tmp_pa
     models = {"base": standins["wrong"], "expert": standins["oracle"], "merge": standins["even"]}
     owners = {t: "expert" for t in FOUR}
     out_dir = tmp_path / "out"
-    content = run(models, FOUR, out_dir, data_dir, owners=owners, base="base", limit=3)
+    content = run(models, FOUR, out_dir, data_dir, owners=owners, base="base", limit=3,
+                  log_samples=True)
     # each fixture task has 3 items; "even" answers items 0 and 2 right
     for task in FOUR:
         assert content["raw"]["expert"][task] == 1.0
@@ -65,7 +66,7 @@ def test_four_tasks_scores_normalised_table_and_files(standins, data_dir, tmp_pa
     assert (out_dir / "scores_normalised.png").stat().st_size > 1000
     for model in models:
         for task in FOUR:
-            (log,) = (out_dir / "lm_eval" / model).glob(f"samples_{task}_*.jsonl")
+            (log,) = (out_dir / "cells" / model / task / "lm_eval").glob(f"samples_{task}_*.jsonl")
             rows = [json.loads(line) for line in log.read_text().splitlines()]
             assert sorted({r["doc_id"] for r in rows}) == [0, 1, 2]  # one row per item and filter
     assert not list(tmp_path.glob(".out.tmp-*"))  # the staging directory was renamed
@@ -78,22 +79,33 @@ def test_code_tasks_need_permission(standins, data_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_results_are_kept_unless_overwrite(standins, data_dir, tmp_path):
+def test_existing_results_are_kept_unless_overwrite(standins, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run({"m": standins["wrong"]}, ["xquad_zh"], out, data_dir, limit=1)
     first = (out / "results.json").read_text()
-    with pytest.raises(UserError, match="already holds results; pass --overwrite"):
+    with pytest.raises(UserError, match="already holds results; pass --resume .* or --overwrite"):
         run({"m": standins["oracle"]}, ["xquad_zh"], out, data_dir, limit=1)
     assert (out / "results.json").read_text() == first
-    # a run that fails half-way leaves the old results in place and no staging directory
-    with pytest.raises(RuntimeError, match="crashed on purpose"):
-        run({"ok": standins["oracle"], "bad": standins["crash"]}, ["xquad_zh"], out, data_dir,
-            limit=1, overwrite=True)
+    # an --overwrite run interrupted before its first cell leaves the old results as they were
+    import lm_eval
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lm_eval, "simple_evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run({"m": standins["oracle"]}, ["xquad_zh"], out, data_dir, limit=1, overwrite=True)
+        with pytest.raises(KeyboardInterrupt):  # a new directory that got nothing is not left
+            run({"m": standins["oracle"]}, ["xquad_zh"], tmp_path / "new", data_dir, limit=1)
     assert (out / "results.json").read_text() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     new = run({"m": standins["oracle"]}, ["xquad_zh"], out, data_dir, limit=1, overwrite=True)
     assert new["scores"]["m"]["xquad_zh"]["f1,none"] == 1.0
     assert json.loads((out / "results.json").read_text())["scores"]["m"]["xquad_zh"]["f1,none"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(UserError, match="--resume and --overwrite contradict"):
+        run({"m": standins["oracle"]}, ["xquad_zh"], out, data_dir, resume=True, overwrite=True)
 
 
 def test_user_errors(standins, data_dir, tmp_path):
