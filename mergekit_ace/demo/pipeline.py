@@ -311,8 +311,8 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
     lines += ["", "## Merges", "",
               "`ace` and `actmat` estimate each task's input covariance from its weight update (this package's "
               "rules); `tsv_m`, `iso_c` and `iso_cts` are the data-free SVD merges both papers compare against "
-              "(Task Singular Vectors, isotropic merging), with the authors' defaults and alpha = 1 (their "
-              "papers tune alpha on validation data); linear, task_arithmetic and ties are mergekit's own.", "",
+              "(Task Singular Vectors, isotropic merging), with the authors' defaults and alpha = 1 (the "
+              "authors' code selects alpha on validation data); linear, task_arithmetic and ties are mergekit's own.", "",
               "| method | mergekit `merge_method` | parameters | per-model parameters | seconds |",
               "|---|---|---|---|---:|"]
     for m in summary["methods"]:
