@@ -1,7 +1,8 @@
 """Per-layer time and peak memory of the package's rules (as mergekit calls them: the executor's
 plan, "auto" precision) versus the naive float32 formulation (benchmarks/naive.py), on
 1B/3B/7B-shaped layers with three synthetic experts; the largest relative difference of the two
-results on the merged task vector; and the precision "auto" chose.
+results on the merged task vector; and the precision "auto" chose (ace, actmat) or the routes the
+SVD rules took (tsv_m, iso_c, iso_cts: "gram 5/5" = five decompositions, all by the Gram route).
 
 Each measurement runs in fresh subprocesses: the time in one with the default allocator (the
 median of up to three calls, as many as fit in ~10 s), the peak memory in another (peak RSS of
@@ -11,6 +12,7 @@ freed buffers leave RSS), both after a warm-up that maps the LAPACK code pages. 
 
     python benchmarks/bench_layers.py --quick            # 1B-shaped layers (~20 min here)
     python benchmarks/bench_layers.py --layers 3b.k_proj 7b.q_proj
+    python benchmarks/bench_layers.py --layers 1b.k_proj 1b.q_proj --rules tsv_m iso_c iso_cts
     python benchmarks/bench_layers.py --gpu              # 7B-shaped three-expert merge on a GPU
 """
 
@@ -34,6 +36,7 @@ LAYERS = {
     "7b.lm_head": (32000, 4096), "olmo7b.lm_head": (100278, 4096),
 }
 QUICK = ["1b.k_proj", "1b.q_proj", "1b.down_proj", "1b.lm_head"]
+ALL_RULES = ["ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
 
 WORKER = r"""
 import json, sys, time, torch
@@ -42,9 +45,11 @@ torch.set_num_threads(args["threads"])
 sys.path.insert(0, args["root"])
 from mergekit_ace.execution.peakmem import peak_extra_rss
 from mergekit_ace.execution.executor import execute_rule
-from mergekit_ace.rules.ace import ace_merge
-from mergekit_ace.rules.actmat import actmat_merge
-from benchmarks.naive import ace_naive, actmat_naive
+from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, iso_cts_merge, tsv_m_merge
+from benchmarks import naive
+RULES = {"ace": (ace_merge, naive.ace_naive), "actmat": (actmat_merge, naive.actmat_naive),
+         "tsv_m": (tsv_m_merge, naive.tsv_m_naive), "iso_c": (iso_c_merge, naive.iso_c_naive),
+         "iso_cts": (iso_cts_merge, naive.iso_cts_naive)}
 
 def inputs(m, n, seed=0, kind="random"):
     g = torch.Generator().manual_seed(seed)
@@ -65,19 +70,19 @@ def inputs(m, n, seed=0, kind="random"):
 
 # warm-up on a small problem: map every code path's library pages
 W0, ex = inputs(64, 48)
-for f in (lambda: ace_naive(W0, ex), lambda: actmat_naive(W0, ex),
-          lambda: execute_rule("ace", ace_merge, W0, ex, budget=1e9),
-          lambda: execute_rule("actmat", actmat_merge, W0, ex, budget=1e9),
-          lambda: execute_rule("ace", ace_merge, W0, ex, budget=1e9, tau=0.0)):  # refinement (SciPy eigh)
-    f()
+for name, (ours, naive_fn) in RULES.items():
+    naive_fn(W0, ex)
+    execute_rule(name, ours, W0, ex, budget=1e9)
+execute_rule("ace", ace_merge, W0, ex, budget=1e9, tau=0.0)  # refinement (SciPy eigh)
+for name in ("tsv_m", "iso_c", "iso_cts"):
+    RULES[name][0](W0, ex, route="svd")
 W0, ex = inputs(*args["shape"], kind=args["inputs"])
 rule = args["rule"]
 if args["impl"] == "naive":
-    fn = (lambda: ace_naive(W0, ex)) if rule == "ace" else (lambda: actmat_naive(W0, ex))
+    fn = lambda: RULES[rule][1](W0, ex)
 else:
     budget = args["budget"]
-    fn = lambda: execute_rule(rule, ace_merge if rule == "ace" else actmat_merge, W0, ex, budget=budget,
-                              return_diagnostics=True)
+    fn = lambda: execute_rule(rule, RULES[rule][0], W0, ex, budget=budget, return_diagnostics=True)
 if args["measure"] == "memory":
     t = time.perf_counter()
     out, peak = peak_extra_rss(fn)
@@ -94,7 +99,10 @@ else:
 precision = "float32"
 if isinstance(out, tuple):
     out, diag = out
-    precision = diag.precision
+    if hasattr(diag, "routes"):  # the SVD rules: which route each decomposition took
+        precision = f"gram {diag.routes.count('gram')}/{len(diag.routes)}"
+    else:
+        precision = diag.precision
 torch.save(out.float(), args["out"])
 print(json.dumps(dict(seconds=secs, peak_bytes=peak, precision=precision)))
 """
@@ -137,7 +145,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", nargs="*", default=None, help=f"from {sorted(LAYERS)}")
     p.add_argument("--quick", action="store_true", help=f"the 1B-shaped subset {QUICK}")
-    p.add_argument("--rules", nargs="*", default=["ace", "actmat"])
+    p.add_argument("--rules", nargs="*", default=ALL_RULES, choices=ALL_RULES)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each worker (default 1)")
     p.add_argument("--budget", default="8GiB", help="memory budget handed to the planner")
     p.add_argument("--inputs", choices=["random", "decaying"], default="random",
@@ -153,8 +161,8 @@ def main():
     layers = args.layers or (QUICK if args.quick else list(LAYERS))
     budget = parse_size(args.budget)
     print(f"threads={args.threads} budget={args.budget} inputs={args.inputs} python={sys.version.split()[0]}")
-    print(f"{'layer':16s} {'shape':>13s} {'rule':>6s} {'naive s':>8s} {'ours s':>8s} {'speedup':>7s} "
-          f"{'naive MiB':>9s} {'ours MiB':>9s} {'mem ratio':>9s} {'rel diff':>9s} {'max diff':>9s}  precision")
+    print(f"{'layer':16s} {'shape':>13s} {'rule':>7s} {'naive s':>8s} {'ours s':>8s} {'speedup':>7s} "
+          f"{'naive MiB':>9s} {'ours MiB':>9s} {'mem ratio':>9s} {'rel diff':>9s} {'max diff':>9s}  precision/route")
     with tempfile.TemporaryDirectory() as tmp:
         for layer in layers:
             shape = LAYERS[layer]
@@ -162,7 +170,7 @@ def main():
                 naive, npath = run_one(rule, "naive", shape, args.threads, budget, tmp, args.inputs)
                 ours, opath = run_one(rule, "ours", shape, args.threads, budget, tmp, args.inputs)
                 rel, mx = rel_diff(opath, npath, shape)
-                print(f"{layer:16s} {'x'.join(map(str, shape)):>13s} {rule:>6s} {naive['seconds']:8.2f} "
+                print(f"{layer:16s} {'x'.join(map(str, shape)):>13s} {rule:>7s} {naive['seconds']:8.2f} "
                       f"{ours['seconds']:8.2f} {naive['seconds'] / ours['seconds']:7.2f} "
                       f"{naive['peak_bytes'] / 2**20:9.0f} {ours['peak_bytes'] / 2**20:9.0f} "
                       f"{ours['peak_bytes'] / max(1, naive['peak_bytes']):9.2f} {rel:9.1e} {mx:9.1e}  "
@@ -170,14 +178,13 @@ def main():
 
 
 def gpu_benchmark():
-    """A 7B-shaped (Llama-2-7B) three-expert merge of one decoder layer per rule on the GPU, timed
+    """A 7B-shaped (Llama-2-7B) three-expert merge of one decoder layer per rule (all five) on the GPU, timed
     and scaled by 32 layers, plus lm_head; peak GPU memory from torch.cuda.max_memory_allocated.
     Targets (issue 3): under 120 s of merge compute and under 20 GB on one H100."""
     import torch
 
     from mergekit_ace.execution.executor import execute_rule
-    from mergekit_ace.rules.ace import ace_merge
-    from mergekit_ace.rules.actmat import actmat_merge
+    from mergekit_ace import rules
 
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU benchmark did not run")
@@ -186,7 +193,8 @@ def gpu_benchmark():
     layer = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
              "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
     print(torch.cuda.get_device_name(), "free/total GiB", [x / 2**30 for x in torch.cuda.mem_get_info()])
-    for rule, fn in (("ace", ace_merge), ("actmat", actmat_merge)):
+    for rule in ALL_RULES:
+        fn = getattr(rules, f"{rule}_merge")
         torch.cuda.reset_peak_memory_stats()
         total = 0.0
         for name, shape in list(layer.items()) + [("lm_head", (32000, 4096))]:

@@ -1,4 +1,4 @@
-"""Make ``ace`` and ``actmat`` known to mergekit's registry (idempotent).
+"""Make ``ace``, ``actmat``, ``tsv_m``, ``iso_c`` and ``iso_cts`` known to mergekit's registry (idempotent).
 
 Called by the import hook (``mergekit_ace._import_hook``) as soon as ``mergekit.merge_methods`` is
 imported in any process where the package is installed, and by ``mergekit_ace.register_methods()``.
@@ -12,9 +12,13 @@ def register_methods() -> Tuple:
 
     from mergekit_ace.methods.ace import ace
     from mergekit_ace.methods.actmat import actmat
+    from mergekit_ace.methods.iso_c import iso_c
+    from mergekit_ace.methods.iso_cts import iso_cts
+    from mergekit_ace.methods.tsv_m import tsv_m
 
+    ours = (ace, actmat, tsv_m, iso_c, iso_cts)
     known = {method.spec.name for method in merge_methods.registered_methods()}
-    for method in (ace, actmat):
+    for method in ours:
         if method.spec.name not in known:
             merge_methods.register(method)
-    return merge_methods.get("ace"), merge_methods.get("actmat")
+    return tuple(merge_methods.get(method.spec.name) for method in ours)

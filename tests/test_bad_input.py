@@ -4,14 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_ace.rules import MergeInputError, ace_merge, actmat_merge
+from mergekit_ace.rules import MergeInputError, ace_merge, actmat_merge, iso_c_merge, iso_cts_merge, tsv_m_merge
 from tests.mergekit_run import config_for, run_mergekit_yaml
 from tests.reference import ace_reference, make_experts, rel_err
 
-RULES = {"ace": ace_merge, "actmat": actmat_merge}
+RULES = {"ace": ace_merge, "actmat": actmat_merge, "tsv_m": tsv_m_merge, "iso_c": iso_c_merge,
+         "iso_cts": iso_cts_merge}
+ALL = list(RULES)
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ALL)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_non_finite_values_are_refused_naming_tensor_and_model(rule, bad, dtype):
@@ -27,7 +29,7 @@ def test_non_finite_values_are_refused_naming_tensor_and_model(rule, bad, dtype)
         RULES[rule](W0_bad, experts[:1], name="w")
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ALL)
 def test_shape_mismatch(rule):
     W0, experts = make_experts((12, 8), 2, [1.0, 0.1])
     with pytest.raises(MergeInputError, match=r"'w'.*shape mismatch.*model e1 has \(12, 7\)"):
@@ -36,12 +38,14 @@ def test_shape_mismatch(rule):
 
 @pytest.mark.parametrize("rule", ["ace", "actmat"])
 def test_expert_identical_to_base(rule):
+    # (ace/actmat only: the SVD rules merge a zero task vector as contributing nothing,
+    # tests/test_rules_peers.py::test_zero_task_vector_contributes_nothing)
     W0, experts = make_experts((12, 8), 2, [1.0, 0.1])
     with pytest.raises(MergeInputError, match=r"'w'.*expert\(s\) twin .*identical to the base"):
         RULES[rule](W0, [experts[0], W0.clone()], name="w", ids=["e0", "twin"])
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ALL)
 def test_no_expert(rule):
     W0, _ = make_experts((12, 8), 1, [1.0])
     with pytest.raises(MergeInputError, match="at least one expert"):
@@ -59,7 +63,7 @@ def test_single_expert_is_finite_and_exact():
     torch.testing.assert_close(out, experts[0].double(), rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ALL)
 def test_rank_deficient_covariance_sum_gives_finite_result(rule):
     W0, experts = make_experts((10, 30), 2, [1.0, 0.01], rank=2)
     kwargs = {"epsilon": 0.0} if rule == "ace" else {}
@@ -67,7 +71,7 @@ def test_rank_deficient_covariance_sum_gives_finite_result(rule):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ALL)
 def test_inputs_are_never_modified(rule):
     W0, experts = make_experts((16, 10), 3, [1.0, 0.01, 0.3])
     for dtype in (torch.float32, torch.bfloat16):
@@ -94,8 +98,9 @@ def test_invalid_parameters_are_refused_naming_them():
 
 
 # ----------------------------------------------------------------------------- through mergekit-yaml
-def test_config_without_base_model_fails_before_loading(tmp_path, llama_family):
-    cfg = config_for("ace", llama_family)
+@pytest.mark.parametrize("method", ["ace", "iso_cts"])
+def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_family):
+    cfg = config_for(method, llama_family)
     del cfg["base_model"]
     # Point the "models" at directories with no weights at all: if anything were loaded it would
     # fail differently; the planner must refuse first with the base-model message.
@@ -105,7 +110,8 @@ def test_config_without_base_model_fails_before_loading(tmp_path, llama_family):
     assert not out.exists()
 
 
-def test_nan_expert_fails_with_tensor_and_model_named(tmp_path, llama_family):
+@pytest.mark.parametrize("method", ["actmat"])  # shared glue; every rule: test_non_finite_values_...
+def test_nan_expert_fails_with_tensor_and_model_named(method, tmp_path, llama_family):
     import shutil
 
     bad = tmp_path / "bad_expert"
@@ -115,7 +121,7 @@ def test_nan_expert_fails_with_tensor_and_model_named(tmp_path, llama_family):
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
     before = (llama_family["expert1"] / "model.safetensors").read_bytes()
     paths = dict(llama_family, expert1=bad)
-    proc, _ = run_mergekit_yaml(config_for("actmat", paths), tmp_path)
+    proc, _ = run_mergekit_yaml(config_for(method, paths), tmp_path)
     assert proc.returncode != 0
     assert "model.layers.1.mlp.up_proj.weight" in proc.stderr
     assert str(bad) in proc.stderr and "non-finite" in proc.stderr

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tests.mergekit_run import config_for, run_mergekit_yaml
 from tests.reference import ace_reference, actmat_reference
+from tests.reference_peers import REFERENCES as PEER_REFERENCES
 
 
 def load_weights(path):
@@ -30,10 +31,12 @@ def expected_weights(method, paths, params_for=lambda name: {}, merge_embeddings
         if W0.ndim == 2 and (merge_embeddings or not is_embedding):
             if method == "ace":
                 out[name] = ace_reference(W0, Ws, **params)[0]
-            else:
+            elif method == "actmat":
                 out[name] = actmat_reference(W0, Ws, **params)
+            else:
+                out[name] = torch.from_numpy(PEER_REFERENCES[method](W0, Ws, **params))
         else:
-            scale = params.get("scale", 1.0)
+            scale = params.get("alpha" if method in PEER_REFERENCES else "scale", 1.0)
             out[name] = W0.double() + scale * sum(w.double() - W0.double() for w in Ws) / len(Ws)
     return out
 
@@ -59,17 +62,44 @@ def assert_loads_and_generates(out_dir):
     assert torch.isfinite(model(**ids).logits).all()
 
 
+CARDS = {  # what mergekit's model card names: the method and its paper
+    "ace": ("ACE-Merging", "2603.02945"),
+    "actmat": ("ACTMat", "2604.01329"),
+    "tsv_m": ("TSV-M", "2412.00081"),
+    "iso_c": ("Iso-C", "2502.04959"),
+    "iso_cts": ("Iso-CTS", "2502.04959"),
+}
+
+
+#: The OLMo-3 runs of the SVD peers use non-default values of the papers' parameters (per tensor
+#: through a filter for Iso-CTS), so that the same runs show the parameters reach the rules.
+PEER_PARAMETERS = {
+    "tsv_m": ({"alpha": 0.8, "sv_reduction": 0.25}, lambda name: {"alpha": 0.8, "sv_reduction": 0.25}),
+    "iso_c": ({"alpha": 1.5}, lambda name: {"alpha": 1.5}),
+    "iso_cts": ({"alpha": 1.3, "common_space_fraction": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}]},
+                lambda name: {"alpha": 1.3, "common_space_fraction": 0.5 if "mlp" in name else 0.8}),
+}
+
+
 @pytest.mark.parametrize("family", ["llama_family", "olmo_family"])
-@pytest.mark.parametrize("method", ["ace", "actmat"])
+@pytest.mark.parametrize("method", list(CARDS))
 def test_mergekit_yaml_merges_and_matches_reference(family, method, request, tmp_path):
     paths = request.getfixturevalue(family)
-    proc, out = run_mergekit_yaml(config_for(method, paths), tmp_path)
+    params, params_for = None, (lambda name: {})
+    if family == "olmo_family" and method in PEER_PARAMETERS:
+        params, params_for = PEER_PARAMETERS[method]
+    proc, out = run_mergekit_yaml(config_for(method, paths, params), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_weights_equal(out, expected_weights(method, paths))
+    assert_weights_equal(out, expected_weights(method, paths, params_for))
+    if params:  # the values matter: the defaults give different weights
+        default = expected_weights(method, paths)
+        name = "model.layers.0.mlp.up_proj.weight"
+        merged = load_weights(out)[name].double()
+        assert float((merged - default[name]).norm() / default[name].norm()) > 1e-4
     assert_loads_and_generates(out)
     card = (out / "README.md").read_text()
-    assert ("ACE-Merging" if method == "ace" else "ACTMat") in card
-    assert ("2603.02945" if method == "ace" else "2604.01329") in card
+    for text in CARDS[method]:
+        assert text in card
 
 
 def test_per_tensor_parameters_through_filters(llama_family, tmp_path):

@@ -16,10 +16,14 @@ def run_python(code, *flags):
 
 def test_fresh_interpreter_sees_methods_through_mergekit_only():
     proc = run_python(
-        "import mergekit.merge_methods as m; print(m.get('ace').spec.pretty_name, m.get('actmat').spec.pretty_name)"
+        "import mergekit.merge_methods as m\n"
+        "for name in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts'): print(m.get(name).spec.pretty_name)"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["ACE-Merging", "ACTMat"]
+    assert proc.stdout.splitlines() == [
+        "ACE-Merging", "ACTMat", "TSV-M (Task Singular Vectors: Merge)",
+        "Iso-C (isotropic merging in the common subspace)",
+        "Iso-CTS (isotropic merging in common and task-specific subspaces)"]
 
 
 def test_startup_cost_and_no_heavy_imports():
@@ -39,10 +43,10 @@ def test_registration_is_idempotent():
         "a = mergekit_ace.register_methods(); b = mergekit_ace.register_methods()\n"
         "mergekit_ace_hook.install(); mergekit_ace_hook.install()\n"
         "names = [x.spec.name for x in m.registered_methods()]\n"
-        "print(names.count('ace'), names.count('actmat'), a[0] is b[0])"
+        "print(*[names.count(n) for n in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts')], a[0] is b[0], len(a))"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "1", "True"]
+    assert proc.stdout.split() == ["1", "1", "1", "1", "1", "True", "5"]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,10 @@ The choices are the values a user would write, taken from the papers' defaults:
   sign election and disjoint mean (mergekit's ``normalize: true``), the TIES paper's lambda = 1.
 * ``ace``: ACE-Merging with the paper's defaults (epsilon 1e-5, tau 0.3, k_frac 0.3, scale 1).
 * ``actmat``: ACTMat, data-free form, scale 1 (it has no hyper-parameters).
+* ``tsv_m``: TSV-M with the per-task rank budget 1/T and alpha = 1 (fusion-bench's default; the
+  authors pick alpha on validation data, which a data-free comparison does not have).
+* ``iso_c``, ``iso_cts``: isotropic merging, alpha = 1 (likewise), Iso-CTS with the paper's
+  common-subspace fraction 0.8.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ METHODS: List[MethodSpec] = [
     ("ties", "ties", {"normalize": True}, {"density": 0.5, "weight": 1.0}),
     ("ace", "ace", {"epsilon": 1e-5, "tau": 0.3, "k_frac": 0.3, "scale": 1.0}, {}),
     ("actmat", "actmat", {"scale": 1.0}, {}),
+    ("tsv_m", "tsv_m", {"alpha": 1.0}, {}),
+    ("iso_c", "iso_c", {"alpha": 1.0}, {}),
+    ("iso_cts", "iso_cts", {"alpha": 1.0, "common_space_fraction": 0.8}, {}),
 ]
+
+#: The methods this package adds (they need it pip-installed where mergekit-yaml runs).
+OURS = {"ace", "actmat", "tsv_m", "iso_c", "iso_cts"}
 
 # merge methods that take no base model (mergekit would otherwise count the base as an input)
 _NO_BASE = {"linear"}
@@ -73,7 +83,7 @@ def mergekit_yaml_executable() -> str:
 
 def _subprocess_env() -> Dict[str, str]:
     """The merge subprocess imports the same ``mergekit_ace`` as this process (whose ``.pth`` hook,
-    when the package is installed, registers ace/actmat), and stays offline."""
+    when the package is installed, registers our methods), and stays offline."""
     import mergekit_ace
 
     env = dict(os.environ)
@@ -105,9 +115,9 @@ def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: 
     if proc.returncode != 0 or not (target / "config.json").exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         hint = ""
-        if method[1] in ("ace", "actmat"):
+        if method[1] in OURS:
             hint = (
-                "\n(ace and actmat exist for mergekit-yaml only once mergekit-ace is pip-installed into the "
+                f"\n({method[1]} exists for mergekit-yaml only once mergekit-ace is pip-installed into the "
                 "same environment: pip install --no-deps --force-reinstall <mergekit-ace checkout>)"
             )
         raise UserError(f"mergekit-yaml failed for {label} (exit {proc.returncode}):\n{tail}{hint}")

@@ -1,11 +1,12 @@
 """``mergekit-ace demo``: train tiny experts, merge them every way, score them, write a report.
 
-One command shows what ACE and ACTMat do next to the merges people already know, on real (tiny)
-language models, on any machine and offline:
+One command shows what ACE and ACTMat do next to the merges people already know and to their
+data-free peers (TSV-M, Iso-C, Iso-CTS), on real (tiny) language models, on any machine and offline:
 
 1. train a tokenizer, a tiny Llama base (briefly, on a mixture of three synthetic skills) and one
    expert per skill (``mergekit_ace.demo.train``; cached under a hash of the configuration);
-2. merge the experts with linear, task_arithmetic, ties, ace and actmat through ``mergekit-yaml``
+2. merge the experts with linear, task_arithmetic, ties, ace, actmat, tsv_m, iso_c and iso_cts
+   through ``mergekit-yaml``
    (``mergekit_ace.demo.merges``);
 3. score base, experts and merges with lm-eval on three local tasks (``mergekit_ace.demo.scoring``);
 4. write ``<output>/report.md`` (raw scores and scores normalised to each task's expert, as in the
@@ -51,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of merge methods to run (default: linear,task_arithmetic,ties,ace,actmat)",
+        help="comma-separated subset of merge methods to run (default: all of "
+        "linear,task_arithmetic,ties,ace,actmat,tsv_m,iso_c,iso_cts)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default: 16)")
 
@@ -306,7 +308,12 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
             f"{het['heterogeneous']} of {het['matrices']} exceed tau = {het['tau']} and take ACE's heterogeneous "
             "(trace-normalised, spectrally refined) branch.",
         ]
-    lines += ["", "## Merges", "", "| method | mergekit `merge_method` | parameters | per-model parameters | seconds |",
+    lines += ["", "## Merges", "",
+              "`ace` and `actmat` estimate each task's input covariance from its weight update (this package's "
+              "rules); `tsv_m`, `iso_c` and `iso_cts` are the data-free SVD merges both papers compare against "
+              "(Task Singular Vectors, isotropic merging), with the authors' defaults and alpha = 1 (the "
+              "authors' code selects alpha on validation data); linear, task_arithmetic and ties are mergekit's own.", "",
+              "| method | mergekit `merge_method` | parameters | per-model parameters | seconds |",
               "|---|---|---|---|---:|"]
     for m in summary["methods"]:
         lines.append(

@@ -24,8 +24,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from mergekit_ace.execution.budget import memory_budget
-from mergekit_ace.execution.memory import Estimate, estimate, format_bytes
-from mergekit_ace.rules.common import ACE_STRATEGIES, STRATEGIES, describe
+from mergekit_ace.execution.memory import RULE_STRATEGIES, Estimate, estimate, format_bytes
+from mergekit_ace.rules.common import describe
 from mergekit_ace.rules.precision import float64_recompute_count
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ EFFICIENT_ROWS = 1024
 #: measured to lose 1e-4 accuracy for low-rank or large updates) or "float64".
 MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
 MATMUL_DTYPES = ("auto", "float32", "float64")
+#: Rules whose products may run in float32 (``matmul_dtype``); the SVD rules (tsv_m, iso_c,
+#: iso_cts) compute in float64 throughout: their cheap route already squares the conditioning.
+MATMUL_DTYPE_RULES = ("ace", "actmat")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -96,7 +99,9 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
         chunks.append(c)
         c //= 2
     plans = []
-    for strategy in (ACE_STRATEGIES if rule == "ace" else STRATEGIES):
+    if rule not in RULE_STRATEGIES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {tuple(RULE_STRATEGIES)}")
+    for strategy in RULE_STRATEGIES[rule]:
         for chunk in chunks:
             est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
                            refine=refine, k_frac=k_frac)
@@ -199,7 +204,8 @@ def execute_rule(
 ) -> torch.Tensor:
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
 
-    ``rule_kind`` is ``"ace"`` or ``"actmat"`` (for the estimates). ``budget`` in bytes overrides
+    ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"tsv_m"``, ``"iso_c"`` or ``"iso_cts"`` (for the
+    estimates; only ace and actmat take ``matmul_dtype``). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
 
@@ -207,6 +213,9 @@ def execute_rule(
     float64 products the last times is computed in float64 directly, without a float32 attempt
     that would be thrown away; float64 is what "auto" would have fallen back to.
     """
+    if rule_kind not in MATMUL_DTYPE_RULES:  # the SVD peers: float64 throughout
+        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
+                        fault_injector=fault_injector, **rule_parameters)
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
     if mdt != "auto":
         return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
@@ -240,18 +249,21 @@ def _execute(
     """:func:`execute_rule` with the products' dtype decided (``matmul_dtype`` in rule_parameters)."""
     device = base.device
     d_out, d_in = base.shape
-    mdt = rule_parameters.pop("matmul_dtype")
-    if mdt == "auto" and not float32_products_are_ieee(device):
-        mdt = torch.float64
     rule_parameters.setdefault("compute_dtype", COMPUTE_DTYPE)
-    kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
-              refine=rule_parameters.get("k_frac", 0.3) > 0)
+    if rule_kind in MATMUL_DTYPE_RULES:
+        mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
+        if mdt == "auto" and not float32_products_are_ieee(device):
+            mdt = torch.float64
+        rule_parameters["matmul_dtype"] = mdt
+        kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
+                  refine=rule_parameters.get("k_frac", 0.3) > 0)
+    else:
+        kw = {}
 
     def attempt(plan: WeightPlan, on: torch.device, b, e):
         if fault_injector is not None:
             fault_injector(plan, on)
-        return rule(b, e, name=name, strategy=plan.strategy, row_chunk=plan.row_chunk,
-                    matmul_dtype=mdt, **rule_parameters)
+        return rule(b, e, name=name, strategy=plan.strategy, row_chunk=plan.row_chunk, **rule_parameters)
 
     dev_budget = budget if budget is not None else memory_budget(device)
     plans = candidate_plans(rule_kind, d_out, d_in, len(experts), dev_budget, **kw)

@@ -15,7 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from mergekit_ace.rules.common import ACE_STRATEGIES, EXPERT_STREAMED, ROW_RECOMPUTED, STRATEGIES
+from mergekit_ace.rules.common import (
+    ACE_STRATEGIES,
+    EXPERT_STREAMED,
+    ROW_RECOMPUTED,
+    STRATEGIES,
+    SVD_STRATEGIES,
+)
 
 #: The symmetric eigensolver (LAPACK syevd, cuSOLVER syevd) needs a copy of the matrix that
 #: becomes the eigenvectors plus about 2 n^2 of workspace.
@@ -23,6 +29,14 @@ EIGH_COPIES = 3
 #: Flops of a symmetric eigendecomposition with vectors, ~9 n^3 (tridiagonalisation 4/3 n^3,
 #: divide and conquer, back-transformation); Golub & Van Loan's count, used for time estimates.
 EIGH_FLOP_FACTOR = 9.0
+#: Thin SVD of an m x n matrix (m >= n) with U_1 and V: the R-SVD's 6 m n^2 + 20 n^3
+#: (Golub & Van Loan, Table 8.6.1), counted with the eigendecompositions.
+SVD_FLOPS_MN2, SVD_FLOPS_N3 = 6.0, 20.0
+#: The SVD-based rules (``rules/tsv_m.py``, ``rules/iso.py``).
+SVD_RULES = ("tsv_m", "iso_c", "iso_cts")
+#: Strategies each rule offers the planner.
+RULE_STRATEGIES = {"ace": ACE_STRATEGIES, "actmat": STRATEGIES,
+                   **{rule: SVD_STRATEGIES for rule in SVD_RULES}}
 
 
 @dataclass(frozen=True)
@@ -49,17 +63,24 @@ def estimate(
     refine: bool = True,
     k_frac: float = 0.3,
 ) -> Estimate:
-    """Peak extra bytes and flops of ``rule`` (``"ace"`` or ``"actmat"``) on one d_out x d_in weight.
+    """Peak extra bytes and flops of ``rule`` (ace, actmat, tsv_m, iso_c, iso_cts) on one
+    d_out x d_in weight.
 
     For ACE, ``refine`` says whether the heterogeneous branch's refinement runs (unknown before the
-    traces are read: the planner assumes it does, an upper bound)."""
+    traces are read: the planner assumes it does, an upper bound). For the SVD rules the estimate
+    is that of their full-SVD route (an upper bound: the Gram route, taken where its estimated
+    error allows, needs about half the memory and fewer flops; :func:`svd_rule_gram_route`)."""
     m, n, T = int(d_out), int(d_in), int(n_experts)
     r = m if not row_chunk or row_chunk >= m else int(row_chunk)
     bd, bm = compute_bytes, matmul_bytes
     nn, mn, rn = n * n, m * n, r * n
     streamed = strategy == EXPERT_STREAMED
-    if strategy not in (ACE_STRATEGIES if rule == "ace" else STRATEGIES):
+    if rule not in RULE_STRATEGIES:
+        raise ValueError(f"unknown rule {rule!r}")
+    if strategy not in RULE_STRATEGIES[rule]:
         raise ValueError(f"unknown strategy {strategy!r} for {rule}")
+    if rule in SVD_RULES:
+        return _svd_rule(rule, m, n, T, r, bd, svd_route=True)
     if rule == "ace":
         return _ace(m, n, T, r, bd, bm, streamed, strategy == ROW_RECOMPUTED, refine and k_frac > 0, k_frac,
                     nn, mn, rn)
@@ -118,6 +139,65 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn) -> Estimate:
     else:
         mm += 2.0 * m * nn  # N A^+ row by row
     return Estimate(int(max(grams, eig, apply)), mm, EIGH_FLOP_FACTOR * n ** 3)
+
+
+def _svd(p: int, q: int) -> float:
+    """Flops of a thin SVD with both factors."""
+    big, small = max(p, q), min(p, q)
+    return SVD_FLOPS_MN2 * big * small * small + SVD_FLOPS_N3 * small ** 3
+
+
+def _svd_rule(rule, m, n, T, r, bd, svd_route) -> Estimate:
+    """TSV-M, Iso-C, Iso-CTS (``rules/tsv_m.py``, ``rules/iso.py``). Buffers: the task matrix or
+    sum being decomposed (m n), the stacked bases U (m x <=min) and V (n x <=min), the result
+    (m n), a decomposition's workspace, block temporaries. The full-SVD route's decomposition
+    holds a copy of its input, U and V^T (~2 m n + min^2) plus LAPACK's workspace (~3 min^2) at
+    once; the Gram route a Gram matrix and the eigensolver's copies (EIGH_COPIES + 1) min^2, and
+    its polar factors are formed in place."""
+    mn, g = m * n, min(m, n)
+    gg = g * g
+    stacked = (mn + gg) * bd  # U_hat (m x <=g) and V_hat (n x <=g); g <= n, g <= m
+    blocks = 2 * r * n * bd
+    if svd_route:
+        decomposition = (2 * mn + 4 * gg) * bd
+    else:
+        decomposition = (EIGH_COPIES + 1) * gg * bd + m * g * bd
+    # phase 1 (the matrix being decomposed, the bases filled so far, the decomposition) and the
+    # last phase (bases, their polar factors' decompositions or the result).
+    phase1 = mn * bd + (0 if rule == "iso_c" else stacked) + decomposition + blocks
+    if rule == "iso_c":
+        last = 2 * mn * bd + blocks + (mn * bd if svd_route else 0)  # the sum or P, the result
+    else:
+        polar = (2 * mn + 4 * gg) * bd if svd_route else (EIGH_COPIES + 2) * gg * bd
+        last = max(stacked + polar, stacked + mn * bd) + blocks
+    peak = int(max(phase1, last))
+    k_common = int(0.8 * g)
+    if svd_route:
+        decompose = {"tsv_m": T * _svd(m, n) + _svd(m, g) + _svd(n, g),
+                     "iso_c": _svd(m, n),
+                     "iso_cts": (T + 1) * _svd(m, n) + _svd(m, g) + _svd(n, g)}[rule]
+        products = {"tsv_m": 2.0 * mn * g + 2.0 * (m + n) * g * g,
+                    "iso_c": 2.0 * mn * g,
+                    "iso_cts": T * 4.0 * mn * k_common + 2.0 * mn * g}[rule]
+    else:
+        eig = EIGH_FLOP_FACTOR * g ** 3
+        decompose = {"tsv_m": (T + 2) * eig, "iso_c": eig, "iso_cts": (T + 3) * eig}[rule]
+        gram = mn * g  # one symmetric Gram
+        products = {"tsv_m": T * (gram + 2.0 * mn * g / T) + 2 * ((m + n) * g * g + 2.0 * (m + n) * g * g)
+                    + 2.0 * mn * g,
+                    "iso_c": gram + 2.0 * mn * g + 2.0 * g ** 3,
+                    "iso_cts": (T + 1) * gram + 2.0 * mn * k_common + T * 4.0 * mn * k_common
+                    + 2 * ((m + n) * g * g + 2.0 * (m + n) * g * g) + 2.0 * mn * g}[rule]
+    return Estimate(peak, products + T * mn, decompose)
+
+
+def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_chunk: Optional[int] = None,
+                        compute_bytes: int = 8) -> Estimate:
+    """The estimate of an SVD rule when every decomposition takes the Gram route (for comparison
+    with :func:`estimate`'s upper bound)."""
+    m, n, T = int(d_out), int(d_in), int(n_experts)
+    r = m if not row_chunk or row_chunk >= m else int(row_chunk)
+    return _svd_rule(rule, m, n, T, r, compute_bytes, svd_route=False)
 
 
 def average_estimate(shape, n_experts: int, compute_bytes: int = 8) -> Estimate:

@@ -16,11 +16,12 @@ from typing import Dict, Tuple
 
 from mergekit_ace.cli import UserError
 
-RULES = {"ace": "ace", "actmat": "actmat"}
+#: merge_method -> the execution layer's rule (every method this package adds).
+RULES = {name: name for name in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="mergekit YAML config (models: form; base_model required for ace/actmat)")
+    parser.add_argument("config", help="mergekit YAML config (models: form; base_model required for this package's methods)")
     parser.add_argument("--gpu-memory", default=None,
                         help="plan for a GPU with this much memory (e.g. 24GiB); default: this machine's devices")
     parser.add_argument("--gpu-tflops", type=float, default=None,
@@ -157,7 +158,7 @@ def _numel(shape) -> int:
 
 def run(args) -> int:
     from mergekit_ace.execution.budget import memory_budget, parse_budget, parse_size
-    from mergekit_ace.execution.memory import format_bytes
+    from mergekit_ace.execution.memory import SVD_RULES, format_bytes
 
     config = load_config(args.config)
     try:
@@ -175,6 +176,8 @@ def run(args) -> int:
     except ValueError as error:
         raise UserError(str(error))
     plan = build_plan(config, budget)
+    method = plan["method"]
+    rule = RULES.get(method)
     weights = plan["weights"]
     worst = max(weights, key=lambda r: r["peak_bytes"] + r["input_bytes"])
     need = worst["peak_bytes"] + worst["input_bytes"]
@@ -208,11 +211,14 @@ def run(args) -> int:
     if not args.all and len(weights) > len(shown):
         print(f"... {len(weights) - len(shown)} smaller weight(s) not shown (--all)")
     print(f"\nweights: {len(weights)}, rule on {sum(r['rule'] in RULES for r in weights)}; "
-          f"total {mm / 1e12:.2f} TFLOP in products/solves + {eig / 1e12:.2f} TFLOP in eigendecompositions")
+          f"total {mm / 1e12:.2f} TFLOP in products/solves + {eig / 1e12:.2f} TFLOP in decompositions (eigh/SVD)")
     print(f"largest need: {worst['name']}: {format_bytes(need)} (its inputs + the rule's peak): "
           f"{'fits' if summary['fits'] else 'does NOT fit'} {where}")
     for k, v in times.items():
         tp = throughputs[k]
         print(f"rule arithmetic on {k}: ~{v:,.0f} s  (matmul {tp[0] / 1e9:.1f} GFLOP/s, eigh {tp[1] / 1e9:.1f} GFLOP/s)")
+    if rule in SVD_RULES:
+        print(f"({method}: memory and flops of the full-SVD route, an upper bound; the exact Gram route, "
+              "taken where its error estimate allows, needs less)")
     print("(reading and writing the weights is not included)")
     return 0

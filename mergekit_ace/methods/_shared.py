@@ -1,4 +1,4 @@
-"""What the two methods share: unpacking a mergekit TensorGroup and the non-rule weights."""
+"""What the methods share: unpacking a mergekit TensorGroup and the non-rule weights."""
 
 from __future__ import annotations
 
@@ -30,12 +30,16 @@ def merge_group(
     *,
     scale: float,
     merge_embeddings: bool,
+    scale_name: str = "scale",
     **rule_parameters,
 ) -> torch.Tensor:
     """Apply ``rule`` to a 2-D weight, or the experts' average to anything else.
 
     Input token embeddings are averaged unless ``merge_embeddings``; the result is returned in the
-    dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype`` afterwards).
+    dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype`` afterwards). ``scale``
+    multiplies the merged task vector of both; the rule takes it as ``scale_name`` ("scale" for
+    ace/actmat, "alpha" for the SVD methods, after their papers). The execution layer knows the
+    rule as ``rule_name`` lower-cased with "-" as "_" (ace, actmat, tsv_m, iso_c, iso_cts).
     """
     name: Optional[str] = group.metadata.name
     if group.base is None:
@@ -44,7 +48,7 @@ def merge_group(
     experts = [entry.tensor for entry in group.non_base]
     ids = [entry.id for entry in group.non_base]
     check_inputs(base, experts, name=name, ids=_labels(ids), base_id=_label(group.base.id))
-    check_parameter(name, "scale", scale)
+    check_parameter(name, scale_name, scale)
     out_dtype = base.dtype if base.is_floating_point() else torch.float32
     takes_rule = base.ndim == 2 and (
         merge_embeddings or not is_input_embedding(name, group.metadata.vocabulary_axis)
@@ -52,14 +56,14 @@ def merge_group(
     if takes_rule:
         # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md).
         merged = execute_rule(
-            rule_name.lower(),
+            rule_name.lower().replace("-", "_"),
             rule,
             base,
             experts,
-            scale=scale,
             name=name,
             ids=_labels(ids),
             compute_dtype=COMPUTE_DTYPE,
+            **{scale_name: scale},
             **rule_parameters,
         )
     else:

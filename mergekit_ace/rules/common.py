@@ -335,3 +335,10 @@ def check_parameter(name: Optional[str], parameter: str, value, *, low=None, hig
     if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
         bounds = f"in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise MergeInputError(f"{describe(name)}: parameter {parameter}={value!r} must be finite and {bounds}")
+
+
+# --------------------------------------------------------------------------- SVD-based rules
+#: TSV-M, Iso-C and Iso-CTS decompose whole matrices (one task matrix, or the sum, at a time):
+#: one strategy; ``row_chunk`` only sets the row blocks of their products.
+WHOLE_MATRIX = "whole_matrix"
+SVD_STRATEGIES = (WHOLE_MATRIX,)

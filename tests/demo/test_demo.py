@@ -84,7 +84,7 @@ def test_merge_configs_use_absolute_paths(tmp_path):
     from mergekit_ace.demo import merges
 
     labels = [m[0] for m in merges.METHODS]
-    assert labels == ["linear", "task_arithmetic", "ties", "ace", "actmat"]
+    assert labels == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
     for method in merges.METHODS:
         cfg = merges.merge_config(method, Path("base"), [Path("e1"), Path("e2")])
         paths = [m["model"] for m in cfg["models"]] + ([cfg["base_model"]] if "base_model" in cfg else [])
@@ -125,18 +125,21 @@ def test_small_demo_runs_end_to_end(small_demo):
     out, seconds = small_demo
     summary = json.loads((out / "summary.json").read_text())
     scores = summary["scores"]
-    expected_models = {"base", *(f"expert-{s}" for s in S.SKILL_NAMES), "linear", "task_arithmetic", "ties", "ace", "actmat"}
+    merges = ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts")
+    expected_models = {"base", *(f"expert-{s}" for s in S.SKILL_NAMES), *merges}
     assert set(scores) == expected_models
     # every expert clearly beats the base on its own skill
     for skill in S.SKILL_NAMES:
         assert scores[f"expert-{skill}"][skill] >= scores["base"][skill] + 0.2, (skill, scores)
     # normalised table: merges as a percentage of each task's expert
-    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat"):
+    for label in merges:
         row = summary["normalised"][label]
         for skill in S.SKILL_NAMES:
             assert row[skill] == pytest.approx(100 * scores[label][skill] / scores[f"expert-{skill}"][skill])
     report = (out / "report.md").read_text()
-    assert "Normalised to each task's expert" in report and "| ace |" in report and "| actmat |" in report
+    assert "Normalised to each task's expert" in report
+    for label in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts"):
+        assert f"| {label} |" in report and f"`{label}`" in report
     assert (out / "chart.png").stat().st_size > 0
     assert summary["heterogeneity"]["matrices"] > 0
 
@@ -146,7 +149,7 @@ def test_small_demo_merged_models_load(small_demo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = small_demo
-    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat"):
+    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"):
         path = out / "merges" / label
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -188,3 +188,29 @@ def test_oom_retries_are_counted():
     execute_rule("actmat", actmat_merge, W0, experts, budget=float("inf"), fault_injector=injector,
                  matmul_dtype=torch.float64)
     assert executor.oom_retry_count() == before + 1
+
+
+@pytest.mark.parametrize("rule", ["tsv_m", "iso_c", "iso_cts"])
+def test_svd_rules_out_of_memory_fall_back_to_the_cpu(rule, monkeypatch):
+    """The SVD rules have one plan per weight (their full-SVD peak does not shrink with row
+    blocks): an out-of-memory error on the accelerator sends the weight straight to the CPU."""
+    from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
+
+    fn = {"tsv_m": tsv_m_merge, "iso_c": iso_c_merge, "iso_cts": iso_cts_merge}[rule]
+    monkeypatch.setattr(executor, "_on_accelerator", lambda device: True)
+    monkeypatch.setattr(executor, "_fallback_count", 0)
+    W0, experts = make_experts((96, 40), 3, [1.0, 0.05, 0.3], seed=12)
+    calls = []
+
+    def injector(plan, device):
+        calls.append(plan)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    plans = candidate_plans(rule, 96, 40, 3, budget=1e9)
+    assert {p.strategy for p in plans} == {"whole_matrix"}
+    out = execute_rule(rule, fn, W0, experts, budget=1e9, fault_injector=injector, alpha=1.0)
+    torch.testing.assert_close(out, fn(W0, experts), rtol=1e-10, atol=1e-12)
+    assert len(calls) == 2 and executor.fallback_count() == 1
+    with pytest.raises(TypeError, match="matmul_dtype"):  # float64 throughout: the option is not theirs
+        execute_rule(rule, fn, W0, experts, budget=1e9, matmul_dtype=torch.float32)

@@ -55,3 +55,21 @@ def test_plan_user_errors(tmp_path, capsys):
     bad.write_text(f"merge_method: ace\nbase_model: {tmp_path}/nope\nmodels:\n  - model: {tmp_path}/nope2\n")
     assert main(["plan", str(bad)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_plan_covers_the_svd_methods(method, config, capsys, tmp_path, monkeypatch):
+    from mergekit_ace.execution import plan_cli
+
+    monkeypatch.setattr(plan_cli, "measure_throughput", lambda device="cpu": (1e10, 1e9))
+    cfg = tmp_path / f"{method}.yml"
+    cfg.write_text(config.read_text().replace("merge_method: ace", f"merge_method: {method}")
+                   .replace("  k_frac: 0.3\n", "  alpha: 1.0\n"))
+    assert main(["plan", str(cfg), "--gpu-memory", "24GiB", "--json"]) == 0
+    weights = {w["name"]: w for w in json.loads(capsys.readouterr().out)["weights"]}
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert q["rule"] == method and q["strategy"] == "whole_matrix" and q["eigh_flops"] > 0
+    assert weights["model.embed_tokens.weight"]["rule"] == "average"
+    assert weights["lm_head.weight"]["rule"] == method
+    assert main(["plan", str(cfg), "--gpu-memory", "24GiB"]) == 0
+    assert "full-SVD route, an upper bound" in capsys.readouterr().out

@@ -1,0 +1,248 @@
+r"""Iso-C and Iso-CTS (isotropic merging), one weight matrix at a time.
+
+Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind: Isotropic
+Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; authors' code
+https://github.com/danielm1405/iso-merging (``src/utils/iso.py``: ``iso_c``, ``iso_cts``; the same
+functions are ported to fusion-bench, ``fusion_bench/method/isotropic_merging/iso_utils.py``).
+Task vectors :math:`D_t = W_t - W_0` (d_out x d_in, rows are outputs), :math:`r = \min(d_{out}, d_{in})`.
+
+**Iso-C** (isotropic merging in the common subspace)
+
+1. task arithmetic          :math:`\Delta = \sum_t D_t = U S V^T`
+2. isotropic spectrum       :math:`\bar\sigma = \frac1r \sum_i \sigma_i` (the mean over all r values)
+3. merge                    :math:`W = W_0 + \alpha\,\bar\sigma\, U V^T`
+
+**Iso-CTS** (common and task-specific subspaces)
+
+1. common subspace          the top :math:`k` triplets :math:`(U_c, S_c, V_c)` of :math:`\Delta`,
+                            :math:`k` from ``common_space_fraction`` (default 0.8), adjusted so
+                            that :math:`r - k` splits evenly over the T tasks
+                            (:func:`common_space_size`)
+2. task-specific subspaces  :math:`\bar D_t = D_t - U_cU_c^T D_t` (the common subspace projected
+                            out of the output side); its top :math:`s = (r-k)/T` triplets
+                            :math:`(u_t, s_t, v_t)`
+3. orthogonalisation        :math:`U_\perp = \mathrm{polar}([U_c, u_1 \dots u_T])`,
+                            :math:`V_\perp = \mathrm{polar}([V_c, v_1 \dots v_T])`
+4. isotropic spectrum       :math:`\bar\sigma` = the mean of the r values :math:`S_c, s_1 \dots s_T`
+5. merge                    :math:`W = W_0 + \alpha\,\bar\sigma\, U_\perp V_\perp^T`
+
+Weights that are not 2-D and input embeddings get :math:`W_0 + \alpha\,\mathrm{mean}_t D_t`
+(``methods/_shared.py``; the authors' code averages every non-matrix parameter the same way).
+
+Paper and code. The code the paper's numbers come from (``danielm1405/iso-merging``) sums the
+task vectors (``new_vector *= len(tvs)`` after the mean); a port in the TSV repository
+(``AntoAndGar/task_singular_vectors``, ``compute_iso_c_task_vector``) decomposes their *mean*,
+which makes :math:`\bar\sigma` T times smaller (the same as alpha/T): this follows the sum. The common-subspace size is
+the code's, ``int(r * fraction)`` then rounded so that the task-specific part divides by T
+(Python's ``round``); where that rounding would need more than r dimensions the per-task size is
+rounded down instead (the code would slice with a negative index). Alpha: the authors select it
+on validation data (their ``config/config.yaml``: ``specify_lambda: None``, a 31-point search
+with early stopping); there is no data-free value, and 1.0 is fusion-bench's default and this
+package's. As in :mod:`.tsv_m`, directions with a zero singular value (rank-deficient
+:math:`\Delta` or :math:`\bar D_t`) are left out instead of keeping LAPACK's arbitrary null-space
+vectors; :math:`\bar\sigma` still divides by r, as the code's ``S.mean()`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, List, Optional, Sequence
+
+import torch
+
+from mergekit_ace.rules.common import (
+    SVD_STRATEGIES,
+    WHOLE_MATRIX,
+    TaskVectors,
+    check_finite_output,
+    check_inputs,
+    check_parameter,
+    check_strategy,
+    row_chunks,
+    task_vector,
+)
+from mergekit_ace.rules.spectral import (
+    AUTO,
+    RANK_RTOL,
+    Triplets,
+    check_route,
+    polar_factor_,
+    top_singular_triplets,
+)
+
+DEFAULTS_C = dict(alpha=1.0)
+DEFAULTS_CTS = dict(alpha=1.0, common_space_fraction=0.8)
+
+
+# --------------------------------------------------------------------------- shared steps
+def task_arithmetic_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype,
+                        row_chunk: Optional[int] = None) -> torch.Tensor:
+    r""":math:`\Delta = \sum_t D_t` (a new d_out x d_in tensor in ``dtype``)."""
+    tv = TaskVectors(base, experts, dtype, row_chunk)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    for rows in tv.chunks():
+        out[rows] = tv.weighted_sum(rows, [1.0] * len(experts), dtype)
+    return out
+
+
+def isotropic_value(singular_values: torch.Tensor, r: int) -> float:
+    r""":math:`\bar\sigma = \frac1r\sum_i\sigma_i`: the mean over all r = min(d_out, d_in) singular
+    values (those left out as zero count as zero, as in the code's ``S.mean()``)."""
+    return float(singular_values.sum()) / r if r > 0 else 0.0
+
+
+def _isotropic_merge(base, P_left, right, sigma_bar, alpha, dt, row_chunk):
+    r""":math:`W_0 + \alpha\bar\sigma P_{left}\,\cdot\,right` one row block at a time (``right`` is
+    None when ``P_left`` already is the whole product, as in Iso-C)."""
+    d_out, d_in = base.shape
+    W = torch.empty(d_out, d_in, dtype=dt, device=base.device)
+    factor = alpha * sigma_bar
+    for rows in row_chunks(d_out, row_chunk):
+        block = P_left[rows] @ right if right is not None else P_left[rows].clone()
+        block *= factor
+        block += base[rows]
+        W[rows] = block
+    return W
+
+
+# --------------------------------------------------------------------------- Iso-C
+@dataclass
+class IsoDiagnostics:
+    sigma_bar: float
+    #: Iso-CTS: size k of the common subspace and s per task (Iso-C: k = r, s = 0)
+    common_size: int
+    per_task: int
+    #: directions kept (r unless a matrix is rank-deficient)
+    rank: int
+    #: route of each decomposition ("gram" or "svd")
+    routes: List[str] = field(default_factory=list)
+
+
+def iso_c_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    alpha: float = DEFAULTS_C["alpha"],
+    name: Optional[str] = None,
+    ids: Optional[Sequence[Hashable]] = None,
+    compute_dtype: torch.dtype = torch.float64,
+    route: str = AUTO,
+    strategy: str = WHOLE_MATRIX,
+    row_chunk: Optional[int] = None,
+    return_diagnostics: bool = False,
+):
+    r"""Merge one 2-D weight by Iso-C; returns :math:`W_0 + \alpha\bar\sigma UV^T` in ``compute_dtype``
+    (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd"."""
+    check_inputs(base, experts, name=name, ids=ids, matrix_rule="Iso-C")
+    check_parameter(name, "alpha", alpha)
+    check_strategy(strategy, name, SVD_STRATEGIES)
+    check_route(route)
+    r = min(base.shape)
+    delta = task_arithmetic_sum(base, experts, compute_dtype, row_chunk)
+    P, S, used = polar_factor_(delta, route=route, row_chunk=row_chunk)
+    del delta
+    sigma_bar = isotropic_value(S, r)
+    W = _isotropic_merge(base, P, None, sigma_bar, alpha, compute_dtype, row_chunk)
+    check_finite_output(W, name, "Iso-C")
+    diag = IsoDiagnostics(sigma_bar=sigma_bar, common_size=r, per_task=0, rank=int(S.numel()), routes=[used])
+    return (W, diag) if return_diagnostics else W
+
+
+# --------------------------------------------------------------------------- Iso-CTS
+def common_space_size(r: int, n_tasks: int, fraction: float) -> int:
+    r"""Size k of the common subspace: the authors' ``int(r * fraction)``, then
+    ``r - round((r - k) / T) * T`` so that the task-specific remainder splits evenly over the
+    tasks; if that remainder would exceed r (possible for tiny r), one dimension per task fewer."""
+    k = int(r * fraction)
+    specific = round((r - k) / n_tasks) * n_tasks
+    if specific > r:
+        specific -= n_tasks
+    return r - specific
+
+
+def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: Optional[int] = None) -> Triplets:
+    r"""Step 1: the top-k singular triplets of :math:`\Delta = \sum_t D_t`."""
+    return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk)
+
+
+def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
+    r"""Step 2 (in place): :math:`D_t \leftarrow D_t - U_c (U_c^T D_t)`, one row block at a time."""
+    if U_c.shape[1]:
+        coefficients = U_c.T @ delta_t
+        for rows in row_chunks(delta_t.shape[0], row_chunk):
+            delta_t[rows] -= U_c[rows] @ coefficients
+    return delta_t
+
+
+def task_specific_subspace(delta_t: torch.Tensor, U_c: torch.Tensor, s: int, zero_below: float,
+                           route: str = AUTO, row_chunk: Optional[int] = None) -> Triplets:
+    r"""Step 2: the top-s triplets of :math:`(I - U_cU_c^T) D_t` (``delta_t`` is overwritten);
+    singular values at or below ``zero_below`` (noise of a task vector that lies in the common
+    subspace) are left out."""
+    return top_singular_triplets(project_out_(delta_t, U_c, row_chunk), s, zero_below=zero_below, route=route,
+                                 row_chunk=row_chunk)
+
+
+def iso_cts_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    alpha: float = DEFAULTS_CTS["alpha"],
+    common_space_fraction: float = DEFAULTS_CTS["common_space_fraction"],
+    name: Optional[str] = None,
+    ids: Optional[Sequence[Hashable]] = None,
+    compute_dtype: torch.dtype = torch.float64,
+    route: str = AUTO,
+    strategy: str = WHOLE_MATRIX,
+    row_chunk: Optional[int] = None,
+    return_diagnostics: bool = False,
+):
+    r"""Merge one 2-D weight by Iso-CTS; returns :math:`W_0 + \alpha\bar\sigma U_\perp V_\perp^T` in
+    ``compute_dtype`` (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd"."""
+    check_inputs(base, experts, name=name, ids=ids, matrix_rule="Iso-CTS")
+    check_parameter(name, "alpha", alpha)
+    check_parameter(name, "common_space_fraction", common_space_fraction, low=0.0, high=1.0)
+    check_strategy(strategy, name, SVD_STRATEGIES)
+    check_route(route)
+    T = len(experts)
+    r = min(base.shape)
+    k = common_space_size(r, T, common_space_fraction)
+    s = (r - k) // T
+    routes: List[str] = []
+
+    # Step 1: the common subspace, written into the first columns of the stacked bases.
+    d_out, d_in = base.shape
+    U_stack = torch.empty(d_out, r, dtype=compute_dtype, device=base.device)
+    V_stack = torch.empty(d_in, r, dtype=compute_dtype, device=base.device)
+    S_all = torch.empty(r, dtype=compute_dtype, device=base.device)
+    delta = task_arithmetic_sum(base, experts, compute_dtype, row_chunk)
+    common = common_subspace(delta, k, route, row_chunk)
+    del delta
+    filled = common.rank
+    U_stack[:, :filled], V_stack[:, :filled], S_all[:filled] = common.U, common.V, common.S
+    routes.append(common.route)
+    del common
+    U_c = U_stack[:, :filled]
+    # Step 2: each task's top-s triplets outside the common subspace.
+    for t in range(T if s > 0 else 0):
+        D = task_vector(experts[t], base, compute_dtype)
+        zero_below = RANK_RTOL * float(torch.linalg.matrix_norm(D))
+        specific = task_specific_subspace(D, U_c, s, zero_below, route, row_chunk)
+        del D
+        cols = slice(filled, filled + specific.rank)
+        U_stack[:, cols], V_stack[:, cols], S_all[cols] = specific.U, specific.V, specific.S
+        filled += specific.rank
+        routes.append(specific.route)
+        del specific
+    del U_c
+    # Steps 3-4: orthogonalisation (in place where the Gram route is taken), isotropic value.
+    S_all = S_all[:filled]
+    sigma_bar = isotropic_value(S_all, r)
+    U_perp, _, route_u = polar_factor_(U_stack[:, :filled], route=route, row_chunk=row_chunk)
+    V_perp, _, route_v = polar_factor_(V_stack[:, :filled], route=route, row_chunk=row_chunk)
+    routes += [route_u, route_v]
+    del U_stack, V_stack
+    W = _isotropic_merge(base, U_perp, V_perp.T.contiguous(), sigma_bar, alpha, compute_dtype, row_chunk)
+    check_finite_output(W, name, "Iso-CTS")
+    diag = IsoDiagnostics(sigma_bar=sigma_bar, common_size=k, per_task=s, rank=int(S_all.numel()), routes=routes)
+    return (W, diag) if return_diagnostics else W
