@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from mergekit_ace import synthetic  # noqa: E402
 
 METHODS = ("ties", "task_arithmetic", "ace", "actmat")
-RULES = ("ace", "actmat")
+RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")  # this package's methods (plan, --verify)
 GIB = 2 ** 30
 
 
@@ -151,7 +151,8 @@ def main():
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (full-size layers)")
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS),
+                   help="mergekit methods to run (default: %(default)s; also tsv_m, iso_c, iso_cts)")
     p.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     p.add_argument("--gen-device", default=None,
                    help="where the checkpoints' random numbers are drawn (default: cuda with --cuda, else cpu)")
