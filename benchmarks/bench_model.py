@@ -12,7 +12,7 @@ Per method: wall time of the process, its phases (loading, this package's rule, 
 ``benchmarks/merge_probe.py``), peak RSS and peak anonymous RSS, on CUDA the peak GPU memory
 allocated, OOM retries, CPU fallbacks and float64 recomputations, and ``mergekit-ace plan``'s
 estimate next to it (rule seconds from a throughput measured when the plan runs; the largest weight's
-memory need). ``--verify`` merges ace and actmat with float32 output on the chosen device and on
+memory need). ``--verify`` merges this package's methods with float32 output on the chosen device and on
 the CPU and prints the relative difference of the merged task vectors.
 
 Checkpoints are written once into ``--workdir`` (reused while their parameters match:
