@@ -172,7 +172,9 @@ def main():
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
 
     t = time.perf_counter()
-    step = max(1, len(synthetic.tensor_shapes(synthetic.transformers_config(args.shape, args.layers))) // 10)
+    cfg = synthetic.transformers_config(args.shape, args.layers)
+    n_tensors = len(synthetic.tensor_shapes(cfg))
+    step = max(1, n_tensors // 10)
     paths = synthetic.write_checkpoints(
         ckpt, args.shape,
         num_experts=args.experts, num_layers=args.layers, seed=args.seed,
@@ -181,7 +183,6 @@ def main():
     gen_s = time.perf_counter() - t
     out_root = Path(args.out_root).resolve() if args.out_root else ckpt / "merges"
     out_root.mkdir(parents=True, exist_ok=True)
-    cfg = synthetic.transformers_config(args.shape, args.layers)
     size = synthetic.checkpoint_bytes(args.shape, args.layers)
     header = (f"shape {args.shape}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate "
               f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} "

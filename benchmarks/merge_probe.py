@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
 import threading
 import time
@@ -58,15 +59,23 @@ def main(argv):
     times = {"load": 0.0, "write": 0.0, "rule": 0.0}
     counts = {"load": 0, "write": 0, "rule": 0}
 
-    def timed(section, fn):
+    def timed(section, fn, on_success=None):
+        """``fn`` with its time added to ``section``; ``on_success(args, kwargs, seconds)`` after
+        each call that returned."""
         def wrapper(*a, **kw):
             start = time.perf_counter()
+            returned = False
             try:
-                return fn(*a, **kw)
+                out = fn(*a, **kw)
+                returned = True
+                return out
             finally:
                 sync()
-                times[section] += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                times[section] += seconds
                 counts[section] += 1
+                if returned and on_success is not None:
+                    on_success(a, kw, seconds)
         return wrapper
 
     import mergekit.io.tasks as io_tasks
@@ -81,18 +90,9 @@ def main(argv):
     io_tasks.LoadTensor.execute = timed("load", io_tasks.LoadTensor.execute)
     io_tasks.SaveTensor.execute = timed("write", io_tasks.SaveTensor.execute)
     io_tasks.FinalizeModel.execute = timed("write", io_tasks.FinalizeModel.execute)
-    per_weight = []
-    rule_fn = timed("rule", shared.execute_rule)
-
-    def rule_with_record(kind, rule, base, experts, **kw):
-        start = time.perf_counter()
-        out = rule_fn(kind, rule, base, experts, **kw)
-        per_weight.append([kw.get("name"), list(base.shape), round(time.perf_counter() - start, 4)])
-        return out
-
-    shared.execute_rule = rule_with_record
-
-    import signal
+    per_weight = []  # [name, shape, seconds] of every weight the package's rules merged
+    shared.execute_rule = timed("rule", shared.execute_rule, lambda a, kw, seconds: per_weight.append(
+        [kw.get("name"), list(a[2].shape), round(seconds, 4)]))
 
     def stop(signum, frame):  # a run stopped from outside still leaves its record (ok: false)
         raise KeyboardInterrupt(f"stopped by signal {signum}")

@@ -33,6 +33,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_ace.rules.common import is_input_embedding
+from mergekit_ace.toymodels import train_tokenizer
+
 #: Shapes and configs of the real models (public config.json of each Hub repository).
 FAMILIES: Dict[str, dict] = {
     # meta-llama/Llama-3.2-3B-Instruct
@@ -99,10 +102,6 @@ def _generator(seed: int, name: str, role: str, device="cpu") -> torch.Generator
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}:{role}".encode()))
 
 
-def _is_input_embedding(name: str) -> bool:
-    return name.endswith("embed_tokens.weight")
-
-
 def base_tensor(name: str, shape: Sequence[int], seed: int, device="cpu") -> torch.Tensor:
     """``W_0`` of one tensor (float32, on ``device``)."""
     x = torch.randn(tuple(shape), generator=_generator(seed, name, "base", device), device=device) * BASE_STD
@@ -122,7 +121,7 @@ def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, exp
         return noise * (target / float(torch.linalg.vector_norm(noise)))
     m, n = base.shape
     rows = None
-    if _is_input_embedding(name):
+    if is_input_embedding(name):
         count = max(1, int(EMBEDDING_ROW_FRACTION * m))
         rows = torch.randperm(m, generator=g, device=dev)[:count].sort().values
         m = count
@@ -226,7 +225,7 @@ def write_checkpoints(
     shapes = tensor_shapes(config)
     shape_of = dict(shapes)
     shards = _plan_shards(shapes, torch.finfo(dtype).bits // 8, shard_bytes)
-    tokenizer = _tokenizer()
+    tokenizer = train_tokenizer()
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         for old in d.glob("*.safetensors"):
@@ -260,12 +259,6 @@ def write_checkpoints(
                 f.close()
     stamp.write_text(json.dumps(record, indent=2))
     return [d.resolve() for d in dirs]
-
-
-def _tokenizer():
-    from mergekit_ace.toymodels import train_tokenizer
-
-    return train_tokenizer()
 
 
 def checkpoint_bytes(family: str, num_layers: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -15,6 +15,7 @@ Policy (``docs/execution.md``):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -213,22 +214,22 @@ def execute_rule(
     float64 products the last times is computed in float64 directly, without a float32 attempt
     that would be thrown away; float64 is what "auto" would have fallen back to.
     """
+    run = functools.partial(_execute, rule_kind, rule, base, experts, name=name, budget=budget,
+                            fault_injector=fault_injector)
     if rule_kind not in MATMUL_DTYPE_RULES:  # the SVD peers: float64 throughout
-        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
-                        fault_injector=fault_injector, **rule_parameters)
+        return run(**rule_parameters)
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
+    if mdt == "auto" and not float32_products_are_ieee(base.device):
+        mdt = torch.float64
     if mdt != "auto":
-        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
-                        fault_injector=fault_injector, matmul_dtype=mdt, **rule_parameters)
+        return run(matmul_dtype=mdt, **rule_parameters)
     kind = _auto_kind(rule_kind, base, len(experts), rule_parameters)
     with _auto_lock:
         skip = _auto_float64_streak.get(kind, 0) >= AUTO_SKIP_AFTER
     if skip:
-        return _execute(rule_kind, rule, base, experts, name=name, budget=budget,
-                        fault_injector=fault_injector, matmul_dtype=torch.float64, **rule_parameters)
+        return run(matmul_dtype=torch.float64, **rule_parameters)
     before = float64_recompute_count()
-    out = _execute(rule_kind, rule, base, experts, name=name, budget=budget,
-                   fault_injector=fault_injector, matmul_dtype=mdt, **rule_parameters)
+    out = run(matmul_dtype=mdt, **rule_parameters)
     with _auto_lock:  # another thread's recomputation may be counted here: it only costs speed
         recomputed = float64_recompute_count() > before
         _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if recomputed else 0
@@ -246,15 +247,13 @@ def _execute(
     fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
     **rule_parameters,
 ) -> torch.Tensor:
-    """:func:`execute_rule` with the products' dtype decided (``matmul_dtype`` in rule_parameters)."""
+    """:func:`execute_rule` once the products' dtype is decided (ace/actmat: ``matmul_dtype`` in
+    ``rule_parameters``)."""
     device = base.device
     d_out, d_in = base.shape
     rule_parameters.setdefault("compute_dtype", COMPUTE_DTYPE)
     if rule_kind in MATMUL_DTYPE_RULES:
-        mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
-        if mdt == "auto" and not float32_products_are_ieee(device):
-            mdt = torch.float64
-        rule_parameters["matmul_dtype"] = mdt
+        mdt = rule_parameters["matmul_dtype"]
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
                   refine=rule_parameters.get("k_frac", 0.3) > 0)
     else:

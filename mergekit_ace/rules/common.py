@@ -118,21 +118,17 @@ def average_task_vectors(
     into a result of ``out_dtype`` (default ``dtype``), so a 128k-row embedding needs its result
     plus a few blocks, not T + 2 full-size ``dtype`` copies."""
     out = torch.empty(base.shape, dtype=out_dtype or dtype, device=base.device)
-    if base.ndim == 0:
-        rows_per_block, n_rows = 1, 1
-        views = lambda x: x.reshape(1)  # noqa: E731
-    else:
-        n_rows = base.shape[0]
-        rows_per_block = max(1, block_elements // max(1, base[0].numel()))
-        views = lambda x: x  # noqa: E731
-    flat_out, flat_base, flat_experts = views(out), views(base), [views(e) for e in experts]
-    for rows in row_chunks(n_rows, rows_per_block):
-        acc = torch.zeros(flat_base[rows].shape, dtype=dtype, device=base.device)
-        for expert in flat_experts:
-            acc += task_vector(expert[rows], flat_base[rows], dtype)
+    as_rows = (lambda x: x.reshape(1)) if base.ndim == 0 else (lambda x: x)  # noqa: E731
+    rows_out, rows_base, rows_experts = as_rows(out), as_rows(base), [as_rows(e) for e in experts]
+    per_row = max(1, rows_base[0].numel())
+    for rows in row_chunks(rows_base.shape[0], max(1, block_elements // per_row)):
+        base_rows = rows_base[rows].to(dtype)
+        acc = torch.zeros_like(base_rows)
+        for expert in rows_experts:
+            acc += expert[rows].to(dtype) - base_rows
         acc *= scale / len(experts)
-        acc += flat_base[rows].to(dtype)
-        flat_out[rows] = acc
+        acc += base_rows
+        rows_out[rows] = acc
     return out
 
 
