@@ -125,7 +125,7 @@ def fmt_gib(b):
 
 def table(rows, cuda: bool) -> str:
     ties = next((r["wall_s"] for r in rows if r["method"] == "ties" and r["ok"]), None)
-    head = ["method", "wall s", "x ties", "load s", "rule s", "write s", "other s", "peak RSS GiB",
+    head = ["method", "wall s", "x ties", "CPU s", "load s", "rule s", "write s", "other s", "peak RSS GiB",
             "peak anon GiB"] + (["GPU peak GiB"] if cuda else []) + [
             "OOM retries", "CPU fallbacks", "fp64 redo", "plan rule s", "plan largest GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -134,7 +134,8 @@ def table(rows, cuda: bool) -> str:
         secs = plan.get("seconds") or {}
         key = next((k for k in secs if ("cpu" not in k) == cuda), None)
         cells = [r["method"] + ("" if r["ok"] else " (FAILED)"), f"{r['wall_s']:.1f}",
-                 f"{r['wall_s'] / ties:.2f}" if ties else "", f"{r['load_s']:.1f}", f"{r['rule_s']:.1f}",
+                 f"{r['wall_s'] / ties:.2f}" if ties else "",
+                 f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else "", f"{r['load_s']:.1f}", f"{r['rule_s']:.1f}",
                  f"{r['write_s']:.1f}", f"{r['other_s']:.1f}", fmt_gib(r["peak_rss_bytes"]),
                  fmt_gib(r["peak_anon_rss_bytes"])]
         if cuda:

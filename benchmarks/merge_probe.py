@@ -44,6 +44,13 @@ class _Sampler(threading.Thread):
             self.stop.wait(0.1)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far: on a shared machine, a figure that other
+    processes' load inflates much less than the wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv):
     if "--" not in argv or argv.index("--") != 1:
         raise SystemExit(__doc__)
@@ -121,6 +128,7 @@ def main(argv):
         "other_s": wall - times["load"] - times["write"] - times["rule"],
         "loads": counts["load"],
         "rule_calls": counts["rule"],
+        "cpu_s": cpu_seconds(),  # user + system time of the merge process, all threads
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_anon_rss_bytes": sampler.peak_anon * 1024,
         "oom_retries": executor.oom_retry_count(),
