@@ -17,6 +17,7 @@ from typing import Optional
 
 from mergekit_ace.rules.common import (
     ACE_STRATEGIES,
+    AVERAGE_BLOCK_ELEMENTS,
     EXPERT_STREAMED,
     ROW_RECOMPUTED,
     STRATEGIES,
@@ -200,10 +201,16 @@ def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_ch
     return _svd_rule(rule, m, n, T, r, compute_bytes, svd_route=False)
 
 
-def average_estimate(shape, n_experts: int, compute_bytes: int = 8) -> Estimate:
-    """The experts' average (non-2-D weights, embeddings): one accumulator and one result."""
+def average_estimate(shape, n_experts: int, compute_bytes: int = 8, out_bytes: Optional[int] = None,
+                     block_elements: int = AVERAGE_BLOCK_ELEMENTS) -> Estimate:
+    """The experts' average (non-2-D weights, embeddings; ``common.average_task_vectors``): the
+    result in the inputs' dtype (``out_bytes``, default ``compute_bytes``) plus one block of rows
+    (about ``block_elements`` values) as base, accumulator and expert in ``compute_bytes``."""
     numel = math.prod(shape) if shape else 1
-    return Estimate(3 * numel * compute_bytes, float(n_experts * numel), 0.0)
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    block = min(numel, max(block_elements, per_row))
+    result = numel * (out_bytes or compute_bytes)
+    return Estimate(result + 3 * block * compute_bytes, float(n_experts * numel), 0.0)
 
 
 def format_bytes(n: float) -> str:

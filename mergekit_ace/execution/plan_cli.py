@@ -141,7 +141,7 @@ def build_plan(config, budget_bytes: float) -> dict:
                                refine=refines(params))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
-            est = average_estimate(shape, T)
+            est = average_estimate(shape, T, out_bytes=itemsize)
             what = "average" if rule else f"{method} (elementwise)"
             strategy, chunk = "-", None
         rows.append(dict(name=name, shape=list(shape), dtype=dtype, rule=what, strategy=strategy,

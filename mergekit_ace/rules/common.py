@@ -108,9 +108,13 @@ def task_vector(expert: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) ->
     return expert.to(dtype) - base.to(dtype)
 
 
+#: Values per block of rows in :func:`average_task_vectors` (32 MiB in float64).
+AVERAGE_BLOCK_ELEMENTS = 1 << 22
+
+
 def average_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], scale: float, dtype: torch.dtype,
-    out_dtype: Optional[torch.dtype] = None, block_elements: int = 1 << 22,
+    out_dtype: Optional[torch.dtype] = None, block_elements: int = AVERAGE_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """``W_0 + scale * mean_t D_t`` -- what both rules do for non-2-D weights and embeddings.
 

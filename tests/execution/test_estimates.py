@@ -84,3 +84,36 @@ def test_estimates_within_2x_of_measured_cpu_peaks():
             assert est / 3 <= peak <= est, (rule, strategy, m, n, chunk, est, peak)
         else:
             assert est / 2 <= peak <= est * 2, (rule, strategy, m, n, chunk, est, peak)
+
+
+AVERAGE_SCRIPT = textwrap.dedent("""
+    import json, torch
+    torch.set_num_threads(1)
+    from mergekit_ace.execution.peakmem import peak_extra_rss
+    from mergekit_ace.rules.common import average_task_vectors
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40000, 768, generator=g).bfloat16()   # an embedding-like 30.7M-value weight
+    experts = [(base.float() + 0.01 * torch.randn(40000, 768, generator=g)).bfloat16() for _ in range(3)]
+    average_task_vectors(base[:64], [e[:64] for e in experts], 1.0, torch.float64, out_dtype=torch.bfloat16)
+    result, peak = peak_extra_rss(
+        lambda: average_task_vectors(base, experts, 1.0, torch.float64, out_dtype=torch.bfloat16))
+    print(json.dumps(peak))
+""")
+
+
+@pytest.mark.skipif(not peakmem.available(), reason="needs Linux /proc peak-RSS accounting")
+def test_average_estimate_follows_the_blockwise_average():
+    """Embeddings are averaged a block of rows at a time into the inputs' dtype: the plan's estimate
+    is the bf16 result plus three float64 blocks (not T + 2 float64 copies), within 2x of the peak."""
+    from mergekit_ace.execution.memory import average_estimate
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", AVERAGE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    est = average_estimate((40000, 768), 3, out_bytes=2).peak_bytes
+    assert est == 40000 * 768 * 2 + 3 * (1 << 22) * 8
+    assert est / 2 <= peak <= est * 2, (est, peak)
+    # the old whole-tensor float64 figure would be 4x the estimate here
+    assert 3 * 40000 * 768 * 8 > 2 * est
