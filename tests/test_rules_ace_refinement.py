@@ -122,3 +122,55 @@ def test_null_mask_cuts_on_gram_eigenvalues():
     # float32 Grams resolve much less: 1e-6 of lambda_max is within 1000 float32 roundoffs.
     keep32 = ace_rule.gram_null_mask(lam, 4.0, 1000, torch.float32)
     assert keep32.tolist() == [True, False, False, False, False]
+
+
+# --------------------------------------------------------------------------- float32 null decision
+def test_float32_gram_does_not_cut_a_small_direction_as_null():
+    """X = U diag(1, ..., 1, sqrt(5e-4)) V^T, 8192 x 256, k = rank = 200: lambda_k = 5e-4 lambda_1 is
+    below the float32 null floor (8192 * eps32 = 9.8e-4) but the gap after it is large, so the
+    subspace estimate (1.2e-5) alone would accept the float32 Gram and drop the k-th direction's
+    sigma_iso term (7% of the correction). The null decision sends it to a float64 Gram."""
+    from mergekit_ace.rules.precision import TOLERANCE, null_decision_is_clear
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 8192, 256, 200
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    s = torch.ones(r, dtype=torch.float64)
+    s[-1] = 5e-4 ** 0.5
+    X = U @ torch.diag(s) @ V.T
+    X32 = X.float()
+    exact = float(s.sum() / r) * U @ V.T  # sigma_iso U_k V_k^T, every direction kept
+    P = torch.zeros(m, n, dtype=torch.float64)
+    sigma_iso, precision = ace_rule._refine(P, lambda rows: X32[rows], r, torch.float32, None, TOLERANCE)
+    assert precision == "float64"
+    assert abs(sigma_iso - float(s.mean())) < 1e-7
+    assert float((P - exact).norm() / exact.norm()) < 1e-6
+    lam = torch.tensor([1.0] * (r - 1) + [5e-4, 0.0], dtype=torch.float64)
+    assert not null_decision_is_clear(lam, r, m, torch.float32)
+    assert null_decision_is_clear(lam, r, m, torch.float64)
+    lam[r - 1] = 1e-2  # 10x above the float32 margin (9.8e-3)
+    assert null_decision_is_clear(lam, r, m, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)], ids=["tall", "wide"])
+def test_rank_r_updates_auto_products_in_every_strategy(shape):
+    W0, experts = low_rank_experts(shape, rank=8, norms=[1.0, 0.3, 0.5], seed=12)
+    for refinement in ("add", "rescale"):
+        ref, _ = ace_reference(W0, experts, refinement=refinement)
+        for strategy in STRATEGIES:
+            out = ace_merge(W0, experts, refinement=refinement, strategy=strategy, row_chunk=50,
+                            matmul_dtype="auto")
+            assert rel_err(out, ref, W0) < 1e-6, (refinement, strategy)
+
+
+def test_memory_estimate_drops_refinement_buffers_for_none():
+    from mergekit_ace.execution.executor import refines
+    from mergekit_ace.execution.memory import estimate
+
+    for strategy in STRATEGIES:
+        for shape in [(4096, 1024), (1024, 4096)]:
+            full = estimate("ace", strategy, *shape, 3, refine=refines({"refinement": "add"}))
+            none = estimate("ace", strategy, *shape, 3, refine=refines({"refinement": "none"}))
+            assert none.peak_bytes < full.peak_bytes and none.matmul_flops < full.matmul_flops, strategy
+            assert none == estimate("ace", strategy, *shape, 3, refine=False)

@@ -58,6 +58,7 @@ from mergekit_ace.rules.precision import (
     TOLERANCE,
     NeedsFloat64,
     condition_number,
+    null_decision_is_clear,
     run_with_fallback,
     solve_error_estimate,
     subspace_error_estimate,
@@ -269,8 +270,9 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
     Returns ``(sigma_iso, precision of the Gram)``.
 
     ``allowed_error`` (float32 products being checked): the error the subspace may add; a float32
-    Gram that misses it is recomputed in float64 from the same F, and if that misses it too,
-    :class:`NeedsFloat64` is raised (precision.py)."""
+    Gram that misses it, or whose k-th eigenvalue is too close to its null floor to decide whether
+    that direction is null (precision.null_decision_is_clear), is recomputed in float64 from the
+    same F, and if that misses it too, :class:`NeedsFloat64` is raised (precision.py)."""
     d_out, d_in = P.shape
     count = k + 1 if k < min(d_out, d_in) else k  # one more pair: the gap after the k-th
 
@@ -281,7 +283,10 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
     lam, vecs = pairs(gram_dtype)
     if allowed_error is not None:
         error = subspace_error_estimate(lam, k, gram_in_float32=gram_dtype == torch.float32)
-        if error > allowed_error and gram_dtype != torch.float64:
+        # A float32 Gram cannot tell a small top-k direction from a null one near its floor
+        # (gram_null_mask): that decision, too, is taken from a float64 Gram.
+        unclear = gram_dtype != torch.float64 and not null_decision_is_clear(lam, k, max(d_out, d_in), gram_dtype)
+        if (error > allowed_error or unclear) and gram_dtype != torch.float64:
             gram_dtype = torch.float64
             lam, vecs = pairs(gram_dtype)
             error = subspace_error_estimate(lam, k, gram_in_float32=False)

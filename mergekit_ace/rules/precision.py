@@ -12,7 +12,14 @@ rule can amplify:
   Gram :math:`F^TF` turns that subspace by about :math:`\|E\|/(\lambda_k-\lambda_{k+1})`
   (Davis-Kahan), and only the pairs at the boundary mix, so the result moves by about
   :math:`\sqrt{2/k}\,\|E\|/(\lambda_k-\lambda_{k+1})` relative. :math:`\|E\| \approx u\lambda_1`
-  for a float32 Gram, :math:`\approx 2u\sigma_1\sigma_k` for a float64 Gram of a float32 F.
+  for a float32 Gram, :math:`\approx 2u\sigma_1\sigma_k` for a float64 Gram of a float32 F;
+* ACE's decision which of the top-k directions are null (they get no refinement term): a Gram
+  eigenvalue counts as zero at or below :math:`m\epsilon\lambda_1` in the Gram's precision
+  (``rules.ace.gram_null_mask``), a floor ~5e8 times higher for a float32 Gram than for a float64
+  one. A float32 Gram whose k-th eigenvalue is within :data:`NULL_MARGIN` of its floor cannot tell
+  a small direction from a null one (a whole :math:`\sigma_{iso}` term more or less, which the
+  gap estimate above need not see), so it is recomputed in float64
+  (:func:`null_decision_is_clear`).
 
 ``matmul_dtype="auto"`` (the executor's default) runs the products -- and, in ACE, the
 d_in x d_in sums and the Cholesky factor, whose backward error is of the same order -- in float32
@@ -40,6 +47,9 @@ UNIT_ROUNDOFF_FLOAT32 = 2.0 ** -24
 #: Largest estimated relative error (on the merged task vector) accepted from float32 products:
 #: a third of the 1e-4 the float64 path is held to (the estimates track measured errors within ~3x).
 TOLERANCE = 3e-5
+#: A float32 Gram's null-direction decision is trusted only when its k-th eigenvalue exceeds the
+#: null floor by this factor (the computed eigenvalues are off by at most about the floor itself).
+NULL_MARGIN = 10.0
 #: The value of ``matmul_dtype`` that asks for the decision described above.
 AUTO = "auto"
 
@@ -138,6 +148,20 @@ def subspace_error_estimate(eigenvalues: torch.Tensor, k: int, gram_in_float32: 
         return math.inf
     perturbation = UNIT_ROUNDOFF_FLOAT32 * (lam1 if gram_in_float32 else 2.0 * math.sqrt(lam1 * lamk))
     return math.sqrt(2.0 / k) * perturbation / gap
+
+
+def null_decision_is_clear(eigenvalues: torch.Tensor, k: int, inner_dim: int, gram_dtype: torch.dtype) -> bool:
+    r"""Whether a Gram's null-direction cut (``rules.ace.gram_null_mask``) keeps every top-k
+    direction whatever the Gram's rounding: :math:`\lambda_k > \mathrm{NULL\_MARGIN}\,m\epsilon\lambda_1`
+    (eigenvalues largest first, m = ``inner_dim`` the Gram's inner dimension, :math:`\epsilon` the
+    machine epsilon of ``gram_dtype``). Below that, a float32 Gram may cut a direction that float64
+    keeps (its singular value can be up to :math:`\sqrt{m\epsilon_{32}}`, 1-3% of
+    :math:`\sigma_1` on LLM-sized weights) or keep noise; the rule then takes the Gram in float64."""
+    if k <= 0 or eigenvalues.numel() == 0:
+        return True
+    lam1 = max(float(eigenvalues[0]), 0.0)
+    floor = inner_dim * torch.finfo(gram_dtype).eps * lam1
+    return float(eigenvalues[k - 1]) > NULL_MARGIN * floor
 
 
 def top_eigenpairs(gram: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
