@@ -89,7 +89,8 @@ def parse_value(text: str) -> Any:
     try:
         value = yaml.load(text, Loader=_ScalarLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
-        raise UserError(f"--grid value {text!r} is not a YAML scalar: {error}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"--grid value {text!r} is not a YAML scalar ({problem})") from None
     if value is None or isinstance(value, (list, dict)):
         raise UserError(f"--grid value {text!r} must be a number, string or boolean")
     if isinstance(value, float) and not math.isfinite(value):
@@ -618,8 +619,8 @@ def write_outputs(output, config_path, config, method, grid, points, keys, confi
     tables = None
     if scores:
         try:
-            tables = normalise.build_tables(scores, task_names, owners if references else None, base,
-                                            primary_metrics)
+            tables = normalise.build_tables(scores, task_names, owners if references else None,
+                                            base if references else None, primary_metrics)
         except normalise.TableError as error:
             raise UserError(str(error)) from None
     rows: List[Dict[str, Any]] = []
