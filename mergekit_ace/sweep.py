@@ -653,6 +653,8 @@ def write_outputs(output, config_path, config, method, grid, points, keys, confi
                   f"{metric_label(metric)} = {best['metric']:.4g}\n"
                   f"# ({best['label']}); source config: {config_path}\n")
         write_atomic(output / BEST_FILE, header + yaml.safe_dump(best_config, sort_keys=False))
+    else:  # an earlier run's best.yml belongs to other points or settings
+        _remove(output / BEST_FILE)
     refs_out = None
     if references is not None and tables is not None:
         refs_out = {name: {"path": ref_models[name], "role": tables["roles"][name],
