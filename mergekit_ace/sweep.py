@@ -42,7 +42,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -373,13 +372,12 @@ def run_sweep(
     check_grid(grid, spec)
     points = grid_points(grid)
     configs: List[Dict[str, Any]] = []
-    removed: List[str] = []
-    for i, point in enumerate(points):
-        applied, removed_here = apply_point(config, point)
-        checked = validate_config(applied, point_label(point))
-        merge_config = checked if i == 0 else merge_config
+    checked = []
+    for point in points:
+        applied, removed = apply_point(config, point)  # the same places for every point
+        checked.append(validate_config(applied, point_label(point)))
         configs.append(applied)
-        removed = removed or removed_here
+    merge_config = checked[0]
     if removed:
         log.warning("the grid's values replace the per-model settings at %s (the whole merge uses "
                     "the grid's value)", ", ".join(removed))
