@@ -71,10 +71,17 @@ _NAME_RE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 # --------------------------------------------------------------------------- the grid
 class _ScalarLoader(yaml.SafeLoader):
-    """YAML's safe loader, with YAML 1.2's floats: ``1e-5`` is a number, as a user means it
-    (PyYAML's YAML 1.1 rules read a float without a dot, ``1e-5``, as a string)."""
+    """YAML's safe loader with YAML 1.2's floats and booleans: ``1e-5`` is a number, as a user
+    means it (PyYAML's YAML 1.1 rules read a float without a dot as a string), and only
+    ``true``/``false`` are booleans (YAML 1.1 also reads ``on``, ``off``, ``yes``, ``no`` so)."""
 
 
+_ScalarLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ScalarLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _ScalarLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),

@@ -24,6 +24,8 @@ def test_grid_values_are_yaml_scalars():
         "refinement": ["add", "none"],
     }
     assert isinstance(sweep.parse_grid(["tau=1e9"])["tau"][0], float)
+    assert sweep.parse_grid(["mode=off,on,no,null2"]) == {"mode": ["off", "on", "no", "null2"]}  # YAML 1.2
+    assert yaml.safe_load(yaml.safe_dump({"mode": "off", "eps": 1e-5})) == {"mode": "off", "eps": 1e-5}
     assert sweep.grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
         {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
     for bad, message in [("epsilon", "NAME=VALUE"), ("epsilon=", "NAME=VALUE"),
