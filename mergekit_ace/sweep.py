@@ -749,7 +749,8 @@ def render_markdown(content: Mapping[str, Any]) -> str:
                        _f(row.get("average_normalised"))] for row in content["points"]]), ""]
     if content["references"]:
         lines += ["References (scored once, kept in `reference/`):", "",
-                  markdown_table(["model", "role", *tasks, "normalised avg" if normalised else "raw avg"], [
+                  markdown_table(["model", "role", *[f"{t}{' (%)' if t in frac else ''}" for t in tasks],
+                                  "normalised avg" if normalised else "raw avg"], [
                       [name, ref["role"], *[_f(ref["raw"].get(t), 100 if t in frac else 1) for t in tasks],
                        _f(ref["average_normalised"] if normalised else ref["average_raw"],
                           1 if normalised or not all_frac else 100)]
