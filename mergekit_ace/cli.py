@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "eval": ("mergekit_ace.evaluation.cli", "score models with lm-eval and normalise merges to their experts"),
     "plan": ("mergekit_ace.execution.plan_cli", "dry-run a merge config: per-weight strategy, memory and time"),
     "inspect": ("mergekit_ace.inspect", "per-weight ACE/ACTMat diagnostics for a base and its experts"),
+    "sweep": ("mergekit_ace.sweep_cli", "merge a config over a grid of method parameters, score each merge, keep the best"),
     "demo": ("mergekit_ace.demo.pipeline", "train tiny experts, merge them every way, score them"),
 }
 

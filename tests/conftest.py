@@ -33,3 +33,14 @@ def llama_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def olmo_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("olmo3"), "olmo3")
+
+
+@pytest.fixture(scope="session")
+def small_demo_cache(tmp_path_factory):
+    """A cache directory holding the demo's ``small`` models (trained once per session, on first
+    use; ``mergekit-ace demo --cache`` and ``ensure_trained`` reuse it)."""
+    from mergekit_ace.demo.train import CONFIGS, ensure_trained
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    ensure_trained(CONFIGS["small"], cache, log=lambda message: None)
+    return cache

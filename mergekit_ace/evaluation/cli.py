@@ -58,31 +58,10 @@ def _task_metric(text: str):
     return task, metric
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "presets: ace-llama = xquad_zh,xquad_vi,gsm8k_cot,mathqa,humaneval; "
-        "actmat-olmo = humaneval,humaneval_plus,aime24,aime25,ifeval. "
-        "Multi-GPU: --backend vllm --tensor-parallel-size N / --data-parallel-size N, or "
-        "`accelerate launch -m mergekit_ace.cli eval ...` with the hf backend."
-    )
-    parser.add_argument("--model", dest="models", action="append", type=_model_pair, default=[],
-                        metavar="NAME=PATH", help="a model to score (repeat for each model)")
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The lm-eval options that ``eval`` and ``sweep`` share (see :func:`scoring_kwargs`)."""
     parser.add_argument("--tasks", action="append", default=[], metavar="LIST",
                         help="comma-separated lm-eval task names and/or presets (repeatable)")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="result directory (results.json, report.md, charts, lm-eval logs)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output directory")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the (model, task) results in --output computed with the same "
-                             "settings; compute the rest and the failed ones")
-    parser.add_argument("--log-samples", action="store_true",
-                        help="write lm-eval's per-sample outputs (prompt, response, score) per cell")
-    parser.add_argument("--owners", metavar="FILE",
-                        help="JSON/YAML file mapping each task to the model that owns it "
-                             "(or each model to its tasks); enables the normalised table")
-    parser.add_argument("--base", metavar="NAME", help="the base model's name (for the report)")
     parser.add_argument("--limit", type=_limit, help="items per task (or a fraction < 1)")
     parser.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
     parser.add_argument("--batch-size", type=_batch_size, default=1, help="int or 'auto'")
@@ -112,6 +91,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def scoring_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``evaluate_models`` set by :func:`add_scoring_arguments`."""
+    include = args.include_path
+    return dict(
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        model_args=args.model_args,
+        data_dir=args.data_dir,
+        include_path=include if include is None or len(include) > 1 else include[0],
+        allow_code_execution=args.allow_code_execution,
+        device=args.device,
+        gen_kwargs=args.gen_kwargs,
+        primary_metrics=dict(args.primary_metric) or None,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        code_timeout=args.code_timeout,
+        apply_chat_template=args.apply_chat_template,
+        bootstrap_iters=args.bootstrap_iters,
+        seed=args.seed,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "presets: ace-llama = xquad_zh,xquad_vi,gsm8k_cot,mathqa,humaneval; "
+        "actmat-olmo = humaneval,humaneval_plus,aime24,aime25,ifeval. "
+        "Multi-GPU: --backend vllm --tensor-parallel-size N / --data-parallel-size N, or "
+        "`accelerate launch -m mergekit_ace.cli eval ...` with the hf backend."
+    )
+    parser.add_argument("--model", dest="models", action="append", type=_model_pair, default=[],
+                        metavar="NAME=PATH", help="a model to score (repeat for each model)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="result directory (results.json, report.md, charts, lm-eval logs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (model, task) results in --output computed with the same "
+                             "settings; compute the rest and the failed ones")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="write lm-eval's per-sample outputs (prompt, response, score) per cell")
+    parser.add_argument("--owners", metavar="FILE",
+                        help="JSON/YAML file mapping each task to the model that owns it "
+                             "(or each model to its tasks); enables the normalised table")
+    parser.add_argument("--base", metavar="NAME", help="the base model's name (for the report)")
+    add_scoring_arguments(parser)
+
+
 def _models(pairs: List[tuple]) -> Dict[str, str]:
     models: Dict[str, str] = {}
     for name, path in pairs:
@@ -122,21 +151,24 @@ def _models(pairs: List[tuple]) -> Dict[str, str]:
 
 
 @contextlib.contextmanager
-def _progress_on_stderr():
+def progress_on_stderr(prefix: str = "mergekit-ace eval", loggers=("mergekit_ace.evaluation",)):
     """The run's own log (cells skipped, scored, failed; generation capped) on stderr."""
-    logger = logging.getLogger("mergekit_ace.evaluation")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mergekit-ace eval: %(message)s"))
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    saved = []
+    for name in loggers:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for logger, level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,34 +179,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no models given: use --model NAME=PATH (once per model)")
     if not args.tasks:
         raise UserError("no tasks given: use --tasks with lm-eval task names or a preset")
-    include = args.include_path
     try:
-        with _progress_on_stderr():
+        with progress_on_stderr():
             content = evaluate_models(
                 _models(args.models),
                 args.tasks,
                 args.output,
                 owners=args.owners,
                 base=args.base,
-                limit=args.limit,
-                num_fewshot=args.num_fewshot,
-                batch_size=args.batch_size,
-                backend=args.backend,
-                model_args=args.model_args,
-                data_dir=args.data_dir,
-                include_path=include if include is None or len(include) > 1 else include[0],
-                allow_code_execution=args.allow_code_execution,
                 overwrite=args.overwrite,
                 resume=args.resume,
-                device=args.device,
-                gen_kwargs=args.gen_kwargs,
-                primary_metrics=dict(args.primary_metric) or None,
-                tensor_parallel_size=args.tensor_parallel_size,
-                data_parallel_size=args.data_parallel_size,
-                code_timeout=args.code_timeout,
-                apply_chat_template=args.apply_chat_template,
-                bootstrap_iters=args.bootstrap_iters,
-                seed=args.seed,
+                **scoring_kwargs(args),
                 log_samples=args.log_samples,
             )
     except Interrupted as interrupt:

@@ -188,6 +188,45 @@ def check_tasks(tm, tasks: Sequence[str]) -> None:
             )
 
 
+def plan_tasks(
+    task_names: Sequence[str],
+    *,
+    include_path=None,
+    allow_code_execution: bool = False,
+    data_dir: Optional[Path] = None,
+    num_fewshot: Optional[int] = None,
+) -> Tuple[Any, Set[str], Dict[str, List[Path]]]:
+    """Check ``task_names`` before any model loads: each is known to lm-eval, a task that runs
+    model-written code is allowed, and its data files are under ``data_dir`` (when given).
+
+    Returns ``(task manager, code tasks, {task: data files read})``; code tasks are those that run
+    model-written code, and groups (which may hold one). Raises :class:`UserError` naming the task.
+    """
+    from mergekit_ace.evaluation.data import DataFileMissing, check_task_data
+
+    tm = task_manager(include_path, task_names)
+    check_tasks(tm, task_names)
+    task_files: Dict[str, List[Path]] = {}
+    code_tasks: Set[str] = set()
+    for task in task_names:
+        cfg = task_config(tm, task)
+        if cfg is None or cfg.get("unsafe_code"):
+            code_tasks.add(task)
+        if cfg and cfg.get("unsafe_code") and not allow_code_execution:
+            raise UserError(
+                f"task {task!r} runs model-generated code to score it; pass "
+                "--allow-code-execution to allow that (each program runs in its own process "
+                "with a timeout and no network; see docs/evaluation.md)"
+            )
+        task_files[task] = []
+        if cfg and data_dir is not None:
+            try:
+                task_files[task] = check_task_data(task, cfg, data_dir, num_fewshot)
+            except DataFileMissing as error:
+                raise UserError(str(error)) from None
+    return tm, code_tasks, task_files
+
+
 def task_config(tm, task: str) -> Optional[Dict[str, Any]]:
     """The task's YAML config (functions unresolved), or None for groups/tags/Python tasks."""
     entry = tm.task_index.get(task)
@@ -473,7 +512,7 @@ def evaluate_models(
     """
     from mergekit_ace.evaluation import normalise, squad_metrics
     from mergekit_ace.evaluation.code_exec import CodeEvalMetric, use_offline_code_eval
-    from mergekit_ace.evaluation.data import DataFileMissing, check_task_data, redirect_datasets
+    from mergekit_ace.evaluation.data import redirect_datasets
     from mergekit_ace.evaluation.nltk_data import ensure_punkt_tab
 
     # ---- cheap checks first: models, output, owners
@@ -511,28 +550,10 @@ def evaluate_models(
     generation_overrides = parse_gen_kwargs(gen_kwargs)
 
     # ---- tasks: known, allowed, data present
-    tm = task_manager(include_path, task_names)
-    check_tasks(tm, task_names)
-    runs_code = False  # a code-execution task, or a group that may hold one
-    task_files: Dict[str, List[Path]] = {}
-    code_tasks: Set[str] = set()
-    for task in task_names:
-        cfg = task_config(tm, task)
-        if cfg is None or cfg.get("unsafe_code"):
-            code_tasks.add(task)
-        runs_code = runs_code or task in code_tasks
-        if cfg and cfg.get("unsafe_code") and not allow_code_execution:
-            raise UserError(
-                f"task {task!r} runs model-generated code to score it; pass "
-                "--allow-code-execution to allow that (each program runs in its own process "
-                "with a timeout and no network; see docs/evaluation.md)"
-            )
-        task_files[task] = []
-        if cfg and data_dir is not None:
-            try:
-                task_files[task] = check_task_data(task, cfg, data_dir, num_fewshot)
-            except DataFileMissing as error:
-                raise UserError(str(error)) from None
+    tm, code_tasks, task_files = plan_tasks(
+        task_names, include_path=include_path, allow_code_execution=allow_code_execution,
+        data_dir=data_dir, num_fewshot=num_fewshot)
+    runs_code = bool(code_tasks)  # a code-execution task, or a group that may hold one
     squad_metrics.install()  # xquad imports SQuAD metrics from where transformers 4 had them
     try:
         ensure_punkt_tab()  # IFEval's sentence splitter, without nltk.download

@@ -109,13 +109,13 @@ def test_config_digest_tracks_the_configuration():
 
 
 @pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
+def small_demo(tmp_path_factory, small_demo_cache):
     from mergekit_ace.demo import pipeline
 
     out = tmp_path_factory.mktemp("demo")
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
-    args = parser.parse_args(["--output", str(out), "--config", "small"])
+    args = parser.parse_args(["--output", str(out), "--config", "small", "--cache", str(small_demo_cache)])
     start = time.time()
     assert pipeline.run(args) == 0
     return out, time.time() - start
@@ -159,13 +159,12 @@ def test_small_demo_merged_models_load(small_demo):
         assert (out / "merges" / f"{label}.yaml").exists()
 
 
-def test_small_demo_cache_is_reused(small_demo):
+def test_small_demo_cache_is_reused(small_demo, small_demo_cache):
     from mergekit_ace.demo.train import CONFIGS, ensure_trained
 
-    out, _ = small_demo
     messages = []
     start = time.time()
-    trained = ensure_trained(CONFIGS["small"], out / "cache", log=messages.append)
+    trained = ensure_trained(CONFIGS["small"], small_demo_cache, log=messages.append)
     assert time.time() - start < 5
     assert any("Using cached models" in m for m in messages)
     assert trained.root.name == f"small-{CONFIGS['small'].digest()}"
