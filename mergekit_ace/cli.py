@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "plan": ("mergekit_ace.execution.plan_cli", "dry-run a merge config: per-weight strategy, memory and time"),
     "inspect": ("mergekit_ace.inspect", "per-weight ACE/ACTMat diagnostics for a base and its experts"),
     "demo": ("mergekit_ace.demo.pipeline", "train tiny experts, merge them every way, score them"),
+    "study": ("mergekit_ace.demo.study", "the demo over several seeds and merge variants, against the real covariances"),
 }
 
 

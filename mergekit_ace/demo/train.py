@@ -298,6 +298,46 @@ def task_vector_stats(base, expert) -> Dict[str, float]:
     return out
 
 
+def load_weights(path: Path) -> Dict[str, "torch.Tensor"]:
+    """Every tensor of a saved model directory (its ``*.safetensors`` files)."""
+    from safetensors.torch import load_file
+
+    out: Dict[str, "torch.Tensor"] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def relative_task_vector_norms(base: Path, experts: Dict[str, Path]) -> Dict[str, Dict[str, float]]:
+    """Per expert: ``||D_t|| / ||W_0||`` over all parameters (``global``), and the median over the
+    2-D weights the covariance rules merge (not the input embeddings) of the same ratio per weight
+    (``median_matrix``). Real LLM fine-tunes sit at a few per cent."""
+    from mergekit_ace.rules.common import is_input_embedding
+
+    w0 = load_weights(base)
+    base_sq = sum(float(w.double().square().sum()) for w in w0.values())
+    out = {}
+    for name, path in experts.items():
+        wt = load_weights(path)
+        delta_sq, ratios = 0.0, []
+        for key, w in w0.items():
+            d_sq = float((wt[key].double() - w.double()).square().sum())
+            delta_sq += d_sq
+            if w.ndim == 2 and not is_input_embedding(key):
+                ratios.append(math.sqrt(d_sq) / max(float(w.double().norm()), 1e-30))
+        ratios.sort()
+        out[name] = {
+            "global": math.sqrt(delta_sq / base_sq),
+            "median_matrix": ratios[len(ratios) // 2] if ratios else float("nan"),
+            "task_vector_norm": math.sqrt(delta_sq),
+            "base_norm": math.sqrt(base_sq),
+        }
+    return out
+
+
 @dataclass
 class TrainedModels:
     """Paths (absolute) of what :func:`ensure_trained` produced, plus its manifest."""
