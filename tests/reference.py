@@ -7,7 +7,12 @@ import math
 import torch
 
 
-def ace_reference(W0, experts, epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, force_pinv=False):
+def ace_reference(W0, experts, epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, force_pinv=False,
+                  refinement="add", null_rtol=1e-10):
+    """ACE in float64 from METHODS.md. Step 6 by a full SVD: ``refinement="add"`` (Eq. 19: P +
+    sigma_iso U_k V_k^T of F = P + Res), ``"rescale"`` (P's own top-k singular values replaced by
+    their mean), ``"none"``. Singular pairs with sigma <= null_rtol * sigma_max are null: they add
+    nothing to sigma_iso's sum (it still divides by k) and get no term."""
     W0 = W0.double()
     D = [W.double() - W0 for W in experts]
     T = len(D)
@@ -34,13 +39,21 @@ def ace_reference(W0, experts, epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, for
     A = sum(R) + ones_in @ c[None, :]
     N = sum(ci @ ri for ci, ri in zip(C, R))
     P = N @ (torch.linalg.pinv(A, rtol=1e-10) if force_pinv else torch.linalg.inv(A))
-    if het:
-        Sbar = sum(R) / T
-        Res = sum(d @ (x - Sbar) for d, x in zip(D, St))
-        U, sig, Vh = torch.linalg.svd(P + Res, full_matrices=False)
-        k = math.floor(k_frac * min(d_out, d_in))
-        if k > 0:
-            P = P + sig[:k].mean() * U[:, :k] @ Vh[:k, :]
+    k = math.floor(k_frac * min(d_out, d_in))
+    if het and k > 0 and refinement != "none":
+        if refinement == "add":
+            Sbar = sum(R) / T
+            Res = sum(d @ (x - Sbar) for d, x in zip(D, St))
+            X = P + Res
+        else:
+            X = P
+        U, sig, Vh = torch.linalg.svd(X, full_matrices=False)
+        keep = (sig[:k] > null_rtol * sig[0]).double()
+        sigma_iso = (sig[:k] * keep).sum() / k
+        if refinement == "add":
+            P = P + U[:, :k] @ torch.diag(sigma_iso * keep) @ Vh[:k, :]
+        else:
+            P = P + U[:, :k] @ torch.diag((sigma_iso - sig[:k]) * keep) @ Vh[:k, :]
     return W0 + scale * P, het
 
 

@@ -181,3 +181,17 @@ def test_tiny_example_runs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_loads_and_generates(tmp_path / "out")
+
+
+@pytest.mark.parametrize("refinement", ["rescale", "none"])
+def test_ace_refinement_through_yaml(llama_family, tmp_path, refinement):
+    proc, out = run_mergekit_yaml(config_for("ace", llama_family, {"refinement": refinement}), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_weights_equal(out, expected_weights("ace", llama_family, lambda name: {"refinement": refinement}))
+
+
+def test_ace_unknown_refinement_fails_naming_it(llama_family, tmp_path):
+    proc, out = run_mergekit_yaml(config_for("ace", llama_family, {"refinement": "sideways"}), tmp_path)
+    assert proc.returncode != 0
+    assert "refinement='sideways'" in proc.stderr and "add, rescale, none" in proc.stderr
+    assert not (out / "model.safetensors").exists()

@@ -186,6 +186,12 @@ _auto_lock = threading.Lock()
 _auto_float64_streak: dict = {}
 
 
+def refines(parameters: dict) -> bool:
+    """Whether ACE's step 6 can run with these parameters (k_frac > 0 and refinement not "none");
+    the estimates for "rescale" are those of "add", an upper bound (it keeps no F)."""
+    return float(parameters.get("k_frac", 0.3)) > 0 and parameters.get("refinement", "add") != "none"
+
+
 def _auto_kind(rule_kind: str, base: torch.Tensor, n_experts: int, parameters: dict) -> tuple:
     params = tuple(sorted((k, v) for k, v in parameters.items()
                           if k not in ("ids", "scale") and isinstance(v, (int, float, str))))
@@ -255,7 +261,7 @@ def _execute(
     if rule_kind in MATMUL_DTYPE_RULES:
         mdt = rule_parameters["matmul_dtype"]
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
-                  refine=rule_parameters.get("k_frac", 0.3) > 0)
+                  refine=refines(rule_parameters))
     else:
         kw = {}
 

@@ -108,7 +108,7 @@ def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
 
 # --------------------------------------------------------------------------- plan
 def build_plan(config, budget_bytes: float) -> dict:
-    from mergekit_ace.execution.executor import choose_plan
+    from mergekit_ace.execution.executor import choose_plan, refines
     from mergekit_ace.execution.memory import average_estimate
     from mergekit_ace.rules.common import is_input_embedding
 
@@ -137,7 +137,8 @@ def build_plan(config, budget_bytes: float) -> dict:
         inputs = (T + 1) * _numel(shape) * itemsize
         takes_rule = rule and len(shape) == 2 and (merge_embeddings or not is_input_embedding(name))
         if takes_rule:
-            plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac, refine=k_frac > 0)
+            plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac,
+                               refine=refines(params))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
             est = average_estimate(shape, T)

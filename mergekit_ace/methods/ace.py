@@ -20,9 +20,11 @@ def ace(
     tau: float = 0.3,
     k_frac: float = 0.3,
     scale: float = 1.0,
+    refinement: str = "add",
     merge_embeddings: bool = False,
 ) -> torch.Tensor:
-    """ACE on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    """ACE on every 2-D weight; the experts' average on the rest and on input embeddings.
+    ``refinement``: ``add`` (Eq. 19 as published), ``rescale`` or ``none`` (rules/ace.py)."""
     return merge_group(
         group,
         ace_merge,
@@ -32,4 +34,5 @@ def ace(
         epsilon=epsilon,
         tau=tau,
         k_frac=k_frac,
+        refinement=refinement,
     )

@@ -12,7 +12,13 @@ arXiv:2603.02945 (Algorithm 1, Eqs. 5-16). Notation follows ``METHODS.md``: base
 5. closed form        P = N A^{-1},  A = sum_t R_t + 1 c^T,  N = sum_t C_t R_t
 6. refinement (het)   F = P + sum_t D_t (S~_t - Sbar),  Sbar = mean_t R_t;
                       P += sigma_iso U_k V_k^T,  sigma_iso = mean(sigma_1..k),  k = floor(k_frac min(d))
+                      (``refinement="add"``, Eq. 19 as published; ``"rescale"``: P's own top-k
+                      singular values set to their mean; ``"none"``: P as it is)
 7. result             W = W_0 + scale P
+
+Null directions (singular value zero, e.g. low-rank / LoRA-like task vectors) get no refinement:
+an eigenvalue of the Gram counts as zero when it is at most ``max(d_out, d_in) * eps * lambda_max``
+in the Gram's precision. The authors' code adds arbitrary unit vectors for them.
 
 Every function here is pure (inputs are never modified). :func:`ace_merge` is the whole rule; it
 streams over experts and row blocks so that its working memory is the experts' d_in x d_in
@@ -60,7 +66,22 @@ from mergekit_ace.rules.precision import (
 
 LOG = logging.getLogger(__name__)
 
-DEFAULTS = dict(epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0)
+DEFAULTS = dict(epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, refinement="add")
+
+#: Step 6 variants: ``add`` (Eq. 19 as published: P + sigma_iso U_k V_k^T of F), ``rescale`` (the
+#: top-k singular values of P itself replaced by their mean, its singular vectors kept) and
+#: ``none`` (the preliminary solution P).
+REFINEMENTS = ("add", "rescale", "none")
+
+
+def check_refinement(name: Optional[str], refinement) -> str:
+    """Refuse an unknown ``refinement``, naming the tensor."""
+    if refinement not in REFINEMENTS:
+        from mergekit_ace.rules.common import MergeInputError
+
+        raise MergeInputError(f"{describe(name)}: parameter refinement={refinement!r} must be one of "
+                              f"{', '.join(REFINEMENTS)}")
+    return refinement
 
 
 # --------------------------------------------------------------------------- step 1
@@ -173,11 +194,11 @@ def closed_form(
 
 # --------------------------------------------------------------------------- step 6
 def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) -> torch.Tensor:
-    r"""Step 6 (Eqs. 14-16): :math:`P + \sigma_{iso} U_k V_k^T` where :math:`F = P + Res = USV^T`,
-    :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`, :math:`\sigma_{iso}` = mean of the
-    top-k singular values. Only the top-k pairs are computed (eigendecomposition of the smaller
-    Gram of F). Directions whose singular value is zero have no defined left vector; they are
-    left out."""
+    r"""Step 6 (Eqs. 14-16, 19): :math:`P + \sigma_{iso} U_k V_k^T` where
+    :math:`F = P + Res = USV^T`, :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`,
+    :math:`\sigma_{iso}` = mean of the top-k singular values. Only the top-k pairs are computed
+    (eigendecomposition of the smaller Gram of F). Null directions (zero singular value) have no
+    defined singular vectors and get no term (:func:`gram_null_mask`)."""
     F = P + residual
     k = int(math.floor(k_frac * min(F.shape)))
     refined = P.clone()
@@ -186,12 +207,38 @@ def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) 
     return refined
 
 
-def _iso_and_inverse(sigma: torch.Tensor) -> Tuple[float, torch.Tensor]:
-    """sigma_iso = mean of the top-k singular values, and 1/sigma with zero for null directions."""
-    sigma_iso = float(sigma.mean())
-    cutoff = float(sigma.max()) * sigma.numel() * torch.finfo(sigma.dtype).eps
-    inv = torch.where(sigma > cutoff, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return sigma_iso, inv
+def spectral_rescaling(P: torch.Tensor, k_frac: float) -> torch.Tensor:
+    r"""Step 6, ``refinement="rescale"``: with :math:`P = USV^T`,
+    :math:`P - U_k S_k V_k^T + \bar\sigma_k U_k V_k^T`, :math:`\bar\sigma_k` = mean of P's top-k
+    singular values (null ones count as zero and keep no term): the top-k singular values are
+    replaced by their mean, the singular vectors kept (the step as the paper's text describes it)."""
+    k = int(math.floor(k_frac * min(P.shape)))
+    rescaled = P.clone()
+    if k > 0:
+        _refine(rescaled, lambda rows: rescaled[rows], k, P.dtype, mode="rescale")
+    return rescaled
+
+
+def gram_null_mask(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    r"""Which eigenvalues of a Gram :math:`X^TX` (or :math:`XX^T`) belong to non-null directions:
+    :math:`\lambda > m\,\epsilon\,\lambda_{max}`, with m the Gram's inner dimension (the length of
+    the dot products) and :math:`\epsilon` the unit roundoff of the Gram's precision: below it an
+    eigenvalue is indistinguishable from the rounding of a zero one. Cutting on
+    :math:`\sigma = \sqrt\lambda` at :math:`n\epsilon\sigma_{max}` instead would keep the null
+    directions, whose computed :math:`\sigma` is about :math:`\sqrt{\epsilon}\,\sigma_{max}`."""
+    cutoff = inner_dim * torch.finfo(dtype).eps * max(float(lambda_max), 0.0)
+    return eigenvalues > cutoff
+
+
+def _iso_and_inverse(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: int,
+                     dtype: torch.dtype) -> Tuple[float, torch.Tensor, torch.Tensor]:
+    """From the top-k Gram eigenvalues: sigma_iso = mean of the top-k singular values (null ones
+    counted as zero), 1/sigma with zero for null directions, and the non-null mask (float64)."""
+    keep = gram_null_mask(eigenvalues, lambda_max, inner_dim, dtype)
+    sigma = torch.where(keep, eigenvalues.double().clamp_min(0).sqrt(), torch.zeros((), dtype=torch.float64))
+    sigma_iso = float(sigma.mean()) if sigma.numel() else 0.0
+    inv = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+    return sigma_iso, inv, keep.double()
 
 
 def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional[int]) -> torch.Tensor:
@@ -208,10 +255,18 @@ def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional
 
 
 def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: Optional[int] = None,
-            allowed_error: Optional[float] = None) -> Tuple[float, str]:
-    r"""Add :math:`\sigma_{iso}U_kV_k^T` of F to P in place (step 6), from the top eigenpairs of F's
-    smaller Gram; ``F_rows(rows)`` gives F's row block (it may read the unrefined ``P[rows]``: each
-    block of P is refined only after it was read). Returns ``(sigma_iso, precision of the Gram)``.
+            allowed_error: Optional[float] = None, mode: str = "add") -> Tuple[float, str]:
+    r"""Step 6 in place on P, from the top eigenpairs of the smaller Gram of a matrix X given by
+    row blocks ``F_rows(rows)`` (it may read the unrefined ``P[rows]``: each block of P is refined
+    only after it was read), :math:`X = U S V^T`:
+
+    * ``mode="add"`` (X = F): :math:`P \mathrel{+}= \sigma_{iso} U_k V_k^T`;
+    * ``mode="rescale"`` (X = P): :math:`P \mathrel{+}= U_k(\sigma_{iso} - S_k)V_k^T`.
+
+    Both are :math:`P \mathrel{+}= X V_k\,\mathrm{diag}(c)\,V_k^T` (tall X) or
+    :math:`U_k\,\mathrm{diag}(c)\,U_k^TX` (wide X) with :math:`c = \sigma_{iso}/\sigma` (add) or
+    :math:`\sigma_{iso}/\sigma - 1` (rescale), and c = 0 on null directions.
+    Returns ``(sigma_iso, precision of the Gram)``.
 
     ``allowed_error`` (float32 products being checked): the error the subspace may add; a float32
     Gram that misses it is recomputed in float64 from the same F, and if that misses it too,
@@ -233,19 +288,21 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
         if error > allowed_error:
             raise NeedsFloat64(f"the top-{k} singular subspace of F is too close to the next direction "
                                f"(estimated error {error:.1e} from float32 products)")
-    sigma, vecs = lam[:k].clamp_min(0).sqrt(), vecs[:, :k]
-    sigma_iso, inv = _iso_and_inverse(sigma)  # the null-direction cutoff in the Gram's precision
-    inv = inv.double()
+    vecs = vecs[:, :k]
+    # The null-direction cutoff, in the Gram's precision (its inner dimension is the longer side).
+    sigma_iso, inv, keep = _iso_and_inverse(lam[:k], float(lam[0]) if lam.numel() else 0.0,
+                                            max(d_out, d_in), gram_dtype)
+    coef = sigma_iso * inv - (keep if mode == "rescale" else 0.0)
     if d_out >= d_in:
-        # P += sigma_iso F V_k S_k^-1 V_k^T, row block by row block (V are right singular vectors).
-        scaled = (sigma_iso * inv).to(vecs.dtype)
+        # Tall: vecs are right singular vectors V_k; row block by row block.
+        scaled = coef.to(vecs.dtype)
         for rows in row_chunks(d_out, row_chunk):
             P[rows] += ((F_rows(rows).to(vecs.dtype) @ vecs) * scaled) @ vecs.T
     else:
-        # Wide F: vecs are left singular vectors U_k; V_k^T = S_k^-1 U_k^T F.
-        F = torch.cat([F_rows(rows).to(P.dtype) for rows in row_chunks(d_out, row_chunk)])
+        # Wide: vecs are left singular vectors U_k (V_k^T = S_k^-1 U_k^T X).
+        X = torch.cat([F_rows(rows).to(P.dtype) for rows in row_chunks(d_out, row_chunk)])
         U = vecs.to(P.dtype)
-        P += sigma_iso * U @ ((U.T @ F) * inv.to(P.dtype)[:, None])
+        P += U @ ((U.T @ X) * coef.to(P.dtype)[:, None])
     return sigma_iso, str(gram_dtype).replace("torch.", "")
 
 
@@ -260,6 +317,8 @@ class ACEDiagnostics:
     eps_over_s: List[float]
     k: int
     sigma_iso: Optional[float] = None
+    #: the step-6 variant that ran: "add", "rescale", or "none" (also when no refinement applies)
+    refinement: str = "add"
     #: precision of the products: "float32", "float32 (float64 Gram of F)" or "float64"
     precision: str = "float64"
 
@@ -272,6 +331,7 @@ def ace_merge(
     tau: float = DEFAULTS["tau"],
     k_frac: float = DEFAULTS["k_frac"],
     scale: float = DEFAULTS["scale"],
+    refinement: str = DEFAULTS["refinement"],
     name: Optional[str] = None,
     ids: Optional[Sequence[Hashable]] = None,
     compute_dtype: torch.dtype = torch.float64,
@@ -295,6 +355,11 @@ def ace_merge(
     Both use :math:`N = \sum_t C_t R_t = Q - \mathbf{1}w^T + \sum_t \epsilon_t C_t` with
     :math:`w = \sum_t \tilde S_t\mu_t`, and :math:`Res = Q - (\sum_t D_t)\bar S`.
 
+    ``refinement`` selects step 6 in the heterogeneous branch: ``"add"`` (default; Eq. 19 as
+    published and in the authors' code: :math:`P + \sigma_{iso}U_kV_k^T` with U, V of F),
+    ``"rescale"`` (:math:`P - U_kS_kV_k^T + \mathrm{mean}(S_k)U_kV_k^T` with U, S, V of P itself,
+    the rescaling the paper's text describes) or ``"none"`` (the preliminary solution P).
+
     ``matmul_dtype`` is the precision of the O(d_out d_in^2) products (proxies,
     :math:`D_t\tilde S_t`, the Gram of F): ``None`` = ``compute_dtype``; ``"auto"`` = float32 where
     the weight's conditioning allows it, checked as the rule goes, float64 otherwise
@@ -308,12 +373,13 @@ def ace_merge(
     check_parameter(name, "k_frac", k_frac, low=0.0, high=1.0)
     check_parameter(name, "scale", scale)
     strategy = check_strategy(strategy, name, ACE_STRATEGIES)
-    args = (base, experts, epsilon, tau, k_frac, scale, name, ids, compute_dtype, row_chunk, strategy)
+    refinement = check_refinement(name, refinement)
+    args = (base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, compute_dtype, row_chunk, strategy)
     W, diag = run_with_fallback(lambda mt, check: _ace(*args, mt, check=check), matmul_dtype, compute_dtype, name)
     return (W, diag) if return_diagnostics else W
 
 
-def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, strategy, mt, check):
+def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, row_chunk, strategy, mt, check):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
     streamed = strategy == EXPERT_STREAMED
     keep_F = strategy != ROW_RECOMPUTED
@@ -371,9 +437,10 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
         if solve_error > TOLERANCE:
             raise NeedsFloat64(f"the covariance sum's condition number ~{kappa:.1e} is too large "
                                f"for float32 products (estimated error {solve_error:.1e})")
-    refine = het and k > 0
+    refine = het and k > 0 and refinement != "none"
+    add = refine and refinement == "add"  # needs F = P + Res; "rescale" decomposes P itself
     # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
-    S_bar = (M / T).to(mt) if refine else None
+    S_bar = (M / T).to(mt) if add else None
 
     def q_rows(rows: slice) -> torch.Tensor:
         """Q[rows] = sum_t D_t[rows] S~_t."""
@@ -393,7 +460,7 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
     # else in its own buffer in the products' precision), unless it is to be recomputed.
     P = torch.empty(d_out, d_in, dtype=dt, device=dev)
     F_all = None
-    if refine and keep_F:
+    if add and keep_F:
         F_all = Q if streamed else torch.empty(d_out, d_in, dtype=mt, device=dev)
     for rows in tv.chunks():
         q = q_rows(rows)
@@ -405,18 +472,23 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
             F_all[rows] = F_from(rows, q)
         del q
     del solver, M
-    if keep_F:
+    if keep_F or not add:
         S_tilde = S_bar = Q = None
 
     sigma_iso = None
     precision = str(mt).replace("torch.", "")
     if refine:
-        # Step 6: P += sigma_iso U_k V_k^T from the top-k pairs of F (eigh of its smaller Gram).
-        F_rows = (lambda rows: F_all[rows]) if keep_F else (lambda rows: F_from(rows, q_rows(rows)))
+        # Step 6 from the top-k pairs of F (add) or of P (rescale), by eigh of the smaller Gram.
+        if not add:
+            F_rows = lambda rows: P[rows]  # noqa: E731
+        elif keep_F:
+            F_rows = lambda rows: F_all[rows]  # noqa: E731
+        else:
+            F_rows = lambda rows: F_from(rows, q_rows(rows))  # noqa: E731
         allowed = TOLERANCE - solve_error if check else None
-        sigma_iso, gram_precision = _refine(P, F_rows, k, mt, row_chunk, allowed)
+        sigma_iso, gram_precision = _refine(P, F_rows, k, mt, row_chunk, allowed, mode=refinement)
         if gram_precision != precision:
-            precision = f"{precision} (float64 Gram of F)"
+            precision = f"{precision} (float64 Gram of {'F' if add else 'P'})"
     F_all = S_tilde = S_bar = Q = None
 
     # Step 7: W = W0 + scale P (in place on P).
@@ -431,5 +503,6 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, name, ids, dt, row_chunk, s
         k=k,
         sigma_iso=sigma_iso,
         precision=precision,
+        refinement=refinement if refine else "none",
     )
     return W, diag

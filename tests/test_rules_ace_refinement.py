@@ -1,0 +1,124 @@
+"""ACE's step-6 variants (``refinement``: add | rescale | none) and the exact refinement of low-rank
+(LoRA-like) task vectors, against the independent float64 reference (tests/reference.py)."""
+
+import itertools
+
+import pytest
+import torch
+
+from mergekit_ace.execution.executor import execute_rule
+from mergekit_ace.rules import ace as ace_rule
+from mergekit_ace.rules.ace import REFINEMENTS, ace_merge
+from mergekit_ace.rules.common import MergeInputError
+from tests.reference import ace_reference, make_experts, rel_err
+
+SHAPES = [(72, 24), (24, 72)]  # tall (Gram X^T X) and wide (Gram X X^T)
+STRATEGIES = ["row_chunked", "expert_streamed", "row_recomputed"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide"])
+@pytest.mark.parametrize("refinement", REFINEMENTS)
+def test_each_refinement_matches_reference_in_every_strategy(shape, refinement):
+    W0, experts = make_experts(shape, 3, [1.0, 0.02, 0.3], seed=7)
+    ref, het = ace_reference(W0, experts, refinement=refinement)
+    assert het
+    for strategy, chunk in itertools.product(STRATEGIES, [None, 5]):
+        out, diag = ace_merge(W0, experts, refinement=refinement, strategy=strategy, row_chunk=chunk,
+                              return_diagnostics=True)
+        assert rel_err(out, ref, W0) < 1e-9, (strategy, chunk)
+        assert diag.refinement == refinement
+    # "auto" products (float32 where the checks allow it) stay within the package's 1e-4.
+    out = ace_merge(W0, experts, refinement=refinement, matmul_dtype="auto")
+    assert rel_err(out, ref, W0) < 1e-4
+
+
+def test_the_three_variants_differ_as_the_math_says():
+    W0, experts = make_experts((60, 30), 3, [1.0, 0.05, 0.3], seed=8)
+    k = int(0.3 * 30)
+    add = ace_merge(W0, experts) - W0.double()
+    rescale = ace_merge(W0, experts, refinement="rescale") - W0.double()
+    none = ace_merge(W0, experts, refinement="none") - W0.double()
+    # none is the preliminary solution P: k_frac = 0 gives the same.
+    torch.testing.assert_close(none, ace_merge(W0, experts, k_frac=0.0) - W0.double(), rtol=0, atol=0)
+    # rescale keeps P's singular vectors: its top-k singular values are all equal to their mean,
+    # and the rest of P's spectrum is untouched.
+    s_p = torch.linalg.svdvals(none)
+    s_r = torch.linalg.svdvals(rescale)
+    mean_k = float(s_p[:k].mean())
+    top = s_r[s_r > mean_k * (1 - 1e-9)]
+    assert top.numel() == k and float((top - mean_k).abs().max()) < 1e-9 * mean_k
+    torch.testing.assert_close(torch.sort(s_r, descending=True).values[k:], s_p[k:], rtol=1e-9, atol=1e-12)
+    # add is P + sigma_iso U_k V_k^T of F, a different matrix from the rescaling.
+    assert float((add - rescale).norm()) > 1e-3 * float(add.norm())
+
+
+def test_homogeneous_branch_ignores_refinement():
+    W0, experts = make_experts((40, 20), 3, [3.0, 3.3, 2.7], seed=9)
+    outs = [ace_merge(W0, experts, refinement=r) for r in REFINEMENTS]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+def test_unknown_refinement_is_refused_naming_weight_and_parameter():
+    W0, experts = make_experts((8, 4), 2, [1.0, 0.1], seed=0)
+    with pytest.raises(MergeInputError, match=r"model\.layers\.0\.q\.weight.*refinement='foo'.*add, rescale, none"):
+        ace_merge(W0, experts, refinement="foo", name="model.layers.0.q.weight")
+
+
+def test_executor_plans_without_refinement_buffers_for_none():
+    from mergekit_ace.execution.executor import refines
+
+    assert refines({}) and refines({"refinement": "rescale"})
+    assert not refines({"refinement": "none"}) and not refines({"k_frac": 0.0})
+    W0, experts = make_experts((64, 32), 3, [1.0, 0.05, 0.3], seed=10)
+    for refinement in REFINEMENTS:
+        ref, _ = ace_reference(W0, experts, refinement=refinement)
+        out = execute_rule("ace", ace_merge, W0, experts, refinement=refinement, budget=1e9)
+        assert rel_err(out, ref, W0) < 1e-4
+
+
+# --------------------------------------------------------------------------- low-rank updates
+def low_rank_experts(shape, rank, norms, seed, decades=3.0):
+    """Rank-``rank`` task vectors whose singular values span ``decades`` decades."""
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in = shape
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    experts = []
+    for norm in norms:
+        U = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64)).Q
+        s = torch.logspace(0, -decades, rank, dtype=torch.float64)
+        D = U @ torch.diag(s) @ V.T
+        experts.append(W0 + D / D.norm() * norm)
+    return W0, experts
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("refinement", ["add", "rescale"])
+def test_rank_r_updates_with_r_much_below_k_are_refined_exactly(shape, refinement):
+    """k = 36 >> T * r = 24: the null directions of F (or P) get no term, so every strategy gives
+    the well-defined answer (the float64 SVD reference with null pairs dropped) to 1e-8."""
+    # Norms 1-3x apart: the smallest non-null singular value of F is ~1e-4 of the largest, which
+    # the float64 Gram route resolves to ~1e-9 (with 20x apart, ~5e-5 and ~5e-6: the Gram's limit).
+    W0, experts = low_rank_experts(shape, rank=8, norms=[1.0, 0.3, 0.5], seed=11)
+    ref, het = ace_reference(W0, experts, refinement=refinement)
+    assert het
+    outs = []
+    for strategy, chunk in itertools.product(STRATEGIES, [None, 7]):
+        out = ace_merge(W0, experts, refinement=refinement, strategy=strategy, row_chunk=chunk)
+        assert rel_err(out, ref, W0) < 1e-8, (strategy, chunk)
+        outs.append(out)
+    for out in outs[1:]:
+        assert rel_err(out, outs[0], W0) < 1e-8
+    # "auto" products fall back to float64 where float32 cannot tell null directions apart.
+    auto = ace_merge(W0, experts, refinement=refinement, matmul_dtype="auto")
+    assert rel_err(auto, ref, W0) < 1e-6
+
+
+def test_null_mask_cuts_on_gram_eigenvalues():
+    lam = torch.tensor([4.0, 1e-6, 1e-13, 0.0, -1e-14], dtype=torch.float64)
+    keep = ace_rule.gram_null_mask(lam, 4.0, 1000, torch.float64)
+    assert keep.tolist() == [True, True, False, False, False]
+    # float32 Grams resolve much less: 1e-6 of lambda_max is within 1000 float32 roundoffs.
+    keep32 = ace_rule.gram_null_mask(lam, 4.0, 1000, torch.float32)
+    assert keep32.tolist() == [True, False, False, False, False]
