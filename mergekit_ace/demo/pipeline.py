@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default="default",
         choices=sorted(CONFIGS),
-        help="training configuration: 'default' (a few minutes on 2 CPU cores) or 'small' (seconds; for tests)",
+        help="training configuration: 'default' (a few minutes on 2 CPU cores), 'realistic' (task vectors of a few per cent of the base, as in real fine-tunes) or 'small' (seconds; for tests)",
     )
     parser.add_argument("--force-retrain", action="store_true", help="retrain even if the cache has the models")
     parser.add_argument(
