@@ -108,6 +108,34 @@ def test_input_grams_exclude_padding():
     assert torch.allclose(G, X.T @ X / 5)
 
 
+def test_input_grams_share_products_only_for_the_same_input():
+    torch.manual_seed(1)
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.a = torch.nn.Linear(4, 3, bias=False)
+            self.b = torch.nn.Linear(4, 3, bias=False)
+            self.c = torch.nn.Linear(4, 4, bias=False)
+
+        def forward(self, input_ids, attention_mask):
+            x = self.emb(input_ids)
+            y = self.a(x) + self.b(x)  # a and b read the same tensor
+            z = x * 2.0  # a new tensor of the same shape
+            return y.sum() + self.c(z).sum()
+
+    model = Shared()
+    batches = [(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]])), (torch.tensor([[4, 5, 6]]), torch.tensor([[1, 1, 0]]))]
+    grams = C.input_grams(model, batches)
+    X = model.emb.weight.detach()[torch.tensor([1, 2, 3, 4, 5])].double()
+    expected = X.T @ X / 5
+    assert torch.allclose(grams["a.weight"][0], expected, atol=1e-6)
+    assert torch.allclose(grams["b.weight"][0], expected, atol=1e-6)
+    assert torch.allclose(grams["c.weight"][0], 4 * expected, atol=1e-5)
+    assert grams["c.weight"][1] == 5
+
+
 def test_analyse_layer_and_aggregate():
     W0, experts = _experts(6, 5, 3, seed=4)
     grams = [_psd(5, 20 + t) for t in range(3)]

@@ -132,7 +132,7 @@ def measure_grams(config, trained, batches: int, log=print):
 
     from mergekit_ace.covariance import input_grams
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # small products; on a shared machine a second thread mostly waits
     tokenizer = AutoTokenizer.from_pretrained(trained.base)
     base = AutoModelForCausalLM.from_pretrained(trained.base, dtype=torch.float32)
     expert_grams, base_grams, tokens = {}, {}, {}
