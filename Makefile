@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo study bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,10 @@ test: setup
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output
 
+# The demo's pipeline over three seeds in the realistic regime, every merge variant, and the
+# covariance analysis (about 25 minutes from scratch on 2 idle cores; cached training is reused).
+study: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic --seeds 0 1 2 --output study-output
+
 clean:
-	rm -rf $(VENV) build dist demo-output
+	rm -rf $(VENV) build dist demo-output study-output

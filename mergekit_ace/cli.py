@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "inspect": ("mergekit_ace.inspect", "per-weight ACE/ACTMat diagnostics for a base and its experts"),
     "sweep": ("mergekit_ace.sweep_cli", "merge a config over a grid of method parameters, score each merge, keep the best"),
     "demo": ("mergekit_ace.demo.pipeline", "train tiny experts, merge them every way, score them"),
+    "study": ("mergekit_ace.demo.study", "the demo over several seeds and merge variants, against the real covariances"),
 }
 
 

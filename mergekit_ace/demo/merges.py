@@ -95,9 +95,28 @@ def _subprocess_env() -> Dict[str, str]:
     return env
 
 
-def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: Path, log=print) -> Tuple[Path, float]:
-    """Write ``<out_dir>/<label>.yaml`` and run ``mergekit-yaml`` on it into ``<out_dir>/<label>``.
-    Return the merged model's path and the wall time of the subprocess."""
+def run_merge_in_process(config_path: Path, target: Path) -> None:
+    """What ``mergekit-yaml <config> <target> --quiet --copy-tokenizer`` does, in this process
+    (mergekit's own ``run_merge`` on the same YAML): no interpreter start and no import of torch
+    and mergekit per merge. The methods this package adds must be registered in this process."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run_merge
+    from mergekit.options import MergeOptions
+
+    import mergekit_ace
+
+    mergekit_ace.register_methods()
+    source = Path(config_path).read_text()
+    config = MergeConfiguration.model_validate(yaml.safe_load(source))
+    mergekit_run_merge(config, str(target), options=MergeOptions(quiet=True, copy_tokenizer=True),
+                       config_source=source)
+
+
+def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: Path, log=print,
+              in_process: bool = False) -> Tuple[Path, float]:
+    """Write ``<out_dir>/<label>.yaml`` and run ``mergekit-yaml`` on it into ``<out_dir>/<label>``
+    (a subprocess, or mergekit's ``run_merge`` in this process with ``in_process``).
+    Return the merged model's path and the wall time of the merge."""
     from mergekit_ace.cli import UserError
 
     label = method[0]
@@ -108,6 +127,17 @@ def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: 
     target = out_dir / label
     if target.exists():
         shutil.rmtree(target)
+    if in_process:
+        start = time.time()
+        try:
+            run_merge_in_process(config_path, target)
+        except Exception as error:
+            raise UserError(f"mergekit's run_merge failed for {label}: {type(error).__name__}: {error}") from error
+        elapsed = time.time() - start
+        if not (target / "config.json").exists():
+            raise UserError(f"mergekit's run_merge wrote no model for {label}")
+        log(f"  merged {label:<20} {elapsed:5.1f}s  -> {target}")
+        return target, elapsed
     cmd = [mergekit_yaml_executable(), str(config_path), str(target), "--quiet", "--copy-tokenizer"]
     start = time.time()
     proc = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True)
@@ -132,13 +162,21 @@ def run_all_merges(
     methods: Sequence[MethodSpec] = METHODS,
     jobs: Optional[int] = None,
     log=print,
+    in_process: bool = False,
 ) -> Dict[str, Dict[str, object]]:
     """Run every method (``jobs`` mergekit-yaml processes at a time, default: the number of CPU
-    cores, at most 4: each one spends most of its few seconds importing torch and mergekit).
+    cores, at most 4: each one spends most of its few seconds importing torch and mergekit; with
+    ``in_process``, one after the other in this process).
     Return ``{label: {"path": Path, "seconds": float, "config": Path}}`` in ``methods`` order."""
     from concurrent.futures import ThreadPoolExecutor
 
     expert_paths = [Path(experts[name]) for name in experts]
+    if in_process:
+        done = [(m, run_merge(m, base, expert_paths, out_dir, log, in_process=True)) for m in methods]
+        return {
+            m[0]: {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{m[0]}.yaml"}
+            for m, (path, seconds) in done
+        }
     jobs = jobs or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [(m, pool.submit(run_merge, m, base, expert_paths, out_dir, log)) for m in methods]

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default="default",
         choices=sorted(CONFIGS),
-        help="training configuration: 'default' (a few minutes on 2 CPU cores) or 'small' (seconds; for tests)",
+        help="training configuration: 'default' (a few minutes on 2 CPU cores), 'realistic' (task vectors of a few per cent of the base, as in real fine-tunes) or 'small' (seconds; for tests)",
     )
     parser.add_argument("--force-retrain", action="store_true", help="retrain even if the cache has the models")
     parser.add_argument(
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     trained = train.ensure_trained(config, cache, force=args.force_retrain, log=_log)
     timings["train"] = time.time() - t0
+    relative = log_relative_norms(trained, _log)
 
     _log("== 2/4 Merging with mergekit-yaml: " + ", ".join(m[0] for m in methods))
     t0 = time.time()
@@ -131,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         "methods": [{"label": m[0], "merge_method": m[1], "parameters": m[2], "model_parameters": m[3]} for m in methods],
         "training": {k: v for k, v in trained.manifest.items() if k != "experts"},
         "experts": {
-            name: {k: v for k, v in info.items() if k != "task_vector_sq_norms"}
+            name: {**{k: v for k, v in info.items() if k != "task_vector_sq_norms"},
+                   "relative_norm": relative[name]["global"],
+                   "relative_norm_median_matrix": relative[name]["median_matrix"]}
             for name, info in trained.manifest.get("experts", {}).items()
         },
         "heterogeneity": diagnostics,
@@ -150,6 +153,17 @@ def run(args: argparse.Namespace) -> int:
     if losers:
         _log("WARNING: these experts do not beat the base on their own skill: " + ", ".join(losers))
     return 0
+
+
+def log_relative_norms(trained, log=_log) -> Dict[str, Dict[str, float]]:
+    """Print and return ``||D_t|| / ||W_0||`` per expert (see ``train.relative_task_vector_norms``)."""
+    from mergekit_ace.demo import train
+
+    relative = train.relative_task_vector_norms(trained.base, trained.experts)
+    log("Task vectors relative to the base, ||D_t|| / ||W_0||: " + ", ".join(
+        f"{name} {100 * r['global']:.2f}% (median weight {100 * r['median_matrix']:.2f}%)"
+        for name, r in relative.items()))
+    return relative
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,13 +306,15 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
         "",
         "## Experts",
         "",
-        "| expert | steps | lr | score on own skill | base on that skill | task vector norm |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| expert | steps | lr | score on own skill | base on that skill | task vector norm | "
+        "relative to the base (all parameters) | relative, median over merged weights |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, info in summary["experts"].items():
         lines.append(
             f"| {name} | {info['steps']} | {info['lr']:g} | {100 * raw[f'expert-{name}'][name]:.1f} | "
-            f"{100 * raw['base'][name]:.1f} | {info['task_vector_norm']:.2f} |"
+            f"{100 * raw['base'][name]:.1f} | {info['task_vector_norm']:.2f} | "
+            f"{100 * info['relative_norm']:.2f}% | {100 * info['relative_norm_median_matrix']:.2f}% |"
         )
     if het:
         lines += [

@@ -3,6 +3,7 @@ and the whole pipeline end to end on the seconds-scale ``small`` configuration."
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -168,3 +169,82 @@ def test_small_demo_cache_is_reused(small_demo, small_demo_cache):
     assert time.time() - start < 5
     assert any("Using cached models" in m for m in messages)
     assert trained.root.name == f"small-{CONFIGS['small'].digest()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the multi-seed study (mergekit_ace.demo.study)
+
+
+def test_study_variants_are_guarded():
+    from mergekit_ace.demo import study
+
+    variants = [
+        ("ace-homogeneous", "ace", {"tau": 1e9}, {}),
+        ("ace-bogus", "ace", {"no_such_parameter": 1}, {}),
+        ("nothing", "no_such_method", {}, {}),
+        ("ties", "ties", {"normalize": True}, {"density": 0.5, "weight": 1.0}),
+    ]
+    logged = []
+    keep, skipped = study.available_variants(variants, log=logged.append)
+    assert [v[0] for v in keep] == ["ace-homogeneous", "ties"]
+    assert [s[0] for s in skipped] == ["ace-bogus", "nothing"]
+    assert "no_such_parameter" in skipped[0][1] and len(logged) == 2
+    # the shipped list: every ACE variant is the paper's defaults plus one override
+    labels = [v[0] for v in study.VARIANTS]
+    assert labels[:8] == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
+    for label, override in (("ace-homogeneous", {"tau": 1e9}), ("ace-no-refinement", {"k_frac": 0.0}),
+                            ("ace-eps1e-2", {"epsilon": 1e-2}), ("ace-refine-rescale", {"refinement": "rescale"})):
+        variant = next(v for v in study.VARIANTS if v[0] == label)
+        assert variant[1] == "ace" and variant[2] == {**study.ACE_DEFAULTS, **override}
+
+
+def test_study_spread_over_seeds():
+    from mergekit_ace.demo import study
+
+    s = study.spread([1.0, 2.0, 6.0])
+    assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(math.sqrt(7.0))
+    assert (s["min"], s["max"], s["n"]) == (1.0, 6.0, 3)
+    assert study.spread([None, 4.0])["std"] == 0.0 and study.spread([])["mean"] is None
+
+
+def test_small_study_end_to_end(small_demo):
+    """One seed of the study on the cached small models: the RegMean solution with the real
+    covariances has the smallest objective in every layer, averaging's ratio is 1, cosines lie in
+    [0, 1], and the tables, JSON and plots are written."""
+    from mergekit_ace.demo import study
+    from mergekit_ace.demo.train import CONFIGS
+
+    out, _ = small_demo
+    target = out / "study"
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(["--config", "small", "--seeds", str(CONFIGS["small"].seed), "--output", str(target),
+                              "--cache", str(out / "cache"), "--variants", "ace,actmat,ace-refine-none",
+                              "--gram-batches", "2"])
+    assert study.run(args) == 0
+    result = json.loads((target / "study.json").read_text())
+    seed = json.loads((target / f"seed-{CONFIGS['small'].seed}" / "summary.json").read_text())
+    declared = study.declared_parameters("ace")
+    expected = ["ace", "actmat", "ace-refine-none", "linear"] if "refinement" in declared else ["ace", "actmat", "linear"]
+    assert sorted(seed["variants"]) == sorted(expected)
+    assert ("refinement" in declared) == (not result["skipped"])
+    assert set(seed["scores"]) >= {"base", study.REFERENCE, *expected}
+    rows = seed["covariance_layers"]
+    assert len(rows) == 2 * 7 + 1  # two layers of q, k, v, o, gate, up, down, and lm_head
+    for row in rows:
+        assert row["rel_objective_linear"] == pytest.approx(1.0, rel=1e-5)  # the merge is float32
+        for label in expected:
+            assert row[f"objective_{label}"] >= row["objective_regmean"] * (1 - 1e-6), (row["weight"], label)
+        for task in S.SKILL_NAMES:
+            for proxy in ("DtD", "CtC", "I", "DtD_base_inputs"):
+                assert 0.0 <= row[f"cos_{proxy}_{task}"] <= 1.0 + 1e-12
+    agg = result["aggregate"]
+    assert agg["objective"]["regmean"]["sum_ratio"]["mean"] < 1.0
+    assert agg["objective"]["linear"]["sum_ratio"]["mean"] == pytest.approx(1.0, rel=1e-5)
+    assert agg["normalised"]["ace"]["avg"]["mean"] == pytest.approx(seed["normalised"]["ace"]["avg"])
+    assert agg["normalised"]["ace"]["avg"]["std"] == 0.0
+    for name in S.SKILL_NAMES:
+        assert 0 < seed["relative_norms"][name]["global"] < 10
+    for png in ("scores.png", "covariance_cosine.png", "regmean_objective.png", "regmean_objective_layers.png"):
+        assert (target / png).stat().st_size > 0
+    assert "The covariance claim" in (target / "report.md").read_text()
