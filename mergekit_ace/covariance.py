@@ -24,11 +24,12 @@ Per linear layer (weight ``W``, d_out x d_in) and task ``t``:
   \sum_t \mathrm{tr}((W - W_t) G_t (W - W_t)^\top)`, reported relative to the experts' plain
   average's (the ``linear`` merge).
 * (c) :func:`regmean_solution`: the minimiser of (b), :math:`W^* = (\sum_t W_t G_t)(\sum_t G_t)^{-1}`,
-  computed in the equivalent task-vector form :math:`W_0 + (\sum_t D_t G_t)(A + \lambda I)^{-1}`,
-  :math:`A = \sum_t G_t`, with the ridge :math:`\lambda = 10^{-8}\,\mathrm{tr}(A)/d_{in}`
-  (relative to A's mean eigenvalue). Where A is invertible the two forms agree up to the ridge's
-  :math:`O(\lambda)`; where it is singular the task-vector form keeps the base in A's null space
-  (the objective cannot see those directions) instead of zeroing it. Every merge's objective is at
+  computed in the equivalent task-vector form :math:`W_0 + (\sum_t D_t G_t)A^+`, :math:`A = \sum_t G_t`,
+  the pseudo-inverse from A's eigendecomposition keeping :math:`\lambda > 10^{-10}\lambda_{max}`
+  (``REGMEAN_RTOL``; float64 products put rounding noise near :math:`10^{-16}\lambda_{max}`, of
+  either sign). Where A is invertible the two forms are equal; where it is singular (inputs
+  confined to a subspace) the task-vector form keeps the base in A's null space (the objective
+  cannot see those directions) instead of zeroing it. Every merge's objective is at
   least :math:`L(W^*)`, and :math:`L(W) - L(W^*) = \sum_t \mathrm{tr}((W - W^*) G_t (W - W^*)^\top)`.
 """
 
@@ -41,8 +42,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-#: relative ridge of :func:`regmean_solution` (times the mean eigenvalue of sum_t G_t)
-REGMEAN_RIDGE = 1e-8
+#: eigenvalues of sum_t G_t at or below this times the largest are null in :func:`regmean_solution`
+REGMEAN_RTOL = 1e-10
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -85,19 +86,18 @@ def regmean_objective(W: torch.Tensor, experts: Sequence[torch.Tensor], grams: S
 
 
 def regmean_solution(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], ridge: float = REGMEAN_RIDGE
+    base: torch.Tensor, experts: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], rtol: float = REGMEAN_RTOL
 ) -> torch.Tensor:
-    """RegMean with the given covariances: ``W_0 + (sum_t D_t G_t)(A + lambda I)^-1``, ``A = sum_t
-    G_t``, ``lambda = ridge * tr(A) / d_in`` (see the module docstring), float64."""
+    """RegMean with the given covariances: ``W_0 + (sum_t D_t G_t) A^+``, ``A = sum_t G_t``, its
+    pseudo-inverse keeping the eigenvalues above ``rtol * lambda_max`` (see the module docstring),
+    float64."""
     W0 = base.double()
     A = sum(G.double() for G in grams)
     N = sum((Wt.double() - W0) @ G.double() for Wt, G in zip(experts, grams))
-    lam = ridge * float(torch.trace(A)) / A.shape[0]
-    A = A + lam * torch.eye(A.shape[0], dtype=torch.float64)
-    A = 0.5 * (A + A.T)
-    L = torch.linalg.cholesky(A)
-    # N A^-1 = (A^-1 N^T)^T, A symmetric
-    return W0 + torch.cholesky_solve(N.T, L).T
+    evals, Q = torch.linalg.eigh(0.5 * (A + A.T))
+    keep = evals > rtol * float(evals.max())
+    Q = Q[:, keep]
+    return W0 + ((N @ Q) / evals[keep]) @ Q.T
 
 
 # ------------------------------------------------------------------------------ activations
@@ -107,9 +107,9 @@ def _hooks(model, names: Optional[Iterable[str]], store: Dict[str, List], mask_b
     accumulate ``X^T X`` over the non-padding positions (``mask_box[0]``) into ``store``."""
     wanted = set(names) if names is not None else None
     handles = []
-    # Layers that read the same tensor (q/k/v, gate/up) share one product per batch. The product
-    # is taken in the activations' dtype (float32: relative error ~1e-6 over a few thousand rows)
-    # and accumulated over batches in float64.
+    # Layers that read the same tensor (q/k/v, gate/up) share one product per batch, taken and
+    # accumulated in float64 (a float32 product's ~1e-7 relative error would swamp the eigenvalues
+    # of a rank-deficient G_t, which the RegMean reference's ridge is far smaller than).
     # The cache holds each input tensor until the batch ends, so no later tensor can reuse its
     # memory and be mistaken for it.
     shared: Dict[Tuple[int, tuple, tuple], Tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -126,7 +126,8 @@ def _hooks(model, names: Optional[Iterable[str]], store: Dict[str, List], mask_b
                 mask = mask_box[0]
                 if mask is not None:
                     flat = flat[mask.reshape(-1).bool()]
-                shared[key] = (x, (flat.T @ flat).double(), flat.shape[0])
+                flat = flat.double()
+                shared[key] = (x, flat.T @ flat, flat.shape[0])
             _, gram, n = shared[key]
             entry = store.setdefault(weight_name, [torch.zeros(gram.shape, dtype=torch.float64), 0])
             entry[0] += gram

@@ -49,7 +49,7 @@ def test_regmean_solution_is_the_minimiser():
     W0, experts = _experts(7, 5, 3)
     grams = [_psd(5, 10 + t) for t in range(3)]
     W_star = C.regmean_solution(W0, experts, grams)
-    # first-order condition: sum_t (W* - W_t) G_t = 0 (up to the 1e-8 relative ridge)
+    # first-order condition: sum_t (W* - W_t) G_t = 0
     grad = sum((W_star - Wt) @ G for Wt, G in zip(experts, grams))
     assert float(grad.norm()) < 1e-6 * float(sum((Wt @ G).norm() for Wt, G in zip(experts, grams)))
     # the closed form (sum_t W_t G_t)(sum_t G_t)^-1
@@ -83,6 +83,30 @@ def test_regmean_keeps_the_base_outside_the_covariances_range():
     W_star = C.regmean_solution(W0, experts, grams)
     assert torch.allclose(W_star[:, 2:], W0[:, 2:])  # no input there: the base stays
     assert torch.allclose(W_star[:, :2], (experts[0][:, :2] + experts[1][:, :2]) / 2, atol=1e-6)
+
+
+def test_regmean_with_rank_deficient_covariances_from_rounding():
+    # inputs confined to a 2-d subspace of 6: sum_t G_t has four zero eigenvalues, which rounding
+    # makes slightly negative (as a float32 product of real activations does); the reference must
+    # still solve, keep the base outside the inputs' span and fit the experts inside it
+    g = torch.Generator().manual_seed(5)
+    W0, experts = _experts(4, 6, 2)
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64)).Q
+    grams = []
+    for t in range(2):
+        X = torch.randn(50, 2, generator=g, dtype=torch.float64) @ basis.T
+        G = X.T @ X / 50
+        off = torch.randn(6, 6, generator=g, dtype=torch.float64)
+        off = (torch.eye(6, dtype=torch.float64) - basis @ basis.T) @ off
+        grams.append(G - 1e-7 * float(G.norm()) * (off @ off.T) / float((off @ off.T).norm()))
+    assert float(torch.linalg.eigvalsh(sum(grams)).min()) < 0
+    W_star = C.regmean_solution(W0, experts, grams)
+    null = torch.eye(6, dtype=torch.float64) - basis @ basis.T
+    assert torch.allclose(W_star @ null, W0 @ null, atol=1e-6)
+    # inside the span: the exact RegMean fit, (sum_t W_t G_t) projected, solved on the span
+    Gs = [basis.T @ G @ basis for G in grams]
+    inside = sum((Wt @ basis) @ Gk for Wt, Gk in zip(experts, Gs)) @ torch.linalg.inv(sum(Gs))
+    assert torch.allclose(W_star @ basis, inside, atol=1e-5)
 
 
 def test_input_grams_exclude_padding():

@@ -152,6 +152,28 @@ def test_range_solver_uses_cholesky_when_invertible_with_the_pseudo_inverses_res
     assert isinstance(solver, SymmetricPseudoInverse) and solver.rank == 20 and kappa == math.inf
 
 
+@pytest.mark.parametrize("smallest, cholesky", [(1e-8, True), (3e-9, True), (5e-10, False), (5e-11, False)])
+def test_range_solver_near_the_cutoff(smallest, cholesky):
+    # lambda_min / lambda_max from an 8192-wide down_proj's 6e-8 down to below the 1e-10 cutoff,
+    # the smallest 30 eigenvalues clustered (the hard case for the estimate): Cholesky only
+    # where every eigenvalue clears the cutoff by the margin, and the pseudo-inverse's result
+    g = torch.Generator().manual_seed(6)
+    n = 200
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.full((30,), smallest, dtype=torch.float64),
+                          torch.logspace(math.log10(smallest) + 1, 0, n - 30, dtype=torch.float64)])
+    A = (Q * spectrum) @ Q.T
+    A = 0.5 * (A + A.T)
+    solver, kappa = range_solver(A)
+    assert isinstance(solver, CholeskySolve) is cholesky
+    if cholesky:
+        assert kappa == pytest.approx(1 / smallest, rel=0.05)
+        N = torch.randn(7, n, generator=g, dtype=torch.float64)
+        expected = SymmetricPseudoInverse.of(A).apply(N)
+        # both are backward stable: forward errors ~ kappa u
+        assert float((solver.apply(N) - expected).norm() / expected.norm()) < 1e-5
+
+
 def test_extreme_eigenvalue_estimates():
     g = torch.Generator().manual_seed(5)
     Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))

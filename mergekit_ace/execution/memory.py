@@ -139,7 +139,13 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn) -> Estimate:
         mm += T * 2.0 * n * nn  # G_t = C_t A^+ once per expert (actmat: per_expert)
     else:
         mm += 2.0 * m * nn  # N A^+ row by row
-    return Estimate(int(max(grams, eig, apply)), mm, EIGH_FLOP_FACTOR * n ** 3)
+    # With T m > n, A is invertible unless the experts' updates share a null space: its Cholesky
+    # factor (n^3 / 3) and the conditioning estimate (precision.extreme_eigenvalues: 20 steps of
+    # 4 probes, a product and two triangular solves each) are what runs (rules.actmat.range_solver);
+    # a singular A takes an eigendecomposition instead, which the memory above allows for and the
+    # flops leave out.
+    mm += nn * n / 3.0 + 20 * 4 * 3 * 2.0 * nn
+    return Estimate(int(max(grams, eig, apply)), mm, 0.0)
 
 
 def _svd(p: int, q: int) -> float:

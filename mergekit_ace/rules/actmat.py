@@ -115,15 +115,19 @@ class CholeskySolve:
         return W
 
 
-#: Cholesky is used only when the smallest eigenvalue clears the pseudo-inverse cutoff by this
-#: factor (the estimate of lambda_min errs high; see precision.extreme_eigenvalues).
-CHOLESKY_MARGIN = 1e3
+#: Cholesky is used only when the estimated smallest eigenvalue clears the pseudo-inverse cutoff by
+#: this factor. The estimate errs high (and that of lambda_max low), but not by 10x: after 20
+#: steps of inverse iteration from random probes, an eigenvalue at or below the cutoff outweighs
+#: every one above 10x the cutoff by 10^40 in the Rayleigh quotient. A margin of 1e3 sent the
+#: 3B-shaped down_proj (lambda_min ~ 6e-8 lambda_max) to a full 8192 x 8192 float64 eigh,
+#: 4.4x slower for the same result (2.9e-9 relative; benchmarks/RESULTS.md).
+CHOLESKY_MARGIN = 10.0
 
 
 def range_solver(A: torch.Tensor, rcond: Optional[float] = None, solve_dtype: Optional[torch.dtype] = None,
                  require_invertible: bool = False):
     r"""``(solver, kappa)`` for :math:`N \mapsto NA^+`: a :class:`CholeskySolve` when A is clearly
-    invertible at the cutoff (estimated :math:`\lambda_{min} > 10^3\,\mathrm{rcond}\,\lambda_{max}`),
+    invertible at the cutoff (estimated :math:`\lambda_{min} > 10\,\mathrm{rcond}\,\lambda_{max}`),
     else the :class:`SymmetricPseudoInverse` (kappa = inf), or :class:`NeedsFloat64` with
     ``require_invertible`` (before the costly eigendecomposition)."""
     rcond = PINV_RTOL if rcond is None else rcond
