@@ -58,6 +58,9 @@ def _variants():
         *METHODS,  # linear, task_arithmetic, ties, ace, actmat, tsv_m, iso_c, iso_cts (the demo's eight)
         ace("ace-homogeneous", tau=1e9),  # never the heterogeneous branch (no trace normalisation, no refinement)
         ace("ace-no-refinement", k_frac=0.0),  # heterogeneous branch without the spectral refinement
+        ace("ace-eps1e-6", epsilon=1e-6),
+        ace("ace-eps1e-4", epsilon=1e-4),
+        ace("ace-eps1e-3", epsilon=1e-3),
         ace("ace-eps1e-2", epsilon=1e-2),  # the authors' code default ridge
         ace("ace-refine-add", refinement="add"),  # Eq. 19 as published (= ace)
         ace("ace-refine-rescale", refinement="rescale"),
@@ -70,6 +73,16 @@ VARIANTS = _variants()
 
 #: label of the RegMean solution with the real covariances, scored as a reference model
 REFERENCE = "regmean-data"
+
+#: Paired comparisons (same seed, same experts, same held-out examples): ``(merge, against)``.
+#: Every merge is also compared with ``linear`` (the experts' plain average).
+PAIRS = [
+    ("ace", "actmat"),
+    ("ace-refine-add", "ace-refine-none"),  # does Eq. 19's refinement help?
+    ("ace-refine-rescale", "ace-refine-none"),
+    ("ace-refine-add", "ace-refine-rescale"),
+    ("ace", "ace-eps1e-2"),
+]
 
 
 def declared_parameters(merge_method: str) -> Optional[set]:
@@ -343,9 +356,31 @@ def aggregate_seeds(summaries: Sequence[Mapping]) -> dict:
         }
     for label in summaries[0]["covariance"]["distance_to_regmean"]:
         out["distance_to_regmean"][label] = spread([x["covariance"]["distance_to_regmean"][label] for x in summaries])
+    out["paired"] = paired_differences(summaries)
     het = [x["heterogeneity"] for x in summaries if x.get("heterogeneity")]
     if het:
         out["heterogeneous_share"] = spread([h["heterogeneous"] / h["matrices"] for h in het])
+    return out
+
+
+def paired_differences(summaries: Sequence[Mapping], pairs: Sequence[Tuple[str, str]] = None) -> List[dict]:
+    """Per pair ``(a, b)``: the per-seed differences ``a - b`` of the raw average score (points of
+    %, the mean over skills) and of the normalised average, their mean and spread, and on how many
+    seeds a scored higher / lower. Pairs are every merge against ``linear`` plus :data:`PAIRS`,
+    where both labels were scored."""
+    models = list(summaries[0]["scores"])
+    merges = [m for m in summaries[0]["normalised"] if m not in ("base", "linear") and not m.startswith("expert-")]
+    wanted = [(m, "linear") for m in merges] + list(PAIRS if pairs is None else pairs)
+    out = []
+    for a, b in wanted:
+        if a not in models or b not in models:
+            continue
+        raw = [100 * sum(x["scores"][a][s] - x["scores"][b][s] for s in SKILL_NAMES) / len(SKILL_NAMES)
+               for x in summaries]
+        norm = [x["normalised"][a]["avg"] - x["normalised"][b]["avg"] for x in summaries
+                if x["normalised"].get(a, {}).get("avg") is not None and x["normalised"].get(b, {}).get("avg") is not None]
+        out.append({"a": a, "b": b, "raw_avg": spread(raw), "normalised_avg": spread(norm),
+                    "wins": sum(d > 0 for d in raw), "losses": sum(d < 0 for d in raw), "seeds": len(raw)})
     return out
 
 
@@ -399,6 +434,14 @@ def render_report(study: Mapping) -> str:
         lines.append(f"| {m} | " + " | ".join(_ms(row[s]) for s in SKILL_NAMES) + f" | **{_ms(row['avg'])}** | {_mm(row['avg'])} |")
     lines += ["", f"`{REFERENCE}` is RegMean with the real input covariances (it uses the experts' data; a reference, "
               "not a data-free method)."]
+    if agg.get("paired"):
+        lines += ["", "Paired differences (same seed: same experts and held-out examples): a minus b, in points of the "
+                  "raw average and of the normalised average, mean ± std over seeds; wins-losses = seeds on which a "
+                  "scored higher / lower on the raw average.", "",
+                  "| a | b | raw avg, a - b | normalised avg, a - b | wins-losses |", "|---|---|---:|---:|---:|"]
+        for p in agg["paired"]:
+            lines.append(f"| {p['a']} | {p['b']} | {_ms(p['raw_avg'])} | {_ms(p['normalised_avg'])} | "
+                         f"{p['wins']}-{p['losses']} of {p['seeds']} |")
     lines += ["", "## The covariance claim", "",
               "Real per-task input second moments `G_t = X_t^T X_t / n_t` through the expert t's own forward pass on the "
               "first batches of its training data, for every merged linear layer "
@@ -426,7 +469,9 @@ def render_report(study: Mapping) -> str:
     for s in study["seeds"]:
         t = s["timings_s"]
         lines.append(f"- seed {s['seed']}: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
-    lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; study wall time {study['wall_s']:.0f}s")
+    lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; this invocation's wall time "
+                 f"{study['wall_s']:.0f}s (a seed reused from an earlier run costs none here; training reused from "
+                 "the cache shows as train 0s)")
     return "\n".join(lines) + "\n"
 
 

@@ -207,6 +207,29 @@ def test_study_spread_over_seeds():
     assert study.spread([None, 4.0])["std"] == 0.0 and study.spread([])["mean"] is None
 
 
+def test_study_paired_differences():
+    from mergekit_ace.demo import study
+
+    def seed(ace, lin, none):
+        scores = {"base": dict.fromkeys(S.SKILL_NAMES, 0.1)}
+        for label, value in (("ace-refine-add", ace), ("linear", lin), ("ace-refine-none", none)):
+            scores[label] = dict.fromkeys(S.SKILL_NAMES, value)
+        normalised = {m: {"avg": 100 * v[S.SKILL_NAMES[0]]} for m, v in scores.items()}
+        return {"scores": scores, "normalised": normalised}
+
+    seeds = [seed(0.5, 0.4, 0.45), seed(0.3, 0.35, 0.3), seed(0.6, 0.4, 0.5)]
+    pairs = {(p["a"], p["b"]): p for p in study.paired_differences(seeds, [("ace-refine-add", "ace-refine-none"),
+                                                                          ("missing", "linear")])}
+    assert set(pairs) == {("ace-refine-add", "linear"), ("ace-refine-none", "linear"),
+                          ("ace-refine-add", "ace-refine-none")}
+    vs_linear = pairs[("ace-refine-add", "linear")]
+    assert vs_linear["raw_avg"]["mean"] == pytest.approx((10 - 5 + 20) / 3)
+    assert (vs_linear["wins"], vs_linear["losses"], vs_linear["seeds"]) == (2, 1, 3)
+    refinement = pairs[("ace-refine-add", "ace-refine-none")]
+    assert refinement["normalised_avg"]["mean"] == pytest.approx((5 + 0 + 10) / 3)
+    assert (refinement["wins"], refinement["losses"]) == (2, 0)
+
+
 def test_small_study_end_to_end(small_demo):
     """One seed of the study on the cached small models: the RegMean solution with the real
     covariances has the smallest objective in every layer, averaging's ratio is 1, cosines lie in
@@ -247,4 +270,6 @@ def test_small_study_end_to_end(small_demo):
         assert 0 < seed["relative_norms"][name]["global"] < 10
     for png in ("scores.png", "covariance_cosine.png", "regmean_objective.png", "regmean_objective_layers.png"):
         assert (target / png).stat().st_size > 0
-    assert "The covariance claim" in (target / "report.md").read_text()
+    report = (target / "report.md").read_text()
+    assert "The covariance claim" in report and "| ace | linear |" in report
+    assert {(p["a"], p["b"]) for p in agg["paired"]} >= {("ace", "linear"), ("ace", "actmat")}
