@@ -62,15 +62,21 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def offline_quiet_environment() -> None:
+    """The demo and the study need nothing from the network, and log each stage themselves:
+    Hub and datasets offline, no tokenizer thread pools, no progress bars (unless set otherwise)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and transformers' bars
+
+
 def run(args: argparse.Namespace) -> int:
     from mergekit_ace.cli import UserError
     from mergekit_ace.demo import merges, scoring, train
     from mergekit_ace.demo.skills import build_skills
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and transformers' bars; we log each stage
+    offline_quiet_environment()
 
     if args.config not in train.CONFIGS:
         raise UserError(f"unknown --config {args.config!r}; choose from {', '.join(sorted(train.CONFIGS))}")

@@ -588,20 +588,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-retrain", action="store_true", help="retrain even if the cache has the models")
 
 
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from mergekit_ace.cli import UserError
     from mergekit_ace.demo import train
+    from mergekit_ace.demo.pipeline import _log, offline_quiet_environment
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    offline_quiet_environment()
     if args.config not in train.CONFIGS:
         raise UserError(f"unknown --config {args.config!r}")
     if len(set(args.seeds)) != len(args.seeds):
