@@ -29,7 +29,7 @@ demo: setup
 # The demo's pipeline over three seeds in the realistic regime, every merge variant, and the
 # covariance analysis (about 25 minutes from scratch on 2 idle cores; cached training is reused).
 study: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic --seeds 0 1 2 --output study-output
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic --seeds 0 1 2 3 4 --output study-output
 
 clean:
 	rm -rf $(VENV) build dist demo-output study-output
