@@ -54,8 +54,8 @@ def merge_config(method: str, paths, dtype: str = "bfloat16") -> str:
     return f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: {dtype}\n"
 
 
-def run_probe(config: Path, out: Path, record: Path, cuda: bool, env) -> dict:
-    cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out)]
+def run_probe(config: Path, out: Path, record: Path, cuda: bool, env, extra=()) -> dict:
+    cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out), *extra]
     if cuda:
         cmd.append("--cuda")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -164,6 +164,8 @@ def main():
     p.add_argument("--verify", action="store_true",
                    help="ace/actmat with float32 output on the chosen device and on the CPU; compare")
     p.add_argument("--no-plan", action="store_true", help="skip mergekit-ace plan's estimate")
+    p.add_argument("--out-shard-size", default=None,
+                   help="passed to mergekit-yaml (e.g. 1B): caps the merged tensors its writer holds in memory")
     p.add_argument("--json", default=None, help="write every record to this file")
     args = p.parse_args()
 
@@ -190,7 +192,8 @@ def main():
               f"head; base + {args.experts} experts, bf16, {size / GIB:.2f} GiB each; checkpoints ready in "
               f"{gen_s:.0f} s; device {'cuda' if args.cuda else 'cpu'}; "
               f"{os.environ.get('MERGEKIT_ACE_MEMORY_BUDGET', 'default')} budget, "
-              f"{os.environ.get('MERGEKIT_ACE_MATMUL_DTYPE', 'auto')} products; torch {torch.__version__}, "
+              f"{os.environ.get('MERGEKIT_ACE_MATMUL_DTYPE', 'auto')} products; "
+              f"out shard size {args.out_shard_size or 'default (5B)'}; torch {torch.__version__}, "
               f"{platform.machine()} {os.cpu_count()} CPUs")
     print(header, flush=True)
 
@@ -222,7 +225,8 @@ def main():
             conf.write_text(merge_config(method, paths))
             out = out_root / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_probe(conf, out, out_root / f"{method}.json", args.cuda, env)
+            extra = ["--out-shard-size", args.out_shard_size] if args.out_shard_size else []
+            r = run_probe(conf, out, out_root / f"{method}.json", args.cuda, env, extra)
             r["method"] = method
             if method in RULES and not args.no_plan:
                 r["plan"] = plan_estimate(conf, env)
