@@ -26,8 +26,9 @@ test: setup
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output
 
-# The demo's pipeline over three seeds in the realistic regime, every merge variant, and the
-# covariance analysis (about 25 minutes from scratch on 2 idle cores; cached training is reused).
+# The demo's pipeline over the five seeds of the committed study (examples/study-realistic) in the
+# realistic regime, every merge variant, and the covariance analysis; cached training and finished
+# seeds are reused.
 study: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic --seeds 0 1 2 3 4 --output study-output
 
