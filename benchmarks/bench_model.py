@@ -9,7 +9,7 @@ shapes and configs; ``mergekit_ace/synthetic.py``), one ``mergekit-yaml`` proces
     python benchmarks/bench_model.py --shape olmo-3-7b --layers 1 --cuda --verify   # CUDA == CPU?
 
 Per method: wall time of the process, its phases (loading, this package's rule, writing, the rest;
-``benchmarks/merge_probe.py``), peak RSS and peak anonymous RSS, on CUDA the peak GPU memory
+``benchmarks/merge_probe.py``), peak RSS, peak anonymous and file-backed RSS, on CUDA the peak GPU memory
 allocated, OOM retries, CPU fallbacks and float64 recomputations, and ``mergekit-ace plan``'s
 estimate next to it (rule seconds from a throughput measured when the plan runs; the largest weight's
 memory need). ``--verify`` merges this package's methods with float32 output on the chosen device and on
@@ -56,6 +56,7 @@ def merge_config(method: str, paths, dtype: str = "bfloat16") -> str:
 
 def run_probe(config: Path, out: Path, record: Path, cuda: bool, env, extra=()) -> dict:
     cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out), *extra]
+    record.unlink(missing_ok=True)  # a stale record must not stand for this run
     if cuda:
         cmd.append("--cuda")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -126,7 +127,7 @@ def fmt_gib(b):
 def table(rows, cuda: bool) -> str:
     ties = next((r["wall_s"] for r in rows if r["method"] == "ties" and r["ok"]), None)
     head = ["method", "wall s", "x ties", "CPU s", "load s", "rule s", "write s", "other s", "peak RSS GiB",
-            "peak anon GiB"] + (["GPU peak GiB"] if cuda else []) + [
+            "peak anon GiB", "peak file GiB"] + (["GPU peak GiB"] if cuda else []) + [
             "OOM retries", "CPU fallbacks", "fp64 redo", "plan rule s", "plan largest GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -137,7 +138,7 @@ def table(rows, cuda: bool) -> str:
                  f"{r['wall_s'] / ties:.2f}" if ties else "",
                  f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else "", f"{r['load_s']:.1f}", f"{r['rule_s']:.1f}",
                  f"{r['write_s']:.1f}", f"{r['other_s']:.1f}", fmt_gib(r["peak_rss_bytes"]),
-                 fmt_gib(r["peak_anon_rss_bytes"])]
+                 fmt_gib(r["peak_anon_rss_bytes"]), fmt_gib(r.get("peak_file_rss_bytes"))]
         if cuda:
             cells.append(fmt_gib(r.get("cuda_max_allocated_bytes")))
         cells += [str(r["oom_retries"]), str(r["cpu_fallbacks"]), str(r["float64_recomputes"]),

@@ -5,16 +5,19 @@
 Writes RESULT.json (also when the merge fails): wall time; time in mergekit's tensor loading
 (``LoadTensor``), in writing (``SaveTensor`` and the final flush) and in this package's rules
 (``execute_rule``, for ace/actmat); the rest ("other": mergekit's own arithmetic for other
-methods, planning, the model card); peak RSS (VmHWM) and the peak of anonymous RSS (sampled every
-0.1 s: the process's own allocations, without the safetensors pages it maps); on CUDA
+methods, planning, the model card); peak RSS (VmHWM), the peaks of anonymous RSS (sampled every
+0.1 s: the process's own allocations) and of file-backed RSS (the pages of the safetensors shards it
+maps, clean page cache the kernel can reclaim); on CUDA
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``; OOM retries, CPU fallbacks and
-float64 recomputations of this package's executor. On CUDA every timed section ends with a
+float64 recomputations of this package's executor. While the merge runs, a partial record
+(``"partial": true``) replaces RESULT.json every minute (``MERGE_PROBE_CHECKPOINT_S`` seconds). On CUDA every timed section ends with a
 ``torch.cuda.synchronize()`` so that asynchronous work is charged to the section that queued it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -24,23 +27,42 @@ import traceback
 from pathlib import Path
 
 
-def _status_kib(field: str) -> int:
+def _status_kib(*fields: str) -> dict:
+    """The named ``/proc/self/status`` fields in KiB (0 where absent)."""
+    out = dict.fromkeys(fields, 0)
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+            key = line.split(":", 1)[0]
+            if key in out:
+                out[key] = int(line.split()[1])
+    return out
 
 
 class _Sampler(threading.Thread):
-    def __init__(self):
+    """Every 0.1 s: the peaks of anonymous RSS (the process's own allocations) and of file-backed
+    RSS (pages of memory-mapped files, here the input shards). Every ``checkpoint_s`` it calls
+    ``checkpoint()`` (the probe writes a partial record, so a run killed with SIGKILL, or a session
+    that ends, still leaves what it measured)."""
+
+    def __init__(self, checkpoint=None, checkpoint_s: float = 60.0):
         super().__init__(daemon=True)
         self.peak_anon = 0
+        self.peak_file = 0
         self.stop = threading.Event()
+        self.checkpoint, self.checkpoint_s = checkpoint, checkpoint_s
 
     def run(self):
+        last = time.monotonic()
         while not self.stop.is_set():
-            self.peak_anon = max(self.peak_anon, _status_kib("RssAnon"))
+            kib = _status_kib("RssAnon", "RssFile")
+            self.peak_anon = max(self.peak_anon, kib["RssAnon"])
+            self.peak_file = max(self.peak_file, kib["RssFile"])
+            if self.checkpoint is not None and time.monotonic() - last >= self.checkpoint_s:
+                last = time.monotonic()
+                try:
+                    self.checkpoint()
+                except Exception:  # noqa: BLE001 - a failed checkpoint must not stop the sampling
+                    traceback.print_exc()
             self.stop.wait(0.1)
 
 
@@ -105,9 +127,45 @@ def main(argv):
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
-    sampler = _Sampler()
-    sampler.start()
     start = time.perf_counter()
+
+    def make_record(wall, error, partial=False):
+        record = {
+            "argv": mk_args,
+            "ok": error is None and not partial,
+            "partial": partial,
+            "error": "still running (partial record)" if partial else error,
+            "wall_s": wall,
+            "load_s": times["load"],
+            "write_s": times["write"],
+            "rule_s": times["rule"],
+            "other_s": wall - times["load"] - times["write"] - times["rule"],
+            "loads": counts["load"],
+            "rule_calls": counts["rule"],
+            "cpu_s": cpu_seconds(),  # user + system time of the merge process, all threads
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_anon_rss_bytes": sampler.peak_anon * 1024,
+            "peak_file_rss_bytes": sampler.peak_file * 1024,
+            "oom_retries": executor.oom_retry_count(),
+            "cpu_fallbacks": executor.fallback_count(),
+            "float64_recomputes": precision.float64_recompute_count(),
+            "per_weight": list(per_weight),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        if cuda and torch.cuda.is_initialized():
+            record.update(cuda_device=torch.cuda.get_device_name(),
+                          cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
+                          cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
+        return record
+
+    def write_partial():
+        tmp = result_path.with_name(result_path.name + ".tmp")
+        tmp.write_text(json.dumps(make_record(time.perf_counter() - start, None, partial=True), indent=2))
+        tmp.replace(result_path)
+
+    sampler = _Sampler(write_partial, float(os.environ.get("MERGE_PROBE_CHECKPOINT_S", "60")))
+    sampler.start()
     error = None
     try:
         mergekit_yaml(mk_args, standalone_mode=False)
@@ -117,31 +175,7 @@ def main(argv):
     wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
-    record = {
-        "argv": mk_args,
-        "ok": error is None,
-        "error": error,
-        "wall_s": wall,
-        "load_s": times["load"],
-        "write_s": times["write"],
-        "rule_s": times["rule"],
-        "other_s": wall - times["load"] - times["write"] - times["rule"],
-        "loads": counts["load"],
-        "rule_calls": counts["rule"],
-        "cpu_s": cpu_seconds(),  # user + system time of the merge process, all threads
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_anon_rss_bytes": sampler.peak_anon * 1024,
-        "oom_retries": executor.oom_retry_count(),
-        "cpu_fallbacks": executor.fallback_count(),
-        "float64_recomputes": precision.float64_recompute_count(),
-        "per_weight": per_weight,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    if cuda and torch.cuda.is_initialized():
-        record.update(cuda_device=torch.cuda.get_device_name(),
-                      cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(),
-                      cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
+    record = make_record(wall, error)
     result_path.write_text(json.dumps(record, indent=2))
     return 0 if error is None else 1
 

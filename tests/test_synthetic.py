@@ -111,6 +111,29 @@ def test_merge_probe_records_a_mergekit_yaml_run(tmp_path):
     assert r["rule_calls"] == 8 and {w[0] for w in r["per_weight"]} >= {"lm_head.weight"}
     assert 0 < r["rule_s"] <= r["wall_s"]
     assert r["peak_rss_bytes"] >= r["peak_anon_rss_bytes"] > 0
+    assert r["partial"] is False and r["peak_file_rss_bytes"] > 0  # the mapped input shards
     assert r["oom_retries"] == 0 and r["cpu_fallbacks"] == 0
     merged = load(tmp_path / "out")
     assert set(merged) == set(load(paths[0]))
+
+
+def test_merge_probe_sampler_tracks_peaks_and_checkpoints():
+    """The probe's sampler keeps the peaks of anonymous and file-backed RSS and calls its checkpoint
+    (the partial record a killed run leaves) at the interval it was given."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from merge_probe import _Sampler, _status_kib
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = []
+    sampler = _Sampler(lambda: calls.append(1), checkpoint_s=0.05)
+    sampler.start()
+    held = torch.ones(64, 2 ** 20, dtype=torch.uint8)  # 64 MiB touched: anonymous RSS
+    sampler.stop.wait(0.6)
+    sampler.stop.set()
+    sampler.join()
+    now = _status_kib("RssAnon", "RssFile")
+    assert sampler.peak_anon >= 64 * 1024 and sampler.peak_anon <= now["RssAnon"] + 1024 * 1024
+    assert sampler.peak_file > 0  # the interpreter's own mapped libraries at least
+    assert 2 <= len(calls) <= 12
+    del held
