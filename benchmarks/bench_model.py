@@ -55,8 +55,8 @@ def merge_config(method: str, paths, dtype: str = "bfloat16") -> str:
 
 
 def run_probe(config: Path, out: Path, record: Path, cuda: bool, env, extra=()) -> dict:
-    cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out), *extra]
     record.unlink(missing_ok=True)  # a stale record must not stand for this run
+    cmd = [sys.executable, str(HERE / "merge_probe.py"), str(record), "--", str(config), str(out), *extra]
     if cuda:
         cmd.append("--cuda")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

@@ -159,10 +159,13 @@ def main(argv):
                           cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
         return record
 
-    def write_partial():
+    def write(record):  # whole or not at all: a reader never sees a half-written record
         tmp = result_path.with_name(result_path.name + ".tmp")
-        tmp.write_text(json.dumps(make_record(time.perf_counter() - start, None, partial=True), indent=2))
+        tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(result_path)
+
+    def write_partial():
+        write(make_record(time.perf_counter() - start, None, partial=True))
 
     sampler = _Sampler(write_partial, float(os.environ.get("MERGE_PROBE_CHECKPOINT_S", "60")))
     sampler.start()
@@ -175,8 +178,7 @@ def main(argv):
     wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
-    record = make_record(wall, error)
-    result_path.write_text(json.dumps(record, indent=2))
+    write(make_record(wall, error))
     return 0 if error is None else 1
 
 

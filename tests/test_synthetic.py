@@ -1,6 +1,7 @@
 """Synthetic full-size checkpoints (mergekit_ace/synthetic.py), at narrow widths, and the benchmark's
 merge probe on them (the whole-model benchmark's path, small)."""
 
+import importlib
 import json
 import math
 import subprocess
@@ -92,12 +93,17 @@ def test_checkpoints_are_deterministic_and_shallow_ones_are_a_prefix(tmp_path):
     assert again == a and (tmp_path / "a" / "synthetic.json").stat().st_mtime_ns == stamp  # reused
 
 
-def test_merge_probe_records_a_mergekit_yaml_run(tmp_path):
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (the folder is put on sys.path only meanwhile)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from bench_model import merge_config
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_merge_probe_records_a_mergekit_yaml_run(tmp_path):
+    merge_config = benchmark_module("bench_model").merge_config
     paths = synthetic.write_checkpoints(tmp_path / "ckpt", "olmo-3-7b", num_layers=1, config_overrides=NARROW)
     cfg = tmp_path / "ace.yml"
     cfg.write_text(merge_config("ace", paths))
@@ -120,11 +126,8 @@ def test_merge_probe_records_a_mergekit_yaml_run(tmp_path):
 def test_merge_probe_sampler_tracks_peaks_and_checkpoints():
     """The probe's sampler keeps the peaks of anonymous and file-backed RSS and calls its checkpoint
     (the partial record a killed run leaves) at the interval it was given."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from merge_probe import _Sampler, _status_kib
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    probe = benchmark_module("merge_probe")
+    _Sampler, _status_kib = probe._Sampler, probe._status_kib
     calls = []
     sampler = _Sampler(lambda: calls.append(1), checkpoint_s=0.05)
     sampler.start()
