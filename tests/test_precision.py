@@ -199,6 +199,25 @@ def test_top_eigenpairs_equal_a_full_eigendecomposition(dtype):
     assert top_eigenpairs(G, 400)[0].shape == (400,)  # the whole spectrum
 
 
+@pytest.mark.parametrize("count", [1, 99, 100, 399])
+def test_top_eigenpairs_both_cpu_drivers(count):
+    """Below FULL_DECOMPOSITION_FRACTION of the pairs MRRR (evr) runs, from it divide and conquer
+    (evd): the same pairs, descending, either way."""
+    from mergekit_ace.rules import precision
+
+    assert precision.FULL_DECOMPOSITION_FRACTION * 400 == 100  # 99 takes evr, 100 and 399 evd
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(500, 400, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    values, vectors = top_eigenpairs(G, count)
+    full_values, full_vectors = torch.linalg.eigh(G)
+    assert values.shape == (count,) and vectors.shape == (400, count)
+    assert bool((values[:-1] >= values[1:]).all())
+    torch.testing.assert_close(values, full_values.flip(0)[:count], rtol=1e-10, atol=1e-9)
+    overlap = (vectors.T @ full_vectors.flip(1)[:, :count]).abs()
+    torch.testing.assert_close(overlap.diagonal(), torch.ones(count, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize("n", [100, 700, 2100])
 def test_symmetric_gram_equals_full_product(n):
     g = torch.Generator().manual_seed(7)

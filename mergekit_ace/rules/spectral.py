@@ -10,7 +10,8 @@ Two operations, each with an exact cheap route and a full-SVD route:
 **Gram route.** Both follow from the eigendecomposition of X's smaller Gram matrix
 (:math:`X^TX` for tall X, :math:`XX^T` for wide): :math:`X^TX = V S^2 V^T`, :math:`U = XVS^{-1}`,
 :math:`UV^T = X (X^TX)^{-1/2}`. That is mathematically exact and costs a Gram matrix, one
-symmetric eigendecomposition (on the CPU only the wanted pairs: LAPACK ``syevr``) and one product,
+symmetric eigendecomposition (on the CPU ``precision.top_eigenpairs``: LAPACK ``syevr`` for few pairs,
+``syevd`` for a quarter or more) and one product,
 against a Householder bidiagonalisation for the SVD (about 2-4x the flops). But forming the Gram
 squares the condition number: in float64 its eigenvalues carry an absolute error of about
 :math:`\sqrt{d}\,u\,\lambda_{max}` (u = 2^-53, d the summed dimension), so a direction with a small
