@@ -185,37 +185,26 @@ def test_extreme_eigenvalue_estimates():
     assert lam_min >= 1e-4 * (1 - 1e-3) and lam_max <= 10.0 * (1 + 1e-3)  # they err towards smaller kappa
 
 
+@pytest.mark.parametrize("count", [1, 37, 99, 100, 399])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_top_eigenpairs_equal_a_full_eigendecomposition(dtype):
+def test_top_eigenpairs_equal_a_full_eigendecomposition(dtype, count):
+    """Both CPU drivers: below FULL_DECOMPOSITION_FRACTION of the pairs MRRR (evr), from it divide
+    and conquer (evd); the same pairs, descending, either way."""
+    from mergekit_ace.rules import precision
+
+    assert precision.FULL_DECOMPOSITION_FRACTION * 400 == 100  # 1-99 take evr, 100 and 399 evd
     g = torch.Generator().manual_seed(6)
     X = torch.randn(500, 400, generator=g, dtype=torch.float64)
     G = (X.T @ X).to(dtype)
-    values, vectors = top_eigenpairs(G, 37)
-    full_values, full_vectors = torch.linalg.eigh(G.double())
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(values.double(), full_values.flip(0)[:37], rtol=tol, atol=0)
-    overlap = (vectors.double().T @ full_vectors.flip(1)[:, :37]).abs()
-    torch.testing.assert_close(overlap.diagonal(), torch.ones(37, dtype=torch.float64), rtol=0, atol=100 * tol)
-    assert top_eigenpairs(G, 400)[0].shape == (400,)  # the whole spectrum
-
-
-@pytest.mark.parametrize("count", [1, 99, 100, 399])
-def test_top_eigenpairs_both_cpu_drivers(count):
-    """Below FULL_DECOMPOSITION_FRACTION of the pairs MRRR (evr) runs, from it divide and conquer
-    (evd): the same pairs, descending, either way."""
-    from mergekit_ace.rules import precision
-
-    assert precision.FULL_DECOMPOSITION_FRACTION * 400 == 100  # 99 takes evr, 100 and 399 evd
-    g = torch.Generator().manual_seed(7)
-    X = torch.randn(500, 400, generator=g, dtype=torch.float64)
-    G = X.T @ X
     values, vectors = top_eigenpairs(G, count)
-    full_values, full_vectors = torch.linalg.eigh(G)
+    full_values, full_vectors = torch.linalg.eigh(G.double())
     assert values.shape == (count,) and vectors.shape == (400, count)
     assert bool((values[:-1] >= values[1:]).all())
-    torch.testing.assert_close(values, full_values.flip(0)[:count], rtol=1e-10, atol=1e-9)
-    overlap = (vectors.T @ full_vectors.flip(1)[:, :count]).abs()
-    torch.testing.assert_close(overlap.diagonal(), torch.ones(count, dtype=torch.float64), rtol=0, atol=1e-8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(values.double(), full_values.flip(0)[:count], rtol=tol, atol=0)
+    overlap = (vectors.double().T @ full_vectors.flip(1)[:, :count]).abs()
+    torch.testing.assert_close(overlap.diagonal(), torch.ones(count, dtype=torch.float64), rtol=0, atol=100 * tol)
+    assert top_eigenpairs(G, 400)[0].shape == (400,)  # the whole spectrum
 
 
 @pytest.mark.parametrize("n", [100, 700, 2100])

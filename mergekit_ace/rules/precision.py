@@ -189,18 +189,20 @@ def top_eigenpairs(gram: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.
 
 
 def _scipy_top_eigenpairs(gram: torch.Tensor, count: int):
+    import numpy as np
     import scipy.linalg
 
     n = gram.shape[0]
     with _blas_threads(torch.get_num_threads()):
         if count >= FULL_DECOMPOSITION_FRACTION * n:
             values, vectors = scipy.linalg.eigh(gram.numpy(), driver="evd", check_finite=False)
-            values, vectors = values[n - count:], vectors[:, n - count:]
+            # copy the kept columns so that the full n x n eigenvector matrix is freed
+            values, vectors = values[n - count:], np.ascontiguousarray(vectors[:, n - count:])
         else:
             values, vectors = scipy.linalg.eigh(
                 gram.numpy(), subset_by_index=[n - count, n - 1], driver="evr", check_finite=False
             )
-    return torch.from_numpy(values.copy()), torch.from_numpy(vectors.copy())
+    return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
 def _blas_threads(n: int):
