@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from mergekit_ace import synthetic  # noqa: E402
+from benchmarks.calibration import cpu_times, machine_speed, steal_between  # noqa: E402
 
 METHODS = ("ties", "task_arithmetic", "ace", "actmat")
 RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")  # this package's methods (plan, --verify)
@@ -168,6 +169,8 @@ def main():
     p.add_argument("--out-shard-size", default=None,
                    help="passed to mergekit-yaml (e.g. 1B): caps the merged tensors its writer holds in memory")
     p.add_argument("--json", default=None, help="write every record to this file")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the machine-speed figures taken before and after the merges (calibration.py)")
     args = p.parse_args()
 
     work = Path(args.workdir).resolve()
@@ -197,6 +200,15 @@ def main():
               f"out shard size {args.out_shard_size or 'default (5B)'}; torch {torch.__version__}, "
               f"{platform.machine()} {os.cpu_count()} CPUs")
     print(header, flush=True)
+    calibration = {}
+    if not args.no_calibrate:
+        calibration["before"] = machine_speed("cuda" if args.cuda else "cpu")
+        print(f"machine speed: {json.dumps(calibration['before'])}", flush=True)
+    run_ticks = cpu_times()
+
+    def dump():
+        Path(args.json).write_text(json.dumps(dict(header=header, calibration=calibration, records=records),
+                                              indent=1))
 
     records = []
     if args.verify:
@@ -234,13 +246,17 @@ def main():
             records.append(r)
             print(f"{method}: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} in {r['wall_s']:.1f} s", flush=True)
             if args.json:  # after every method, so that an interrupted run keeps what it measured
-                Path(args.json).write_text(json.dumps(dict(header=header, records=records), indent=1))
+                dump()
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         print()
         print(table(records, args.cuda))
+    calibration["steal_fraction_during_run"] = steal_between(run_ticks, cpu_times())
+    if not args.no_calibrate:
+        calibration["after"] = machine_speed("cuda" if args.cuda else "cpu")
+        print(f"machine speed after: {json.dumps(calibration['after'])}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, records=records), indent=1))
+        dump()
     return 0 if all(r.get("ok", True) for r in records) else 1
 
 

@@ -9,7 +9,8 @@
 # 2-layer 7B shape under a 2 GiB budget, which drives the OOM retry / CPU fallback path, and with
 # float64 products), 3b (ace, actmat, ties on the whole 3B shape); all = the first four in that
 # order, each step cut to what is left of GPU_RUNS_BUDGET_S (default 540) seconds.
-# What comes back (at most 8 files): env.txt, runs.log, one NAME.json per step, skipped.txt.
+# What comes back (at most 8 files): env.txt (with calibration.py's GPU figures, once: the bench
+# runs skip theirs to save device time), runs.log, one NAME.json per step, skipped.txt.
 # Checkpoints go to $BENCH_WORK (default /dev/shm/bench: the 7B base + 3 experts are 58 GB, more
 # than the 64 GiB disk holds beside a merge); merges go to $BENCH_OUT (default /tmp/bench-out).
 set -uo pipefail
@@ -31,13 +32,13 @@ bench() {  # bench NAME SECONDS ARGS...: one bench_model.py run, its log and JSO
   if [ "$(left)" -lt 30 ]; then echo "skipped $name: budget spent" | tee -a "$results/skipped.txt"; return; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   echo "== $name (limit ${limit}s, $(left)s left)"
-  timeout "$limit" python3 benchmarks/bench_model.py --cuda --workdir "$work" --out-root "$merges" \
+  timeout "$limit" python3 benchmarks/bench_model.py --cuda --no-calibrate --workdir "$work" --out-root "$merges" \
     --json "$results/$name.json" "$@" 2>&1 | tee -a "$results/runs.log"
 }
 env_record() {
   { nvidia-smi; python3 -c "import torch, mergekit, sys; print(sys.version); print('torch', torch.__version__, \
-torch.cuda.get_device_name()); print('mergekit', mergekit.__file__)"; df -h /dev/shm /tmp; nproc; free -g; } \
-    > "$results/env.txt" 2>&1
+torch.cuda.get_device_name()); print('mergekit', mergekit.__file__)"; df -h /dev/shm /tmp; nproc; free -g; \
+    timeout 60 python3 benchmarks/calibration.py --cuda --reps 1; } > "$results/env.txt" 2>&1
 }
 case "$stage" in
   all)

@@ -140,3 +140,21 @@ def test_merge_probe_sampler_tracks_peaks_and_checkpoints():
     assert sampler.peak_file > 0  # the interpreter's own mapped libraries at least
     assert 2 <= len(calls) <= 12
     del held
+
+
+def test_calibration_figures_are_measured_and_steal_is_a_share_of_ticks():
+    """benchmarks/calibration.py: the machine-speed figures a benchmark records beside its own (GEMM
+    rates, the refinement's eigendecomposition, the hypervisor's steal share)."""
+    cal = benchmark_module("calibration")
+    speed = cal.machine_speed("cpu", n=96, reps=1)
+    assert speed["n"] == 96 and speed["threads"] == torch.get_num_threads()
+    for key in ("gemm_float64_gflops", "gemm_float32_gflops", "eigh_float64_s"):
+        assert math.isfinite(speed[key]) and speed[key] > 0, key
+    assert speed["steal_fraction"] is None or 0.0 <= speed["steal_fraction"] <= 1.0
+    before = dict(busy=100, idle=100, steal=0)
+    assert cal.steal_between(before, dict(busy=150, idle=130, steal=20)) == pytest.approx(20 / 100)
+    assert cal.steal_between(before, before) == 0.0 and cal.steal_between(None, before) is None
+    ticks = cal.cpu_times()
+    if ticks is not None:  # Linux: counters only grow
+        later = cal.cpu_times()
+        assert all(later[k] >= ticks[k] for k in ticks)
