@@ -11,14 +11,18 @@ from mergekit_ace.rules import actmat as actmat_rule
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import CholeskySolve, SymmetricPseudoInverse, actmat_merge, range_solver
 from mergekit_ace.rules.common import add_gram_, symmetrize_gram_
+from mergekit_ace.rules.ace import proxy_sum_trace_bound
+from mergekit_ace.rules.common import TaskVectors
 from mergekit_ace.rules.precision import (
     TOLERANCE,
     UNIT_ROUNDOFF_FLOAT32,
+    condition_lower_bound,
     extreme_eigenvalues,
     resolve_matmul_dtype,
     solve_error_estimate,
     subspace_error_estimate,
     top_eigenpairs,
+    top_eigenvalue_lower_bound,
 )
 from tests.reference import ace_reference, actmat_reference, rel_err
 
@@ -267,3 +271,77 @@ def test_executor_skips_the_float32_attempt_for_a_kind_that_keeps_needing_float6
     for _ in range(3):
         executor.execute_rule("ace", ace_merge, W1, experts1, matmul_dtype="auto")
     assert tried == ["auto"] * 3
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape, case", [((192, 128), {}), ((64, 160), {}), ((256, 96), dict(rank=6)),
+                                         ((300, 120), dict(spectrum=1.5))])
+def test_condition_lower_bound_never_exceeds_the_true_condition_number(shape, case, seed):
+    """The early bound kappa(M) >= lambda_max(S~_t) n / tr(M), with tr(M) bounded from step 1's energies,
+    stays below the exact float64 kappa of ACE's M (both branches) and of ACTMat's A, from float32
+    Grams as the first attempt computes them; and lambda_max's bound is close for a dominant direction."""
+    W0, experts = bf16_experts(shape, seed=seed, **case)
+    d_out, d_in = shape
+    tv32, tv64 = TaskVectors(W0, experts, torch.float32), TaskVectors(W0, experts, torch.float64)
+    traces, mus = tv64.energies_and_means(torch.float64)
+    for het in (True, False):
+        eps = 1e-5
+        grams64 = [tv64.gram(t, mus[t]) for t in range(len(experts))]
+        s = [float(torch.trace(g)) + 1e-12 for g in grams64]
+        M = sum(g / si if het else g for g, si in zip(grams64, s))
+        M += torch.eye(d_in, dtype=torch.float64) * sum(eps / si if het else eps for si in s)
+        lam = torch.linalg.eigvalsh(M)
+        kappa = float(lam[-1] / lam[0])
+        bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, eps)
+        assert float(torch.trace(M)) <= bound
+        for t in range(len(experts)):
+            g32 = tv32.gram(t, mus[t])
+            if het:
+                g32 /= float(torch.trace(g32)) + 1e-12
+            lower = top_eigenvalue_lower_bound(g32)
+            assert lower <= float(torch.linalg.eigvalsh(g32.double())[-1])
+            assert condition_lower_bound(lower, bound, d_in) <= kappa
+    A = sum(tv64.gram(t) for t in range(len(experts)))
+    lam = torch.linalg.eigvalsh(A)
+    for t in range(len(experts)):
+        lower = top_eigenvalue_lower_bound(tv32.gram(t))
+        assert condition_lower_bound(lower, 1.05 * sum(traces), d_in) <= float(lam[-1] / lam[0])
+    # one dominant direction: the power-iteration bound finds most of lambda_max
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(200, 1, generator=g, dtype=torch.float64)
+    X = torch.randn(300, 200, generator=g, dtype=torch.float64)
+    S = X.T @ X / 300 + 50 * v @ v.T / float(v.square().sum())
+    assert 0.9 * float(torch.linalg.eigvalsh(S)[-1]) <= top_eigenvalue_lower_bound(S) <= float(torch.linalg.eigvalsh(S)[-1])
+
+
+def dominant_direction_experts(shape, seed=0):
+    """bf16 checkpoints whose updates share one strong direction (as low-rank fine-tunes do): the
+    early bound rules float32 out from the first Gram."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    W0 = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16)
+    v = torch.randn(1, n, generator=g)
+    experts = []
+    for s in (1.0, 0.05):  # two experts: the heterogeneous branch's bound is ~ d_in / T
+        d = 3.0 * torch.randn(m, 1, generator=g) @ v + 0.1 * torch.randn(m, n, generator=g)
+        experts.append((W0.float() + 1e-2 * s * d).to(torch.bfloat16))
+    return W0, experts
+
+
+@pytest.mark.parametrize("strategy", ["expert_streamed", "row_chunked"])
+@pytest.mark.parametrize("rule", ["ace", "actmat"])
+def test_float32_attempt_gives_up_after_the_first_gram_when_the_bound_rules_it_out(monkeypatch, rule, strategy):
+    """Where even the lower bound of the condition number rules float32 out, the float32 attempt
+    stops after its first Gram, before any product, and the float64 result is the same as asked
+    for directly."""
+    W0, experts = dominant_direction_experts((1024, 1536))
+    grams, products = [], []
+    gram, add_product = TaskVectors.gram, TaskVectors.add_product
+    monkeypatch.setattr(TaskVectors, "gram", lambda self, *a, **k: grams.append(self.dtype) or gram(self, *a, **k))
+    monkeypatch.setattr(TaskVectors, "add_product",
+                        lambda self, *a, **k: products.append(self.dtype) or add_product(self, *a, **k))
+    merge = ace_merge if rule == "ace" else actmat_merge
+    out, diag = merge(W0, experts, matmul_dtype="auto", strategy=strategy, return_diagnostics=True)
+    assert diag.precision.startswith("float64")
+    assert grams.count(torch.float32) == 1 and products.count(torch.float32) == 0
+    assert torch.equal(out, merge(W0, experts, matmul_dtype=torch.float64, strategy=strategy))

@@ -56,13 +56,17 @@ from mergekit_ace.rules.common import (
 )
 from mergekit_ace.rules.precision import (
     TOLERANCE,
+    TRACE_SLACK,
     NeedsFloat64,
+    check_condition_lower_bound,
+    condition_lower_bound,
     condition_number,
     null_decision_is_clear,
     run_with_fallback,
     solve_error_estimate,
     subspace_error_estimate,
     top_eigenpairs,
+    top_eigenvalue_lower_bound,
 )
 
 LOG = logging.getLogger(__name__)
@@ -106,6 +110,24 @@ def is_heterogeneous(gamma: float, tau: float) -> bool:
 
 
 # --------------------------------------------------------------------------- steps 2-3
+def proxy_sum_trace_bound(traces: Sequence[float], mus: Sequence[torch.Tensor], d_out: int, d_in: int,
+                          heterogeneous: bool, epsilon: float) -> float:
+    r"""An upper bound on :math:`\mathrm{tr}\,M = \sum_t \mathrm{tr}\,\tilde S_t + d_{in}\sum_t\epsilon_t`
+    from step 1's energies, before any proxy exists (for :func:`precision.condition_lower_bound`).
+    :math:`\mathrm{tr}\,S_t = \|C_t\|^2 = \|D_t\|^2 - d_{out}\|\mu_t\|^2`; heterogeneous:
+    :math:`\mathrm{tr}\,\tilde S_t \le 1`, :math:`\epsilon_t = \epsilon/\|C_t\|^2`; else
+    :math:`\mathrm{tr}\,\tilde S_t \le \|D_t\|^2`, :math:`\epsilon_t = \epsilon`; with
+    ``TRACE_SLACK`` for the Grams' rounding. Infinite (no bound) where centring cancels more than
+    half of an energy (the difference would be inaccurate)."""
+    T = len(traces)
+    if not heterogeneous:
+        return TRACE_SLACK * sum(float(t) for t in traces) + d_in * T * epsilon
+    centred = [float(t) - d_out * float(mu.double().square().sum()) for t, mu in zip(traces, mus)]
+    if any(c <= 0.5 * float(t) for c, t in zip(centred, traces)):
+        return math.inf
+    return TRACE_SLACK * T + d_in * sum(TRACE_SLACK * epsilon / c for c in centred)
+
+
 # --------------------------------------------------------------------------- step 4
 def collective_prior(S_tilde_sum: torch.Tensor, traces: Sequence[float], heterogeneous: bool) -> torch.Tensor:
     r"""Step 4 (Eqs. 11-13): :math:`c` = the mean of the rows of :math:`\sum_t \tilde S_t`;
@@ -412,11 +434,19 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     eps_t: List[float] = []
     s_vals: List[float] = []
     Q = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
+    # float32 attempt: kappa(M) >= lambda_max(S~_t) / (tr M / d_in) is known after the first proxy,
+    # before its products; a weight it already rules out goes to float64 without the rest.
+    trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon) if check else math.inf
+    lambda_lower = 0.0
     for t in range(T):
         S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
         s = float(torch.trace(S)) + TINY
         if het:
             S.div_(s)
+        if math.isfinite(trace_bound):
+            lambda_lower = max(lambda_lower, top_eigenvalue_lower_bound(S))
+            check_condition_lower_bound(condition_lower_bound(lambda_lower, trace_bound, d_in),
+                                        f"the covariance sum (after {t + 1} of {T} proxies)")
         eps_t.append(epsilon / s if het else epsilon)
         s_vals.append(s)
         S_sum += S

@@ -23,8 +23,9 @@ rule can amplify:
 
 ``matmul_dtype="auto"`` (the executor's default) runs the products -- and, in ACE, the
 d_in x d_in sums and the Cholesky factor, whose backward error is of the same order -- in float32
-and checks these estimates as soon as the quantities they need exist (:math:`\kappa` right after
-the Gram matrices, the gap right after the eigendecomposition); if their sum exceeds
+and checks these estimates as soon as the quantities they need exist (a lower bound of
+:math:`\kappa` after the first Gram, :func:`condition_lower_bound`; :math:`\kappa` right after
+the Gram matrices; the gap right after the eigendecomposition); if their sum exceeds
 :data:`TOLERANCE`, the weight is recomputed in float64. Both are documented in ``docs/execution.md``; the estimates
 were checked against a float64 reference in ``tests/test_precision.py``.
 """
@@ -211,6 +212,49 @@ def _blas_threads(n: int):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=n, user_api="blas")
+
+
+#: Slack of :func:`condition_lower_bound`'s trace bound: covers the rounding of float32 Grams
+#: (at most m u relative on their positive diagonal, 0.6 % for m = 1e5 rows) and of the energies
+#: the trace is bounded from.
+TRACE_SLACK = 1.05
+
+
+def top_eigenvalue_lower_bound(S: torch.Tensor, iterations: int = 6, probes: int = 4) -> float:
+    r"""A lower bound on :math:`\lambda_{max}` of a symmetric PSD matrix: the largest Rayleigh
+    quotient :math:`x^TSx/x^Tx` of a few block-power-iteration vectors (every vector's is at most
+    :math:`\lambda_{max}`; a dominant direction is found in a few steps). ~``2 iterations probes n^2``
+    multiply-adds, in S's dtype (rounding: ~u relative)."""
+    n = S.shape[0]
+    g = torch.Generator(device=S.device).manual_seed(0)
+    X = torch.randn(n, min(probes, n), dtype=S.dtype, device=S.device, generator=g)
+    for _ in range(iterations):
+        X = S @ X
+        X /= X.norm(dim=0).clamp_min(torch.finfo(S.dtype).tiny)
+    quotients = (X * (S @ X)).sum(dim=0) / X.square().sum(dim=0).clamp_min(torch.finfo(S.dtype).tiny)
+    return max(0.0, float(quotients.double().max()) * (1.0 - 1e-4))
+
+
+def condition_lower_bound(lambda_max_lower: float, trace_upper: float, n: int) -> float:
+    r""":math:`\kappa(M) \ge \lambda_{max}/(\mathrm{tr}\,M/n)` for an n x n SPD M: its smallest eigenvalue
+    is at most the mean one. Known before M is summed: :math:`\lambda_{max}(M) \ge
+    \lambda_{max}(S_t)` for each PSD term :math:`S_t`, and the trace is bounded from the task
+    vectors' energies (computed before any Gram). The rules use it to give up float32 products
+    after the first proxy instead of after all of them and their products. :func:`condition_number`'s
+    :math:`\hat\kappa`, checked once M exists, also errs low, so in a rare case the bound may exceed
+    it and send to float64 a weight the later check would have let through: that costs speed only."""
+    if not (trace_upper > 0 and math.isfinite(trace_upper)):
+        return 0.0
+    return lambda_max_lower * n / trace_upper
+
+
+def check_condition_lower_bound(kappa_lower: float, what: str) -> None:
+    """Raise :class:`NeedsFloat64` where even the lower bound of the condition number makes float32
+    products too inaccurate (:func:`solve_error_estimate` grows with kappa)."""
+    error = solve_error_estimate(kappa_lower) if kappa_lower > 0 else 0.0
+    if error > TOLERANCE:
+        raise NeedsFloat64(f"{what}: condition number at least ~{kappa_lower:.1e}, too large for float32 "
+                           f"products (estimated error at least {error:.1e})")
 
 
 def condition_number(M: torch.Tensor, cholesky_factor: torch.Tensor) -> float:
