@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from mergekit_ace.rules import actmat as actmat_rule
-from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.ace import ace_merge, proxy_sum_trace_bound
 from mergekit_ace.rules.actmat import CholeskySolve, SymmetricPseudoInverse, actmat_merge, range_solver
-from mergekit_ace.rules.common import add_gram_, symmetrize_gram_
-from mergekit_ace.rules.ace import proxy_sum_trace_bound
-from mergekit_ace.rules.common import TaskVectors
+from mergekit_ace.rules.common import TaskVectors, add_gram_, symmetrize_gram_
 from mergekit_ace.rules.precision import (
     TOLERANCE,
     TRACE_SLACK,
