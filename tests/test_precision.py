@@ -15,6 +15,8 @@ from mergekit_ace.rules.precision import (
     TOLERANCE,
     TRACE_SLACK,
     UNIT_ROUNDOFF_FLOAT32,
+    NeedsFloat64,
+    RunningConditionBound,
     condition_lower_bound,
     extreme_eigenvalues,
     resolve_matmul_dtype,
@@ -311,6 +313,27 @@ def test_condition_lower_bound_never_exceeds_the_true_condition_number(shape, ca
     X = torch.randn(300, 200, generator=g, dtype=torch.float64)
     S = X.T @ X / 300 + 50 * v @ v.T / float(v.square().sum())
     assert 0.9 * float(torch.linalg.eigvalsh(S)[-1]) <= top_eigenvalue_lower_bound(S) <= float(torch.linalg.eigvalsh(S)[-1])
+
+
+def test_running_condition_bound_raises_at_the_first_term_that_rules_float32_out():
+    """The running bound keeps the largest lambda_max lower bound over the terms fed so far and
+    raises NeedsFloat64, naming the sum and the term count, once lambda_max n / tr(M) makes the
+    float32 solve's error estimate exceed the tolerance; with no trace bound (float64) it checks nothing."""
+    n = 1000  # kappa_lb <= n: the trace includes lambda_max
+    well = torch.eye(n, dtype=torch.float64)
+    spike = torch.diag(torch.tensor([1e7] + [1.0] * (n - 1), dtype=torch.float64))
+    trace = float(torch.trace(well + spike))
+    kappa_after_spike = 1e7 * n / trace
+    assert solve_error_estimate(1.0 * n / trace) <= TOLERANCE < solve_error_estimate(kappa_after_spike)
+    bound = RunningConditionBound(trace, n, "the test sum", terms=2)
+    bound.add(well)
+    assert bound.seen == 1 and bound.lambda_lower == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(NeedsFloat64, match=r"the test sum \(after 2 of 2 terms\)"):
+        bound.add(spike)
+    assert bound.lambda_lower == pytest.approx(1e7, rel=1e-3)
+    unchecked = RunningConditionBound(math.inf, n, "the test sum", terms=2)
+    unchecked.add(spike)
+    assert not unchecked.active and unchecked.seen == 1 and unchecked.lambda_lower == 0.0
 
 
 def dominant_direction_experts(shape, seed=0):

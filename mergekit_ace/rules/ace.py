@@ -58,15 +58,13 @@ from mergekit_ace.rules.precision import (
     TOLERANCE,
     TRACE_SLACK,
     NeedsFloat64,
-    check_condition_lower_bound,
-    condition_lower_bound,
+    RunningConditionBound,
     condition_number,
     null_decision_is_clear,
     run_with_fallback,
     solve_error_estimate,
     subspace_error_estimate,
     top_eigenpairs,
-    top_eigenvalue_lower_bound,
 )
 
 LOG = logging.getLogger(__name__)
@@ -437,16 +435,13 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     # float32 attempt: kappa(M) >= lambda_max(S~_t) / (tr M / d_in) is known after the first proxy,
     # before its products; a weight it already rules out goes to float64 without the rest.
     trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon) if check else math.inf
-    lambda_lower = 0.0
+    kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T)
     for t in range(T):
         S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
         s = float(torch.trace(S)) + TINY
         if het:
             S.div_(s)
-        if math.isfinite(trace_bound):
-            lambda_lower = max(lambda_lower, top_eigenvalue_lower_bound(S))
-            check_condition_lower_bound(condition_lower_bound(lambda_lower, trace_bound, d_in),
-                                        f"the covariance sum (after {t + 1} of {T} proxies)")
+        kappa_bound.add(S)
         eps_t.append(epsilon / s if het else epsilon)
         s_vals.append(s)
         S_sum += S

@@ -44,14 +44,12 @@ from mergekit_ace.rules.common import (
 from mergekit_ace.rules.precision import (
     TOLERANCE,
     TRACE_SLACK,
-    NeedsFloat64,
-    check_condition_lower_bound,
-    condition_lower_bound,
-    extreme_eigenvalues,
     AUTO,
+    NeedsFloat64,
+    RunningConditionBound,
+    extreme_eigenvalues,
     run_with_fallback,
     solve_error_estimate,
-    top_eigenvalue_lower_bound,
 )
 
 DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None)
@@ -213,14 +211,11 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
     # pass), rules float32 out after the first Gram where it can, before the other Grams and products.
     trace_bound = TRACE_SLACK * sum(tv.energies_and_means(dt)[0]) if check else math.inf
-    lambda_lower = 0.0
+    kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
     for t in range(T):
         C = tv.gram(t)
         traces.append(float(torch.trace(C)))
-        if math.isfinite(trace_bound):
-            lambda_lower = max(lambda_lower, top_eigenvalue_lower_bound(C))
-            check_condition_lower_bound(condition_lower_bound(lambda_lower, trace_bound, d_in),
-                                        f"sum_t C_t (after {t + 1} of {T} Grams)")
+        kappa_bound.add(C)
         A += C
         if streamed:
             tv.add_products(N, t, C)

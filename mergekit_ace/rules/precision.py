@@ -257,6 +257,32 @@ def check_condition_lower_bound(kappa_lower: float, what: str) -> None:
                            f"products (estimated error at least {error:.1e})")
 
 
+class RunningConditionBound:
+    r"""The float32 give-up test of a sum :math:`M = \sum_t S_t (+ \epsilon I)` of n x n PSD terms,
+    fed one term at a time: after each, :math:`\kappa(M) \ge \max_t \lambda_{max}(S_t) \cdot
+    n / \mathrm{tr}\,M` (:func:`condition_lower_bound`) is checked, and :class:`NeedsFloat64` is
+    raised as soon as it rules float32 products out. ``trace_upper``: a bound on tr M known before
+    any term (``math.inf``: nothing to check, as in float64 runs); ``what``: the sum, for the message."""
+
+    def __init__(self, trace_upper: float, n: int, what: str, terms: int):
+        self.trace_upper, self.n, self.what, self.terms = trace_upper, n, what, terms
+        self.lambda_lower = 0.0
+        self.seen = 0
+
+    @property
+    def active(self) -> bool:
+        return math.isfinite(self.trace_upper)
+
+    def add(self, S: torch.Tensor) -> None:
+        """Take term :math:`S_t` (before it is summed or used) into the bound and check it."""
+        self.seen += 1
+        if not self.active:
+            return
+        self.lambda_lower = max(self.lambda_lower, top_eigenvalue_lower_bound(S))
+        check_condition_lower_bound(condition_lower_bound(self.lambda_lower, self.trace_upper, self.n),
+                                    f"{self.what} (after {self.seen} of {self.terms} terms)")
+
+
 def condition_number(M: torch.Tensor, cholesky_factor: torch.Tensor) -> float:
     r""":math:`\hat\kappa(M) = \hat\lambda_{max}/\hat\lambda_{min}` from :func:`extreme_eigenvalues`."""
     lam_min, lam_max = extreme_eigenvalues(M, cholesky_factor)
