@@ -315,6 +315,20 @@ def test_condition_lower_bound_never_exceeds_the_true_condition_number(shape, ca
     assert 0.9 * float(torch.linalg.eigvalsh(S)[-1]) <= top_eigenvalue_lower_bound(S) <= float(torch.linalg.eigvalsh(S)[-1])
 
 
+def test_energies_pass_with_and_without_the_means():
+    """Step 1's pass: ||D_t||_F^2 and the row means of D_t over row blocks; ACTMat's trace bound
+    asks for the energies only and gets the same numbers without the means."""
+    W0, experts = bf16_experts((70, 40), seed=3)
+    tv = TaskVectors(W0, experts, torch.float32, row_chunk=16)
+    traces, mus = tv.energies_and_means(torch.float64)
+    only, none = tv.energies_and_means(torch.float64, means=False)
+    assert none is None and only == traces
+    for t, e in enumerate(experts):
+        D = e.double() - W0.double()
+        assert traces[t] == pytest.approx(float(D.square().sum()), rel=1e-6)
+        torch.testing.assert_close(mus[t], D.mean(dim=0), rtol=1e-6, atol=1e-12)
+
+
 def test_running_condition_bound_raises_at_the_first_term_that_rules_float32_out():
     """The running bound keeps the largest lambda_max lower bound over the terms fed so far and
     raises NeedsFloat64, naming the sum and the term count, once lambda_max n / tr(M) makes the

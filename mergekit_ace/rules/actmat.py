@@ -210,7 +210,7 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     N = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
     # pass), rules float32 out after the first Gram where it can, before the other Grams and products.
-    trace_bound = TRACE_SLACK * sum(tv.energies_and_means(dt)[0]) if check else math.inf
+    trace_bound = TRACE_SLACK * sum(tv.energies_and_means(dt, means=False)[0]) if check else math.inf
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
     for t in range(T):
         C = tv.gram(t)

@@ -262,21 +262,24 @@ class TaskVectors:
         out -= self.base[rows]
         return out
 
-    def energies_and_means(self, dtype: torch.dtype) -> Tuple[list, list]:
+    def energies_and_means(self, dtype: torch.dtype, means: bool = True) -> Tuple[list, Optional[list]]:
         r"""One cheap pass: :math:`\|D_t\|_F^2` (python floats, accumulated in float64) and the row
-        means :math:`\mu_t` (d_in vectors in ``dtype``) of every expert."""
+        means :math:`\mu_t` (d_in vectors in ``dtype``) of every expert; ``means=False``: the
+        energies only (``None`` for the means)."""
         traces, mus = [], []
         for t in range(len(self.experts)):
             energy = 0.0
-            col_sum = torch.zeros(self.d_in, dtype=dtype, device=self.device)
+            col_sum = torch.zeros(self.d_in, dtype=dtype, device=self.device) if means else None
             for rows in self.chunks():
                 D = self.block(t, rows)
                 energy += float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
-                col_sum += D.sum(dim=0, dtype=dtype)
+                if means:
+                    col_sum += D.sum(dim=0, dtype=dtype)
                 del D
             traces.append(energy)
-            mus.append(col_sum / self.d_out)
-        return traces, mus
+            if means:
+                mus.append(col_sum / self.d_out)
+        return traces, (mus if means else None)
 
     def gram(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
         r""":math:`C_t^T C_t` with :math:`C_t = D_t - \mathbf{1}\mu^T` (uncentred :math:`D_t^TD_t` if ``mu``
