@@ -381,3 +381,25 @@ def test_float32_attempt_gives_up_after_the_first_gram_when_the_bound_rules_it_o
     assert diag.precision.startswith("float64")
     assert grams.count(torch.float32) == 1 and products.count(torch.float32) == 0
     assert torch.equal(out, merge(W0, experts, matmul_dtype=torch.float64, strategy=strategy))
+
+
+@pytest.mark.parametrize("strategy", ["expert_streamed", "row_chunked"])
+@pytest.mark.parametrize("rule", ["ace", "actmat"])
+def test_float32_attempt_forms_the_largest_update_first(monkeypatch, rule, strategy):
+    """A small, flat (noise-like) update listed before a large one with a dominant direction (as a
+    small fine-tune's bf16 rounding flattens its spectrum): the attempt forms the large update's
+    Gram first, so the bound gives up after one float32 Gram, not two; the float64 result keeps
+    the experts' order and equals the one asked for directly."""
+    W0, (strong, _) = dominant_direction_experts((1024, 1536))
+    g = torch.Generator().manual_seed(1)
+    flat = (W0.float() + 2e-3 * torch.randn(W0.shape, generator=g)).to(torch.bfloat16)
+    experts = [flat, strong]
+    grams = []
+    gram = TaskVectors.gram
+    monkeypatch.setattr(TaskVectors, "gram", lambda self, t, *a, **k: grams.append((self.dtype, t)) or gram(self, t, *a, **k))
+    merge = ace_merge if rule == "ace" else actmat_merge
+    out, diag = merge(W0, experts, matmul_dtype="auto", strategy=strategy, return_diagnostics=True)
+    assert diag.precision.startswith("float64")
+    assert [t for dt, t in grams if dt == torch.float32] == [1]
+    assert [t for dt, t in grams if dt == torch.float64] == [0, 1]
+    assert torch.equal(out, merge(W0, experts, matmul_dtype=torch.float64, strategy=strategy))

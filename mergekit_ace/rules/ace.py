@@ -60,6 +60,7 @@ from mergekit_ace.rules.precision import (
     NeedsFloat64,
     RunningConditionBound,
     condition_number,
+    expert_order,
     null_decision_is_clear,
     run_with_fallback,
     solve_error_estimate,
@@ -428,29 +429,32 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     wd = mt if check else dt
     S_sum = torch.zeros(d_in, d_in, dtype=wd, device=dev)
     w = torch.zeros(d_in, dtype=wd, device=dev)
-    S_tilde: List[torch.Tensor] = []
-    eps_t: List[float] = []
-    s_vals: List[float] = []
+    S_tilde: List[torch.Tensor] = [] if streamed else [None] * T
+    eps_t: List[float] = [0.0] * T
+    s_vals: List[float] = [0.0] * T
     Q = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     # float32 attempt: kappa(M) >= lambda_max(S~_t) / (tr M / d_in) is known after the first proxy,
-    # before its products; a weight it already rules out goes to float64 without the rest.
+    # before its products; a weight it already rules out goes to float64 without the rest. The
+    # largest update goes first: its proxy, the least flattened by bf16 rounding noise, tends to
+    # give the largest lambda_max (float64 keeps the experts' order).
+    order = expert_order(traces, check)
     trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon) if check else math.inf
     kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T)
-    for t in range(T):
+    for t in order:
         S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
         s = float(torch.trace(S)) + TINY
         if het:
             S.div_(s)
         kappa_bound.add(S)
-        eps_t.append(epsilon / s if het else epsilon)
-        s_vals.append(s)
+        eps_t[t] = epsilon / s if het else epsilon
+        s_vals[t] = s
         S_sum += S
         w += (S @ mus[t].to(mt)).to(wd)
         if streamed:
             tv.add_products(Q, t, S)
             del S
         else:
-            S_tilde.append(S)
+            S_tilde[t] = S
 
     # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T, M = sum_t R_t.
     c = collective_prior(S_sum, traces, het)

@@ -47,6 +47,7 @@ from mergekit_ace.rules.precision import (
     AUTO,
     NeedsFloat64,
     RunningConditionBound,
+    expert_order,
     extreme_eigenvalues,
     run_with_fallback,
     solve_error_estimate,
@@ -204,24 +205,26 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         return _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt)
 
     # A = sum_t C_t, C_t = D_t^T D_t, expert by expert; C_t kept (row_chunked) or folded into N.
-    covs: List[torch.Tensor] = []
-    traces: List[float] = []
+    covs: List[torch.Tensor] = [] if streamed else [None] * T
+    traces: List[float] = [0.0] * T
     A = torch.zeros(d_in, d_in, dtype=dt, device=dev)
     N = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
-    # pass), rules float32 out after the first Gram where it can, before the other Grams and products.
-    trace_bound = TRACE_SLACK * sum(tv.energies_and_means(dt, means=False)[0]) if check else math.inf
+    # pass), rules float32 out after the first Gram where it can, before the other Grams and
+    # products; the largest update first (precision.expert_order).
+    energies = tv.energies_and_means(dt, means=False)[0] if check else [0.0] * T
+    trace_bound = TRACE_SLACK * sum(energies) if check else math.inf
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
-    for t in range(T):
+    for t in expert_order(energies, check):
         C = tv.gram(t)
-        traces.append(float(torch.trace(C)))
+        traces[t] = float(torch.trace(C))
         kappa_bound.add(C)
         A += C
         if streamed:
             tv.add_products(N, t, C)
             del C
         else:
-            covs.append(C)
+            covs[t] = C
     check_nonzero_task_vectors(traces, name, ids)
     pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check)
     del A

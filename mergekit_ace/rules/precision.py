@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -255,6 +255,14 @@ def check_condition_lower_bound(kappa_lower: float, what: str) -> None:
     if error > TOLERANCE:
         raise NeedsFloat64(f"{what}: condition number at least ~{kappa_lower:.1e}, too large for float32 "
                            f"products (estimated error at least {error:.1e})")
+
+
+def expert_order(energies: Sequence[float], checking: bool) -> List[int]:
+    """The order a float32 attempt forms the experts' Grams in: largest ``energies`` first, so that
+    :class:`RunningConditionBound` sees the likeliest largest lambda_max first; the experts' own
+    order otherwise (float64 results do not depend on the attempt)."""
+    order = list(range(len(energies)))
+    return sorted(order, key=lambda t: -energies[t]) if checking else order
 
 
 class RunningConditionBound:
