@@ -1,0 +1,25 @@
+"""Time of ACE's float32 attempt on the synthetic OLMo-3-7B lm_head (seed 0, the bench's relative
+updates 1 / 2.5 / 5 %), from the start of the rule to the early give-up; the Grams' order."""
+import sys, time, torch
+from mergekit_ace import synthetic
+from mergekit_ace.rules import precision, ace, common
+torch.set_num_threads(2)
+name, shape = "lm_head.weight", (100278, 4096)
+t0 = time.time()
+base = synthetic.base_tensor(name, shape, 0).bfloat16()
+experts = [(base.float() + synthetic.expert_update(name, base.float(), r, 0, t)).bfloat16()
+           for t, r in enumerate(synthetic.DEFAULT_RELATIVE_UPDATES)]
+print(sys.argv[1] if len(sys.argv) > 1 else "", name, "generated in %.1f s" % (time.time() - t0), flush=True)
+gram = common.TaskVectors.gram
+def traced(self, t, *a, **k):
+    t1 = time.time(); out = gram(self, t, *a, **k)
+    print("  Gram of expert %d (%s): %.1f s" % (t, self.dtype, time.time() - t1), flush=True); return out
+common.TaskVectors.gram = traced
+t0 = time.time()
+try:
+    ace._ace(base, experts, ace.DEFAULTS["epsilon"], ace.DEFAULTS["tau"], ace.DEFAULTS["k_frac"], 1.0, "add",
+             name, None, torch.float64, 8192, "row_chunked", torch.float32, check=True)
+    print("  attempt ran to the end")
+except precision.NeedsFloat64 as e:
+    print("  gave up:", e)
+print("  float32 attempt: %.1f s" % (time.time() - t0), flush=True)
