@@ -437,8 +437,11 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     # before its products; a weight it already rules out goes to float64 without the rest. The
     # largest update goes first: its proxy, the least flattened by bf16 rounding noise, tends to
     # give the largest lambda_max (float64 keeps the experts' order).
-    order = expert_order(traces, check)
-    trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon) if check else math.inf
+    if check:
+        trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon)
+        order = expert_order(traces)
+    else:
+        trace_bound, order = math.inf, range(T)
     kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T)
     for t in order:
         S = tv.gram(t, mus[t])  # S_t = C_t^T C_t

@@ -212,10 +212,13 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
     # pass), rules float32 out after the first Gram where it can, before the other Grams and
     # products; the largest update first (precision.expert_order).
-    energies = tv.energies_and_means(dt, means=False)[0] if check else [0.0] * T
-    trace_bound = TRACE_SLACK * sum(energies) if check else math.inf
+    if check:
+        energies = tv.energies_and_means(dt, means=False)[0]
+        trace_bound, order = TRACE_SLACK * sum(energies), expert_order(energies)
+    else:
+        trace_bound, order = math.inf, range(T)
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
-    for t in expert_order(energies, check):
+    for t in order:
         C = tv.gram(t)
         traces[t] = float(torch.trace(C))
         kappa_bound.add(C)

@@ -257,12 +257,11 @@ def check_condition_lower_bound(kappa_lower: float, what: str) -> None:
                            f"products (estimated error at least {error:.1e})")
 
 
-def expert_order(energies: Sequence[float], checking: bool) -> List[int]:
+def expert_order(energies: Sequence[float]) -> List[int]:
     """The order a float32 attempt forms the experts' Grams in: largest ``energies`` first, so that
-    :class:`RunningConditionBound` sees the likeliest largest lambda_max first; the experts' own
-    order otherwise (float64 results do not depend on the attempt)."""
-    order = list(range(len(energies)))
-    return sorted(order, key=lambda t: -energies[t]) if checking else order
+    :class:`RunningConditionBound` sees the likeliest largest lambda_max first (float64 runs keep
+    the experts' own order: their results do not depend on the attempt)."""
+    return sorted(range(len(energies)), key=lambda t: -energies[t])
 
 
 class RunningConditionBound:
