@@ -10,9 +10,8 @@ or on a GPU of ``--gpu-tflops`` (a figure you supply, e.g. from the vendor's dat
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 from mergekit_ace.cli import UserError
 
@@ -83,26 +82,32 @@ def _model_path(ref) -> str:
 
 
 # --------------------------------------------------------------------------- throughput
+def median_seconds(fn: Callable[[], object], device: str = "cpu", min_run_time: float = 0.2) -> float:
+    """The median time of one ``fn()`` call: :class:`torch.utils.benchmark.Timer`'s blocked
+    autorange (repeated blocks of calls for at least ``min_run_time`` seconds, CUDA synchronised),
+    with this process's thread count. One slow call (a page fault, a thread pool waking, another
+    process's burst) moves a median but barely; a single timed call it can move 10-40x (seen on
+    this 2-core VM, 2026-12-03: a whole-7B estimate 14.7x too long)."""
+    import torch
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
 def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
-    """Measured float64 (matmul, eigh) throughput in flop/s on ``device`` (about a second)."""
+    """Measured float64 (matmul, eigh) throughput in flop/s on ``device`` (under a second): the
+    median time of a 1024-wide product and of a 512-wide symmetric eigendecomposition."""
     import torch
 
     from mergekit_ace.execution.memory import EIGH_FLOP_FACTOR
 
-    n = 256
-    a = torch.randn(n, n, dtype=torch.float64, device=device)
-    s = a @ a.T
-    def timed(fn):
-        fn()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-    mm = 2.0 * n ** 3 / timed(lambda: a @ a)
-    eig = EIGH_FLOP_FACTOR * n ** 3 / timed(lambda: torch.linalg.eigh(s))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1024, 1024, dtype=torch.float64, generator=g).to(device)
+    b = torch.randn(512, 512, dtype=torch.float64, generator=g).to(device)
+    s = b @ b.T
+    mm = 2.0 * 1024 ** 3 / median_seconds(lambda: a @ a, device)
+    eig = EIGH_FLOP_FACTOR * 512 ** 3 / median_seconds(lambda: torch.linalg.eigh(s), device)
     return mm, eig
 
 
