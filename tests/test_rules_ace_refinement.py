@@ -13,7 +13,7 @@ from mergekit_ace.rules.common import MergeInputError
 from tests.reference import ace_reference, make_experts, rel_err
 
 SHAPES = [(72, 24), (24, 72)]  # tall (Gram X^T X) and wide (Gram X X^T)
-STRATEGIES = ["row_chunked", "expert_streamed", "row_recomputed"]
+STRATEGIES = ["row_chunked", "expert_streamed", "row_recomputed", "output_gram"]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide"])

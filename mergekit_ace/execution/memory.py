@@ -19,6 +19,7 @@ from mergekit_ace.rules.common import (
     ACE_STRATEGIES,
     AVERAGE_BLOCK_ELEMENTS,
     EXPERT_STREAMED,
+    OUTPUT_GRAM,
     ROW_RECOMPUTED,
     STRATEGIES,
     SVD_STRATEGIES,
@@ -75,7 +76,8 @@ def estimate(
     r = m if not row_chunk or row_chunk >= m else int(row_chunk)
     bd, bm = compute_bytes, matmul_bytes
     nn, mn, rn = n * n, m * n, r * n
-    streamed = strategy == EXPERT_STREAMED
+    streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
+    gram_space = strategy == OUTPUT_GRAM
     if rule not in RULE_STRATEGIES:
         raise ValueError(f"unknown rule {rule!r}")
     if strategy not in RULE_STRATEGIES[rule]:
@@ -84,24 +86,40 @@ def estimate(
         return _svd_rule(rule, m, n, T, r, bd, svd_route=True)
     if rule == "ace":
         return _ace(m, n, T, r, bd, bm, streamed, strategy == ROW_RECOMPUTED, refine and k_frac > 0, k_frac,
-                    nn, mn, rn)
+                    nn, mn, rn, gram_space)
     if rule == "actmat":
-        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn)
+        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space)
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn) -> Estimate:
+def _output_gram_phase(m, n, bd, bm, nn, mn, rn) -> int:
+    r"""Strategy ``output_gram``, while the experts' Grams are summed: the full-size accumulator (Q or
+    N) and the d_in x d_in sum (plus its products-precision copy when that is narrower), one whole
+    task vector (two while it is formed), its d_out x d_out Gram and a block of the product."""
+    return mn * bd + nn * bd + (nn * bm if bm != bd else 0) + mn * bm + max(mn * bm, m * m * bm + rn * bd)
+
+
+def _grams_and_products_flops(m, n, T, gram_space) -> float:
+    """The T Grams and the T products with them (2 m n^2 each), or, with ``output_gram``, the T
+    d_in x d_in Grams, the T d_out x d_out ones and their products (2 m^2 n each); Grams counted as
+    full products (as the throughput is measured), though only their upper blocks are computed."""
+    return T * (2.0 * m * n * n + 4.0 * m * m * n) if gram_space else T * 2.0 * m * n * n * 2
+
+
+def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn, gram_space=False) -> Estimate:
     k = int(math.floor(k_frac * min(m, n))) if refine else 0
     tall = m >= n
     kept = (0 if streamed else T * nn * bm) + (mn * bd if streamed else 0)  # S~_t list, or Q
     block = 3 * rn * bm  # one task-vector block, its centred copy, one product
     proxies = kept + nn * bm + nn * bd + block  # + the proxy being built + S_sum
+    if gram_space:
+        proxies = _output_gram_phase(m, n, bd, bm, nn, mn, rn)
     solve_block = 6 * rn * bd + 2 * rn * bm  # q, N, eps-sum, solve temporaries, F, sum_t D_t
     sbar = nn * bm if refine else 0
     f_buffer = mn * bm if refine and not (streamed or recompute) else 0  # F kept (Q's place if streamed)
     solve = kept + mn * bd + 2 * nn * bd + sbar + f_buffer + solve_block  # + P, M, L
     phases = [proxies, solve]
-    mm = T * 2.0 * m * nn * 2 + 2.0 * m * nn + nn * n / 3.0  # grams, D S~, solve, Cholesky
+    mm = _grams_and_products_flops(m, n, T, gram_space) + 2.0 * m * nn + nn * n / 3.0  # + solve, Cholesky
     eig = 0.0
     if refine:
         if recompute:  # P, the proxies and Sbar stay; F's blocks are recomputed ((T+1) more products)
@@ -123,7 +141,7 @@ def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn) ->
     return Estimate(int(max(phases)), mm, eig)
 
 
-def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn) -> Estimate:
+def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False) -> Estimate:
     if T * m <= n:  # wide weight, A singular or nearly: the stacked task vectors' small Gram (actmat._actmat_wide)
         tm = T * m
         peak = max(tm * n * bd + tm * tm * bd * (1 + EIGH_COPIES) + n * tm * bd,  # X, K, eigh, Q
@@ -132,9 +150,11 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn) -> Estimate:
         return Estimate(int(peak), mm, EIGH_FLOP_FACTOR * tm ** 3)
     kept = mn * bd if streamed else T * nn * bm  # N, or the C_t list
     grams = kept + nn * bm + nn * bd + 3 * rn * bm  # + the Gram being built + A
+    if gram_space:
+        grams = _output_gram_phase(m, n, bd, bm, nn, mn, rn)
     eig = kept + nn * bd + EIGH_COPIES * nn * bd + nn * bd  # A, eigh, kept eigenvectors
     apply = kept + nn * bd + (0 if streamed else mn * bd) + 5 * rn * bd
-    mm = T * 2.0 * m * nn * 2  # Grams and numerator products
+    mm = _grams_and_products_flops(m, n, T, gram_space)  # Grams and numerator products
     if not streamed and m > T * n:
         mm += T * 2.0 * n * nn  # G_t = C_t A^+ once per expert (actmat: per_expert)
     else:

@@ -37,12 +37,14 @@ import torch
 from mergekit_ace.rules.common import (
     ACE_STRATEGIES,
     EXPERT_STREAMED,
+    OUTPUT_GRAM,
     PINV_RTOL,
     ROW_CHUNKED,
     ROW_RECOMPUTED,
     TINY,
     TaskVectors,
     add_gram_,
+    add_left_product_,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
@@ -51,6 +53,7 @@ from mergekit_ace.rules.common import (
     cholesky_right_solve,
     cholesky_solve,
     describe,
+    output_gram,
     row_chunks,
     symmetrize_gram_,
 )
@@ -333,6 +336,31 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
 
 
 # --------------------------------------------------------------------------- the rule
+def _output_gram_step(tv, t: int, mu: torch.Tensor, het: bool, S_sum: torch.Tensor, w: torch.Tensor,
+                      Q: torch.Tensor, kappa_bound: RunningConditionBound, row_chunk: Optional[int]) -> float:
+    r"""Steps 2-3 for expert t without its d_in x d_in proxy (strategy ``output_gram``, for wide
+    weights): with :math:`\tilde C = C_t/\sqrt{s_t}` (het; else :math:`C_t`), :math:`\tilde S_t =
+    \tilde C^T\tilde C` goes into the upper blocks of ``S_sum`` (symmetrised after the last expert),
+    :math:`\tilde S_t\mu_t = \tilde C^T(\tilde C\mu_t)` into ``w``, and
+    :math:`D_t\tilde S_t = C_t\tilde S_t + \mathbf 1(\tilde S_t\mu_t)^T` into ``Q``, its first term
+    from the d_out x d_out Gram as :math:`\sqrt{s_t}\,(\tilde C\tilde C^T)\tilde C`. The bound sees
+    :math:`\tilde C\tilde C^T`, whose nonzero eigenvalues are those of :math:`\tilde S_t`. Returns
+    :math:`s_t = \|C_t\|_F^2 + 10^{-12}` (the trace of :math:`S_t`)."""
+    C = tv.whole(t, mu)
+    s = float(torch.linalg.vector_norm(C, dtype=torch.float64) ** 2) + TINY
+    root = math.sqrt(s) if het else 1.0
+    if het:
+        C.div_(root)
+    K = output_gram(C)
+    kappa_bound.add(K)
+    add_gram_(S_sum, C)
+    s_mu = C.T @ (C @ mu.to(C.dtype))
+    w += s_mu.to(w.dtype)
+    add_left_product_(Q, K, C, alpha=root, row_chunk=row_chunk)
+    Q += s_mu.to(Q.dtype)
+    return s
+
+
 @dataclass
 class ACEDiagnostics:
     """Per-weight quantities a user may want to see (``mergekit-ace inspect``)."""
@@ -376,7 +404,10 @@ def ace_merge(
     * ``"expert_streamed"``: one proxy at a time; the products are accumulated into one full-size
       :math:`Q = \sum_t D_t \tilde S_t` (for wide matrices);
     * ``"row_recomputed"``: as ``"row_chunked"``, but F is recomputed for the refinement instead of
-      kept (least memory).
+      kept (least memory);
+    * ``"output_gram"``: as ``"expert_streamed"``, but no proxy is formed whole: each centred task
+      vector's d_out x d_out Gram gives :math:`C_t\tilde S_t = (C_tC_t^T)C_t/s_t` (fewer flops for
+      wide matrices, d_out < d_in / 2), and its upper blocks go straight into :math:`\sum_t\tilde S_t`.
 
     Both use :math:`N = \sum_t C_t R_t = Q - \mathbf{1}w^T + \sum_t \epsilon_t C_t` with
     :math:`w = \sum_t \tilde S_t\mu_t`, and :math:`Res = Q - (\sum_t D_t)\bar S`.
@@ -407,7 +438,8 @@ def ace_merge(
 
 def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, row_chunk, strategy, mt, check):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
-    streamed = strategy == EXPERT_STREAMED
+    gram_space = strategy == OUTPUT_GRAM
+    streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
     keep_F = strategy != ROW_RECOMPUTED
     T = len(experts)
     d_out, d_in = base.shape
@@ -443,21 +475,32 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     else:
         trace_bound, order = math.inf, range(T)
     kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T)
+    # output_gram: the Grams' upper blocks are summed in the products' precision (S_sum's own dtype
+    # except with unchecked float32 products), then symmetrised once.
+    S_upper = (S_sum if wd == mt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
     for t in order:
-        S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
-        s = float(torch.trace(S)) + TINY
-        if het:
-            S.div_(s)
-        kappa_bound.add(S)
+        if gram_space:
+            s = _output_gram_step(tv, t, mus[t], het, S_upper, w, Q, kappa_bound, row_chunk)
+        else:
+            S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
+            s = float(torch.trace(S)) + TINY
+            if het:
+                S.div_(s)
+            kappa_bound.add(S)
+            S_sum += S
+            w += (S @ mus[t].to(mt)).to(wd)
+            if streamed:
+                tv.add_products(Q, t, S)
+                del S
+            else:
+                S_tilde[t] = S
         eps_t[t] = epsilon / s if het else epsilon
         s_vals[t] = s
-        S_sum += S
-        w += (S @ mus[t].to(mt)).to(wd)
-        if streamed:
-            tv.add_products(Q, t, S)
-            del S
-        else:
-            S_tilde[t] = S
+    if gram_space:
+        symmetrize_gram_(S_upper)
+        if S_upper is not S_sum:
+            S_sum += S_upper
+        del S_upper
 
     # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T, M = sum_t R_t.
     c = collective_prior(S_sum, traces, het)

@@ -30,16 +30,21 @@ import torch
 
 from mergekit_ace.rules.common import (
     EXPERT_STREAMED,
+    OUTPUT_GRAM,
     PINV_RTOL,
     ROW_CHUNKED,
     TaskVectors,
     accumulate_gram,
+    add_gram_,
+    add_left_product_,
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
     check_strategy,
     cholesky_right_solve,
+    output_gram,
+    symmetrize_gram_,
 )
 from mergekit_ace.rules.precision import (
     TOLERANCE,
@@ -176,7 +181,9 @@ def actmat_merge(
     Memory, not the result, depends on ``row_chunk`` and ``strategy``: ``"row_chunked"`` keeps the T
     Gram matrices :math:`C_t` and forms the numerator :math:`N = \sum_t D_t C_t` one row block at a
     time (tall matrices); ``"expert_streamed"`` keeps one :math:`C_t` at a time and accumulates N
-    full-size (wide matrices). ``matmul_dtype`` is the precision of the Gram and numerator
+    full-size (wide matrices); ``"output_gram"`` forms no :math:`C_t`: A gets each task vector's Gram
+    directly and :math:`D_tC_t = (D_tD_t^T)D_t` comes from the d_out x d_out Gram (fewer flops where
+    d_out < d_in / 2). ``matmul_dtype`` is the precision of the Gram and numerator
     products: ``None`` = ``compute_dtype``; ``"auto"`` = float32 when A is invertible and well
     conditioned enough (estimated, :mod:`mergekit_ace.rules.precision`), float64 otherwise. The sums
     and the factorisation use ``compute_dtype``. Without a ridge, A's small eigenvalues are only as
@@ -186,17 +193,19 @@ def actmat_merge(
     check_parameter(name, "scale", scale)
     if rcond is not None:
         check_parameter(name, "rcond", rcond, low=0.0, high=1.0)
-    streamed = check_strategy(strategy, name) == EXPERT_STREAMED
+    strategy = check_strategy(strategy, name)
     if len(experts) * base.shape[0] <= base.shape[1] and matmul_dtype == AUTO:
         matmul_dtype = None  # rank(A) <= T d_out <= d_in: A is singular or nearly so, float64 it is
-    args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, streamed)
+    args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, strategy)
     W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check), matmul_dtype, compute_dtype,
                                 name)
     return (W, diag) if return_diagnostics else W
 
 
-def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, streamed, mt, check):
+def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, mt, check):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
+    gram_space = strategy == OUTPUT_GRAM
+    streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
     T = len(experts)
     d_out, d_in = base.shape
     dev = base.device
@@ -218,7 +227,19 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     else:
         trace_bound, order = math.inf, range(T)
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
+    A_upper = (A if mt == dt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
     for t in order:
+        if gram_space:
+            # No d_in x d_in C_t: its upper blocks go straight into A, and D_t C_t = (D_t D_t^T) D_t
+            # from the d_out x d_out Gram, whose nonzero eigenvalues are C_t's (for the bound).
+            D = tv.whole(t)
+            traces[t] = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+            K = output_gram(D)
+            kappa_bound.add(K)
+            add_gram_(A_upper, D)
+            add_left_product_(N, K, D, row_chunk=row_chunk)
+            del D, K
+            continue
         C = tv.gram(t)
         traces[t] = float(torch.trace(C))
         kappa_bound.add(C)
@@ -228,6 +249,11 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             del C
         else:
             covs[t] = C
+    if gram_space:
+        symmetrize_gram_(A_upper)
+        if A_upper is not A:
+            A += A_upper
+        del A_upper
     check_nonzero_task_vectors(traces, name, ids)
     pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check)
     del A

@@ -183,7 +183,8 @@ def _gram_edges(n: int):
 def add_gram_(gram: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     r"""``gram += X^T X`` computing only the upper block triangle (the Gram is symmetric): ~40% fewer
     flops than ``X.T @ X`` for wide X. The strictly-lower blocks are left for
-    :func:`symmetrize_gram_`, to be called once after the last block."""
+    :func:`symmetrize_gram_`, to be called once after the last block (several ``add_gram_`` calls
+    may accumulate into one Gram before it)."""
     edges = _gram_edges(X.shape[1])
     for i in range(len(edges) - 1):
         a = slice(edges[i], edges[i + 1])
@@ -191,6 +192,26 @@ def add_gram_(gram: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
             b = slice(edges[j], edges[j + 1])
             gram[a, b].addmm_(X[:, a].T, X[:, b])
     return gram
+
+
+def output_gram(X: torch.Tensor) -> torch.Tensor:
+    r""":math:`XX^T` (rows x rows, symmetric), from the upper block triangle as :func:`add_gram_`."""
+    gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
+    return symmetrize_gram_(add_gram_(gram, X.T))
+
+
+def add_left_product_(out: torch.Tensor, K: torch.Tensor, X: torch.Tensor, alpha: float = 1.0,
+                      row_chunk: Optional[int] = None) -> torch.Tensor:
+    """``out += alpha * K @ X``, one block of K's rows at a time (the product in X's dtype, summed in
+    out's: one block-sized temporary when they differ)."""
+    for rows in row_chunks(out.shape[0], row_chunk):
+        if out.dtype == X.dtype:
+            out[rows].addmm_(K[rows], X, alpha=alpha)
+        else:
+            prod = (K[rows] @ X).to(out.dtype)
+            out[rows].add_(prod, alpha=alpha)
+            del prod
+    return out
 
 
 def symmetrize_gram_(gram: torch.Tensor) -> torch.Tensor:
@@ -224,7 +245,13 @@ ROW_CHUNKED = "row_chunked"
 #: Keep one proxy at a time and full-size numerator/residual accumulators (extra memory
 #: ~ d_out d_in + 2 d_in^2; best for wide matrices such as down_proj, where T d_in^2 > d_out d_in).
 EXPERT_STREAMED = "expert_streamed"
-STRATEGIES = (ROW_CHUNKED, EXPERT_STREAMED)
+#: Keep one whole task vector at a time and its d_out x d_out Gram :math:`K_t = D_tD_t^T`: the products
+#: :math:`D_tC_t = K_tD_t` (ACTMat) and :math:`D_t\tilde S_t` (ACE) run in the output space
+#: (:math:`4d_{out}^2d_{in}` instead of :math:`2d_{out}d_{in}^2` flops per expert; the d_in x d_in sum of
+#: the Grams is still formed, for the solve). Fewer flops where d_out < d_in / 2 (down_proj: 4096 x
+#: 11008); extra memory ~ 2 d_out d_in + d_out^2 + d_in^2, no per-expert d_in x d_in proxy.
+OUTPUT_GRAM = "output_gram"
+STRATEGIES = (ROW_CHUNKED, EXPERT_STREAMED, OUTPUT_GRAM)
 #: ACE only: row blocks as ``row_chunked``, but F = P + Res is not kept for the refinement; it is
 #: recomputed block by block ((T+1) more products, one d_out x d_in buffer less: the least memory
 #: for tall matrices).
@@ -261,6 +288,13 @@ class TaskVectors:
         out = self.experts[t][rows].to(self.dtype, copy=True)
         out -= self.base[rows]
         return out
+
+    def whole(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""The whole :math:`D_t` (or :math:`C_t = D_t - \mathbf{1}\mu^T` with ``mu``) in ``dtype``."""
+        D = self.block(t, slice(0, self.d_out))
+        if mu is not None:
+            D -= mu.to(self.dtype)
+        return D
 
     def energies_and_means(self, dtype: torch.dtype, means: bool = True) -> Tuple[list, Optional[list]]:
         r"""One cheap pass: :math:`\|D_t\|_F^2` (python floats, accumulated in float64) and the row

@@ -13,15 +13,19 @@ from mergekit_ace.execution import peakmem
 from mergekit_ace.execution.memory import estimate
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = [  # rule, strategy, d_out, d_in, row_chunk, tau (ACE: 0.3 heterogeneous for these inputs; SVD rules: route)
+CASES = [  # rule, strategy, d_out, d_in, row_chunk, tau (ACE: 0.3 heterogeneous for these inputs; SVD rules: route;
+    # ACTMat: the updates' rank, None = full)
     ("ace", "row_chunked", 4096, 384, 512, 0.3),
     ("ace", "expert_streamed", 4096, 384, 512, 0.3),
     ("ace", "row_recomputed", 4096, 384, 512, 0.3),
     ("ace", "row_chunked", 384, 1536, None, 0.3),
     ("ace", "expert_streamed", 384, 1536, None, 0.3),
+    ("ace", "output_gram", 384, 1536, None, 0.3),
+    ("ace", "output_gram", 384, 1536, 96, 0.3),
     ("actmat", "row_chunked", 4096, 384, 512, None),
     ("actmat", "expert_streamed", 384, 1536, None, None),  # 3 x 384 < 1536: the small-Gram route
     ("actmat", "expert_streamed", 768, 1536, None, None),
+    ("actmat", "output_gram", 768, 1536, None, 256),  # rank 3 x 256 < 1536: A singular, eigh (the estimate's peak)
     # the SVD rules: the full-SVD route's estimate must cover both routes' measured peaks
     ("tsv_m", "whole_matrix", 4096, 384, None, "auto"),
     ("tsv_m", "whole_matrix", 384, 1536, None, "svd"),
@@ -43,7 +47,7 @@ SCRIPT = textwrap.dedent("""
     # Warm up every code path first: the first call of a LAPACK routine maps library code pages,
     # which RSS would otherwise count as the merge's memory.
     W0, experts = make_experts((96, 48), 3, [1.0, 0.01, 0.3], seed=0)
-    for s in ("row_chunked", "expert_streamed"):
+    for s in ("row_chunked", "expert_streamed", "output_gram"):
         for shape in ((96, 48), (48, 96)):
             W0, experts = make_experts(shape, 3, [1.0, 0.01, 0.3], seed=0)
             ace_merge(W0, experts, strategy=s, row_chunk=16)
@@ -54,7 +58,7 @@ SCRIPT = textwrap.dedent("""
                 f(W0, experts, route="svd")
     out = []
     for rule, strategy, m, n, chunk, tau in json.loads(sys.argv[1]):
-        W0, experts = make_experts((m, n), 3, [1.0, 0.01, 0.3], seed=0)
+        W0, experts = make_experts((m, n), 3, [1.0, 0.01, 0.3], seed=0, rank=tau if rule == "actmat" else None)
         kw = dict(strategy=strategy, row_chunk=chunk)
         if rule == "ace":
             fn = lambda: ace_merge(W0, experts, tau=tau, **kw)

@@ -50,8 +50,11 @@ def test_every_strategy_the_planner_picks_gives_the_same_result(rule, shape):
 
 def test_planner_prefers_expert_streamed_for_wide_and_row_chunks_for_tall():
     # Wide: the 3 float64 proxies (96 MiB) on top of M, L, Sbar (96 MiB) do not fit 160 MiB.
-    wide = choose_plan("ace", 256, 2048, 3, 160 * 2**20)
+    wide = choose_plan("ace", 1536, 2048, 3, 400 * 2**20)
     assert wide.fits and wide.strategy == "expert_streamed"
+    # Very wide (d_out < d_in / 2): the products through the d_out x d_out Grams take fewer flops.
+    very_wide = choose_plan("ace", 256, 2048, 3, 160 * 2**20)
+    assert very_wide.fits and very_wide.strategy == "output_gram"
     # Tall: P with Q or with a kept F (62.5 MiB each) does not fit 100 MiB; the proxies are 1.5 MiB,
     # so F is recomputed block by block.
     tall = choose_plan("ace", 32000, 256, 3, 100 * 2**20)
@@ -59,6 +62,23 @@ def test_planner_prefers_expert_streamed_for_wide_and_row_chunks_for_tall():
     # With room for F, it is kept (fewer products).
     roomy = choose_plan("ace", 32000, 256, 3, 400 * 2**20)
     assert roomy.fits and roomy.strategy != "row_recomputed"
+
+
+@pytest.mark.parametrize("rule", ["ace", "actmat"])
+def test_output_gram_is_planned_for_down_proj_shapes_only(rule):
+    """The 3B and 7B down_proj (d_out < d_in / 2, T d_out > d_in) take the output-space Gram route,
+    which the estimates count as fewer flops (4 d_out^2 d_in instead of 2 d_out d_in^2 per expert);
+    square, tall and lm_head-shaped weights keep the d_in x d_in route."""
+    for shape in [(3072, 8192), (4096, 11008)]:
+        plan = choose_plan(rule, *shape, 3, 8 * 2**30)
+        assert plan.fits and plan.strategy == "output_gram", shape
+        streamed = min((p for p in candidate_plans(rule, *shape, 3, 8 * 2**30) if p.strategy == "expert_streamed"),
+                       key=lambda p: p.estimate.flops)
+        m, n = shape
+        saved = streamed.estimate.matmul_flops - plan.estimate.matmul_flops
+        assert saved == pytest.approx(3 * (2.0 * m * n * n - 4.0 * m * m * n))
+    for shape in [(8192, 3072), (4096, 4096), (11008, 4096), (128256, 3072)]:
+        assert choose_plan(rule, *shape, 3, 8 * 2**30).strategy != "output_gram", shape
 
 
 def test_injected_out_of_memory_retries_smaller_with_the_same_result():
