@@ -267,10 +267,10 @@ def _iso_and_inverse(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: in
 
 
 def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional[int]) -> torch.Tensor:
-    """F^T F (tall F, accumulated over row blocks) or F F^T (wide F, whole) in ``dtype``."""
+    """F^T F (tall F, accumulated over row blocks) or F F^T (wide F, whole) in ``dtype``; only the
+    upper blocks are computed."""
     if d_out < d_in:
-        Fm = torch.cat([F_rows(rows).to(dtype) for rows in row_chunks(d_out, row_chunk)])
-        return Fm @ Fm.T
+        return output_gram(torch.cat([F_rows(rows).to(dtype) for rows in row_chunks(d_out, row_chunk)]))
     gram = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     for rows in row_chunks(d_out, row_chunk):
         block = F_rows(rows).to(dtype)
