@@ -7,8 +7,9 @@ the merged task vectors.
     python benchmarks/output_gram.py                                   # 7B and 3B down_proj, ace and actmat
     python benchmarks/output_gram.py --weights 7b --rules actmat --json r.json
 
-Each call runs once (a down_proj takes 30-100 s here); the strategies alternate, so that a change
-of machine speed during the run shows as a spread between the repeats (``--repeats``).
+Each call runs once (a down_proj takes 30-100 s here) after a warm-up on a small weight; the
+strategies alternate, so that a change of machine speed during the run shows as a spread between
+the repeats (``--repeats``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def main():
     p.add_argument("--row-chunk", type=int, default=1024, help="rows per block (the planner's choice: 1024)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    # Warm-up: map the LAPACK/BLAS code paths and the allocator's first pages before any timing.
+    small_base, small_experts = weight((256, 704), WEIGHTS["7b"][0])
+    for rule in args.rules:
+        for strategy in STRATEGIES:
+            RULES[rule](small_base, small_experts, strategy=strategy, matmul_dtype=torch.float64)
     records = dict(calibration_before=machine_speed("cpu"), runs=[])
     print(f"machine speed: {json.dumps(records['calibration_before'])}", flush=True)
     for key in args.weights:
