@@ -88,3 +88,20 @@ def make_experts(shape, T, norms, seed=0, base_scale=1.0, rank=None):
         d = d / d.norm() * norms[t % len(norms)]
         experts.append(W0 + d)
     return W0, experts
+
+
+def storage_rounding(ref, dtype=torch.bfloat16):
+    """||fl(W) - W||: how far storing the exact result W in ``dtype`` moves it (measured)."""
+    return float((ref.to(dtype).double() - ref).norm())
+
+
+def contract_ratio(out, ref, dtype=torch.bfloat16):
+    """The computation's error in units of the exact result's storage rounding in ``dtype``: the
+    precision contract allows 0.3 (docs/execution.md, "Precision")."""
+    return float((out.double() - ref).norm()) / storage_rounding(ref, dtype)
+
+
+def stored_ratio(out, ref, dtype=torch.bfloat16):
+    """||fl(out) - W|| / ||fl(W) - W||: how much worse the stored result is than the best storable
+    one (the contract: at most 1.05)."""
+    return float((out.to(dtype).double() - ref).norm()) / storage_rounding(ref, dtype)

@@ -15,9 +15,11 @@ Policy (``docs/execution.md``):
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -27,7 +29,7 @@ import torch
 from mergekit_ace.execution.budget import memory_budget
 from mergekit_ace.execution.memory import RULE_STRATEGIES, Estimate, estimate, format_bytes
 from mergekit_ace.rules.common import describe
-from mergekit_ace.rules.precision import float64_recompute_count
+from mergekit_ace.rules.precision import float64_recompute_count, precision_counts, record_precision
 
 LOG = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ def refines(parameters: dict) -> bool:
 def _auto_kind(rule_kind: str, base: torch.Tensor, n_experts: int, parameters: dict) -> tuple:
     params = tuple(sorted((k, v) for k, v in parameters.items()
                           if k not in ("ids", "scale") and isinstance(v, (int, float, str))))
-    return (rule_kind, tuple(base.shape), n_experts, base.device.type, params)
+    return (rule_kind, tuple(base.shape), n_experts, base.device.type, str(parameters.get("output_dtype")), params)
 
 
 def execute_rule(
@@ -212,7 +214,8 @@ def execute_rule(
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
 
     ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"tsv_m"``, ``"iso_c"`` or ``"iso_cts"`` (for the
-    estimates; only ace and actmat take ``matmul_dtype``). ``budget`` in bytes overrides
+    estimates; only ace and actmat take ``matmul_dtype`` and ``output_dtype``, the dtype the result
+    will be stored in, which sets the precision contract; the SVD peers ignore it). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
 
@@ -220,10 +223,14 @@ def execute_rule(
     float64 products the last times is computed in float64 directly, without a float32 attempt
     that would be thrown away; float64 is what "auto" would have fallen back to.
     """
+    _summary_at_exit()
     run = functools.partial(_execute, rule_kind, rule, base, experts, name=name, budget=budget,
                             fault_injector=fault_injector)
     if rule_kind not in MATMUL_DTYPE_RULES:  # the SVD peers: float64 throughout
-        return run(**rule_parameters)
+        rule_parameters.pop("output_dtype", None)
+        out = run(**rule_parameters)
+        record_precision(torch.float64)
+        return out
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
     if mdt == "auto" and not float32_products_are_ieee(base.device):
         mdt = torch.float64
@@ -240,6 +247,32 @@ def execute_rule(
         recomputed = float64_recompute_count() > before
         _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if recomputed else 0
     return out
+
+
+_summary_registered = False
+
+
+def merge_summary() -> str:
+    """One line on what this process merged by rule: weights by the precision of their products
+    (how many of the float64 ones after a float32 attempt), out-of-memory retries, CPU fallbacks."""
+    counts = precision_counts()
+    total = sum(counts.values())
+    parts = [f"{n} with {label} products" for label, n in sorted(counts.items())]
+    redone = float64_recompute_count()
+    if redone:
+        parts.append(f"{redone} recomputed in float64 after a float32 attempt")
+    return (f"mergekit-ace: {total} weight(s) merged by rule: {', '.join(parts) or 'none'}; "
+            f"{oom_retry_count()} out-of-memory retries, {fallback_count()} CPU fallbacks")
+
+
+def _summary_at_exit() -> None:
+    """Print :func:`merge_summary` to stderr when the process ends (registered at the first weight)."""
+    global _summary_registered
+    with _auto_lock:
+        if _summary_registered:
+            return
+        _summary_registered = True
+    atexit.register(lambda: print(merge_summary(), file=sys.stderr))
 
 
 def _execute(

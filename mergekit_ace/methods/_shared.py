@@ -63,6 +63,7 @@ def merge_group(
             name=name,
             ids=_labels(ids),
             compute_dtype=COMPUTE_DTYPE,
+            output_dtype=out_dtype,  # the precision contract (docs/execution.md, "Precision")
             **{scale_name: scale},
             **rule_parameters,
         )

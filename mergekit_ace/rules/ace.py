@@ -58,16 +58,16 @@ from mergekit_ace.rules.common import (
     symmetrize_gram_,
 )
 from mergekit_ace.rules.precision import (
-    TOLERANCE,
     TRACE_SLACK,
+    ErrorBudget,
     NeedsFloat64,
     RunningConditionBound,
     condition_number,
     expert_order,
     null_decision_is_clear,
+    refinement_error_estimate,
     run_with_fallback,
     solve_error_estimate,
-    subspace_error_estimate,
     top_eigenpairs,
 )
 
@@ -218,29 +218,32 @@ def closed_form(
 
 
 # --------------------------------------------------------------------------- step 6
-def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float) -> torch.Tensor:
+def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float,
+                        allowed_error: float = 0.0) -> torch.Tensor:
     r"""Step 6 (Eqs. 14-16, 19): :math:`P + \sigma_{iso} U_k V_k^T` where
     :math:`F = P + Res = USV^T`, :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`,
     :math:`\sigma_{iso}` = mean of the top-k singular values. Only the top-k pairs are computed
-    (eigendecomposition of the smaller Gram of F). Null directions (zero singular value) have no
+    (eigendecomposition of the smaller Gram of F where its estimated error is within
+    ``allowed_error``, absolute; else a full SVD). Null directions (zero singular value) have no
     defined singular vectors and get no term (:func:`gram_null_mask`)."""
     F = P + residual
     k = int(math.floor(k_frac * min(F.shape)))
     refined = P.clone()
     if k > 0:
-        _refine(refined, lambda rows: F[rows], k, F.dtype)
+        _refine(refined, lambda rows: F[rows], k, F.dtype, allowed_error=allowed_error)
     return refined
 
 
-def spectral_rescaling(P: torch.Tensor, k_frac: float) -> torch.Tensor:
+def spectral_rescaling(P: torch.Tensor, k_frac: float, allowed_error: float = 0.0) -> torch.Tensor:
     r"""Step 6, ``refinement="rescale"``: with :math:`P = USV^T`,
     :math:`P - U_k S_k V_k^T + \bar\sigma_k U_k V_k^T`, :math:`\bar\sigma_k` = mean of P's top-k
     singular values (null ones count as zero and keep no term): the top-k singular values are
-    replaced by their mean, the singular vectors kept (the step as the paper's text describes it)."""
+    replaced by their mean, the singular vectors kept (the step as the paper's text describes it).
+    Pairs as in :func:`spectral_refinement`."""
     k = int(math.floor(k_frac * min(P.shape)))
     rescaled = P.clone()
     if k > 0:
-        _refine(rescaled, lambda rows: rescaled[rows], k, P.dtype, mode="rescale")
+        _refine(rescaled, lambda rows: rescaled[rows], k, P.dtype, allowed_error=allowed_error, mode="rescale")
     return rescaled
 
 
@@ -280,10 +283,10 @@ def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional
 
 
 def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: Optional[int] = None,
-            allowed_error: Optional[float] = None, mode: str = "add") -> Tuple[float, str]:
-    r"""Step 6 in place on P, from the top eigenpairs of the smaller Gram of a matrix X given by
-    row blocks ``F_rows(rows)`` (it may read the unrefined ``P[rows]``: each block of P is refined
-    only after it was read), :math:`X = U S V^T`:
+            allowed_error: float = 0.0, mode: str = "add") -> Tuple[float, str]:
+    r"""Step 6 in place on P, from the top-k singular triplets of a matrix X given by row blocks
+    ``F_rows(rows)`` (it may read the unrefined ``P[rows]``: each block of P is refined only after
+    it was read), :math:`X = U S V^T`:
 
     * ``mode="add"`` (X = F): :math:`P \mathrel{+}= \sigma_{iso} U_k V_k^T`;
     * ``mode="rescale"`` (X = P): :math:`P \mathrel{+}= U_k(\sigma_{iso} - S_k)V_k^T`.
@@ -291,37 +294,28 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
     Both are :math:`P \mathrel{+}= X V_k\,\mathrm{diag}(c)\,V_k^T` (tall X) or
     :math:`U_k\,\mathrm{diag}(c)\,U_k^TX` (wide X) with :math:`c = \sigma_{iso}/\sigma` (add) or
     :math:`\sigma_{iso}/\sigma - 1` (rescale), and c = 0 on null directions.
-    Returns ``(sigma_iso, precision of the Gram)``.
 
-    ``allowed_error`` (float32 products being checked): the error the subspace may add; a float32
-    Gram that misses it, or whose k-th eigenvalue is too close to its null floor to decide whether
-    that direction is null (precision.null_decision_is_clear), is recomputed in float64 from the
-    same F, and if that misses it too, :class:`NeedsFloat64` is raised (precision.py)."""
+    The pairs come from the eigendecomposition of X's smaller Gram, in ``gram_dtype``; where the
+    error that route adds (:func:`precision.refinement_error_estimate`) exceeds ``allowed_error``
+    (absolute, Frobenius; what the precision contract leaves), from a full SVD of X instead, whose
+    singular vectors are accurate to :math:`u\sigma_1/\mathrm{gap}` rather than
+    :math:`u\sigma_1^2/(\sigma\,\mathrm{gap})`; also where a top-k eigenvalue is too close to the
+    Gram's null floor to tell a small direction from a null one
+    (:func:`precision.null_decision_is_clear`). Returns ``(sigma_iso, route)``, route being the
+    Gram's precision or ``"svd"``."""
     d_out, d_in = P.shape
     count = k + 1 if k < min(d_out, d_in) else k  # one more pair: the gap after the k-th
-
-    def pairs(dtype):
-        gram = _gram_of_F(F_rows, d_out, d_in, dtype, P.device, row_chunk)
-        return top_eigenpairs(gram, count)
-
-    lam, vecs = pairs(gram_dtype)
-    if allowed_error is not None:
-        error = subspace_error_estimate(lam, k, gram_in_float32=gram_dtype == torch.float32)
-        # A float32 Gram cannot tell a small top-k direction from a null one near its floor
-        # (gram_null_mask): that decision, too, is taken from a float64 Gram.
-        unclear = gram_dtype != torch.float64 and not null_decision_is_clear(lam, k, max(d_out, d_in), gram_dtype)
-        if (error > allowed_error or unclear) and gram_dtype != torch.float64:
-            gram_dtype = torch.float64
-            lam, vecs = pairs(gram_dtype)
-            error = subspace_error_estimate(lam, k, gram_in_float32=False)
-        if error > allowed_error:
-            raise NeedsFloat64(f"the top-{k} singular subspace of F is too close to the next direction "
-                               f"(estimated error {error:.1e} from float32 products)")
-    vecs = vecs[:, :k]
+    gram = _gram_of_F(F_rows, d_out, d_in, gram_dtype, P.device, row_chunk)
+    lam, vecs = top_eigenpairs(gram, count)
+    del gram
     # The null-direction cutoff, in the Gram's precision (its inner dimension is the longer side).
     sigma_iso, inv, keep = _iso_and_inverse(lam[:k], float(lam[0]) if lam.numel() else 0.0,
                                             max(d_out, d_in), gram_dtype)
     coef = sigma_iso * inv - (keep if mode == "rescale" else 0.0)
+    if (not null_decision_is_clear(lam, k, max(d_out, d_in), gram_dtype)
+            or refinement_error_estimate(lam, int(keep.sum()), sigma_iso, coef, gram_dtype) > allowed_error):
+        return _refine_by_svd(P, F_rows, k, row_chunk, mode), "svd"
+    vecs = vecs[:, :k]
     if d_out >= d_in:
         # Tall: vecs are right singular vectors V_k; row block by row block.
         scaled = coef.to(vecs.dtype)
@@ -333,6 +327,25 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
         U = vecs.to(P.dtype)
         P += U @ ((U.T @ X) * coef.to(P.dtype)[:, None])
     return sigma_iso, str(gram_dtype).replace("torch.", "")
+
+
+def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: Optional[int], mode: str) -> float:
+    r""":func:`_refine` from a full SVD of X (in P's precision): :math:`P \mathrel{+}= U_k\,
+    \mathrm{diag}(S_k c)\,V_k^T`. A singular value counts as null at or below ``PINV_RTOL`` (1e-10)
+    :math:`\sigma_1`, the package's cutoff for rank decisions: X's own rounding (from the products
+    and the solve that formed it) puts its null singular values above the SVD's resolution."""
+    d_out, d_in = P.shape
+    X = torch.cat([F_rows(rows).to(P.dtype) for rows in row_chunks(d_out, row_chunk)])
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    del X
+    top = S[:k].double()
+    keep = top > PINV_RTOL * (float(S[0]) if S.numel() else 0.0)
+    kept = torch.where(keep, top, torch.zeros((), dtype=torch.float64))
+    sigma_iso = float(kept.mean()) if kept.numel() else 0.0
+    # the term is U_k diag(new - old) V_k^T: sigma_iso on kept pairs (add), sigma_iso - S_k (rescale)
+    change = torch.where(keep, sigma_iso - (top if mode == "rescale" else 0.0), torch.zeros((), dtype=torch.float64))
+    P += (U[:, :k] * change.to(P.dtype)) @ Vh[:k]
+    return sigma_iso
 
 
 # --------------------------------------------------------------------------- the rule
@@ -373,7 +386,8 @@ class ACEDiagnostics:
     sigma_iso: Optional[float] = None
     #: the step-6 variant that ran: "add", "rescale", or "none" (also when no refinement applies)
     refinement: str = "add"
-    #: precision of the products: "float32", "float32 (float64 Gram of F)" or "float64"
+    #: precision of the products, and where the refinement's pairs came from:
+    #: "float32", "float64", "float64 (SVD of F)" (or "of P" with rescale)
     precision: str = "float64"
 
 
@@ -393,6 +407,7 @@ def ace_merge(
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
+    output_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by ACE-Merging; returns :math:`W_0 + scale\cdot P` in ``compute_dtype``.
 
@@ -419,8 +434,9 @@ def ace_merge(
 
     ``matmul_dtype`` is the precision of the O(d_out d_in^2) products (proxies,
     :math:`D_t\tilde S_t`, the Gram of F): ``None`` = ``compute_dtype``; ``"auto"`` = float32 where
-    the weight's conditioning allows it, checked as the rule goes, float64 otherwise
-    (:mod:`mergekit_ace.rules.precision`). The factorisations, the solve's factor and every
+    the precision contract for ``output_dtype`` (the dtype the caller stores the result in; ``None``:
+    float64) holds, checked as the rule goes, float64 otherwise (:mod:`mergekit_ace.rules.precision`).
+    The same contract decides whether the refinement's pairs come from a Gram or a full SVD. The factorisations, the solve's factor and every
     accumulation across experts stay in ``compute_dtype``. Inputs are never modified. With
     ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
@@ -431,12 +447,15 @@ def ace_merge(
     check_parameter(name, "scale", scale)
     strategy = check_strategy(strategy, name, ACE_STRATEGIES)
     refinement = check_refinement(name, refinement)
-    args = (base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, compute_dtype, row_chunk, strategy)
-    W, diag = run_with_fallback(lambda mt, check: _ace(*args, mt, check=check), matmul_dtype, compute_dtype, name)
+    args = (base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, compute_dtype, row_chunk, strategy,
+            output_dtype)
+    W, diag = run_with_fallback(lambda mt, check: _ace(*args, mt, check=check), matmul_dtype, compute_dtype, name,
+                                output_dtype)
     return (W, diag) if return_diagnostics else W
 
 
-def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, row_chunk, strategy, mt, check):
+def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, row_chunk, strategy, output_dtype,
+         mt, check):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
     gram_space = strategy == OUTPUT_GRAM
     streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
@@ -452,6 +471,15 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     gamma = heterogeneity(traces)
     het = is_heterogeneous(gamma, tau)
     k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
+    refine = het and k > 0 and refinement != "none"
+    add = refine and refinement == "add"  # needs F = P + Res; "rescale" decomposes P itself
+    if check and refine:
+        # F's top-k subspace lies in its noise bulk for fine-tune-like updates: float32's error of F
+        # turns it by 9-11x the bf16 rounding of the result (docs/execution.md), so float64 at once.
+        raise NeedsFloat64(f"the refinement's top-{k} singular subspace needs float64 products")
+    # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
+    budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,
+                         math.sqrt(sum(traces)))
 
     # Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t, w.
     # The d_in x d_in algebra (sums, M, its Cholesky factor) and the row-block accumulators run in
@@ -474,7 +502,7 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
         order = expert_order(traces)
     else:
         trace_bound, order = math.inf, range(T)
-    kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T)
+    kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T, budget.relative())
     # output_gram: the Grams' upper blocks are summed in the products' precision (S_sum's own dtype
     # except with unchecked float32 products), then symmetrised once.
     S_upper = (S_sum if wd == mt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
@@ -508,17 +536,12 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     M.diagonal().add_(sum(eps_t))
     del S_sum
     solver = PriorSolver(M, c, name, ridge=sum(eps_t), solve_dtype=mt, pseudo_inverse_fallback=not check)
-    solve_error = 0.0
     if check:
         if solver.singular:
             raise NeedsFloat64("the covariance sum is singular or not positive definite in float32")
         kappa = condition_number(M, solver.cholesky_factor)
-        solve_error = solve_error_estimate(kappa, solver.sherman_morrison_amplification())
-        if solve_error > TOLERANCE:
-            raise NeedsFloat64(f"the covariance sum's condition number ~{kappa:.1e} is too large "
-                               f"for float32 products (estimated error {solve_error:.1e})")
-    refine = het and k > 0 and refinement != "none"
-    add = refine and refinement == "add"  # needs F = P + Res; "rescale" decomposes P itself
+        budget.charge(solve_error_estimate(kappa, solver.sherman_morrison_amplification()),
+                      f"float32 products with the covariance sum's condition number ~{kappa:.1e}")
     # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
     S_bar = (M / T).to(mt) if add else None
 
@@ -558,23 +581,27 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     sigma_iso = None
     precision = str(mt).replace("torch.", "")
     if refine:
-        # Step 6 from the top-k pairs of F (add) or of P (rescale), by eigh of the smaller Gram.
+        # Step 6 from the top-k pairs of F (add) or of P (rescale): eigh of the smaller Gram, or
+        # the SVD where the Gram's error would break the contract.
         if not add:
             F_rows = lambda rows: P[rows]  # noqa: E731
         elif keep_F:
             F_rows = lambda rows: F_all[rows]  # noqa: E731
         else:
             F_rows = lambda rows: F_from(rows, q_rows(rows))  # noqa: E731
-        allowed = TOLERANCE - solve_error if check else None
-        sigma_iso, gram_precision = _refine(P, F_rows, k, mt, row_chunk, allowed, mode=refinement)
-        if gram_precision != precision:
-            precision = f"{precision} (float64 Gram of {'F' if add else 'P'})"
+        sigma_iso, route = _refine(P, F_rows, k, mt, row_chunk, budget.remaining, mode=refinement)
+        if route != precision:
+            what = "F" if add else "P"
+            precision = f"{precision} ({'SVD' if route == 'svd' else 'float64 Gram'} of {what})"
     F_all = S_tilde = S_bar = Q = None
 
     # Step 7: W = W0 + scale P (in place on P).
+    update_norm = float(torch.linalg.vector_norm(P, dtype=torch.float64)) if check else 0.0
     W = P.mul_(scale)
     W += base
     check_finite_output(W, name, "ACE")
+    if check:  # the estimates, charged at the true ||W|| and ||P||
+        budget.settle(float(torch.linalg.vector_norm(W, dtype=torch.float64)), update_norm, "float32 products")
     diag = ACEDiagnostics(
         traces=traces,
         gamma=gamma,

@@ -47,9 +47,9 @@ from mergekit_ace.rules.common import (
     symmetrize_gram_,
 )
 from mergekit_ace.rules.precision import (
-    TOLERANCE,
     TRACE_SLACK,
     AUTO,
+    ErrorBudget,
     NeedsFloat64,
     RunningConditionBound,
     expert_order,
@@ -172,6 +172,7 @@ def actmat_merge(
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
+    output_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
 
@@ -185,7 +186,8 @@ def actmat_merge(
     directly and :math:`D_tC_t = (D_tD_t^T)D_t` comes from the d_out x d_out Gram (fewer flops where
     d_out < d_in / 2). ``matmul_dtype`` is the precision of the Gram and numerator
     products: ``None`` = ``compute_dtype``; ``"auto"`` = float32 when A is invertible and well
-    conditioned enough (estimated, :mod:`mergekit_ace.rules.precision`), float64 otherwise. The sums
+    conditioned enough for the precision contract of ``output_dtype`` (the dtype the caller stores
+    the result in; ``None``: float64; :mod:`mergekit_ace.rules.precision`), float64 otherwise. The sums
     and the factorisation use ``compute_dtype``. Without a ridge, A's small eigenvalues are only as
     accurate as those products, so a singular or ill-conditioned A always gets float64 products.
     """
@@ -196,13 +198,13 @@ def actmat_merge(
     strategy = check_strategy(strategy, name)
     if len(experts) * base.shape[0] <= base.shape[1] and matmul_dtype == AUTO:
         matmul_dtype = None  # rank(A) <= T d_out <= d_in: A is singular or nearly so, float64 it is
-    args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, strategy)
+    args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, strategy, output_dtype)
     W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check), matmul_dtype, compute_dtype,
-                                name)
+                                name, output_dtype)
     return (W, diag) if return_diagnostics else W
 
 
-def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, mt, check):
+def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, output_dtype, mt, check):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
     gram_space = strategy == OUTPUT_GRAM
     streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
@@ -221,12 +223,16 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
     # pass), rules float32 out after the first Gram where it can, before the other Grams and
     # products; the largest update first (precision.expert_order).
+    # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
     if check:
         energies = tv.energies_and_means(dt, means=False)[0]
         trace_bound, order = TRACE_SLACK * sum(energies), expert_order(energies)
+        budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,
+                             math.sqrt(sum(energies)))
+        tolerance = budget.relative()
     else:
-        trace_bound, order = math.inf, range(T)
-    kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T)
+        trace_bound, order, tolerance = math.inf, range(T), math.inf
+    kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T, tolerance)
     A_upper = (A if mt == dt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
     for t in order:
         if gram_space:
@@ -258,10 +264,7 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check)
     del A
     if check:
-        error = solve_error_estimate(kappa)
-        if error > TOLERANCE:
-            raise NeedsFloat64(f"sum_t C_t is singular or ill-conditioned (condition number ~{kappa:.1e}; "
-                               f"estimated error {error:.1e} from float32 products)")
+        budget.charge(solve_error_estimate(kappa), f"float32 products with sum_t C_t's condition number ~{kappa:.1e}")
 
     # W = W0 (or W0 A A^+) + scale N A^+, one row block at a time (in N's place when streamed).
     # Tall weights with the C_t kept (d_out > T d_in): N A^+ = sum_t D_t (C_t A^+), solving for the
@@ -270,6 +273,7 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     if per_expert:
         covs = [pinv.apply(C).to(mt) for C in covs]
     W = N if streamed else torch.empty(d_out, d_in, dtype=dt, device=dev)
+    update_sq = 0.0
     for rows in tv.chunks():
         if streamed:
             num = N[rows]
@@ -277,12 +281,17 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             num = tv.matmul_accumulate(torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev), rows, covs)
         update = num if per_expert else pinv.apply(num).to(dt)
         del num
+        if check:
+            update_sq += float(torch.linalg.vector_norm(update, dtype=torch.float64)) ** 2
         update *= scale
         update += base[rows] if keep_base else pinv.project(base[rows].to(dt))
         W[rows] = update
         del update
     del covs
     check_finite_output(W, name, "ACTMat")
+    if check:  # the estimates, charged at the true ||W|| and ||P||
+        budget.settle(float(torch.linalg.vector_norm(W, dtype=torch.float64)), math.sqrt(update_sq),
+                      "float32 products")
     return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in, precision=str(mt).replace("torch.", ""))
 
 

@@ -8,32 +8,38 @@ rule can amplify:
 * the solve with :math:`M` (ACE, :math:`M=\sum_t R_t`) or :math:`A=\sum_t C_t` (ACTMat) by up to
   its condition number :math:`\kappa`; measured on 128-2048 wide synthetic layers, the error of
   float32 Grams and products stays below :math:`u\max(\kappa, 10\sqrt\kappa)`;
-* ACE's refinement through the top-k singular subspace of F: a perturbation :math:`E` of the
-  Gram :math:`F^TF` turns that subspace by about :math:`\|E\|/(\lambda_k-\lambda_{k+1})`
-  (Davis-Kahan), and only the pairs at the boundary mix, so the result moves by about
-  :math:`\sqrt{2/k}\,\|E\|/(\lambda_k-\lambda_{k+1})` relative. :math:`\|E\| \approx u\lambda_1`
-  for a float32 Gram, :math:`\approx 2u\sigma_1\sigma_k` for a float64 Gram of a float32 F;
-* ACE's decision which of the top-k directions are null (they get no refinement term): a Gram
-  eigenvalue counts as zero at or below :math:`m\epsilon\lambda_1` in the Gram's precision
-  (``rules.ace.gram_null_mask``), a floor ~5e8 times higher for a float32 Gram than for a float64
-  one. A float32 Gram whose k-th eigenvalue is within :data:`NULL_MARGIN` of its floor cannot tell
-  a small direction from a null one (a whole :math:`\sigma_{iso}` term more or less, which the
-  gap estimate above need not see), so it is recomputed in float64
-  (:func:`null_decision_is_clear`).
+* ACE's refinement, wherever its products ran: the top-k pairs come from an eigendecomposition of
+  F's smaller Gram, whose rounding :math:`E` (:math:`\|E\|\approx u\lambda_1`) turns the pairs by
+  :math:`E_{ij}/(\lambda_i-\lambda_j)`; only pairs with different refinement coefficients matter,
+  so the term moves by about :math:`\|E\|\sqrt{k}\max(\sigma_{iso}/2\sigma_{min}^2,\;
+  \sigma_i|c_i|/(\lambda_i-\lambda_{out}))` (:func:`refinement_error_estimate`); where that exceeds
+  what the contract leaves, F's full SVD is taken instead.
 
-``matmul_dtype="auto"`` (the executor's default) runs the products -- and, in ACE, the
-d_in x d_in sums and the Cholesky factor, whose backward error is of the same order -- in float32
-and checks these estimates as soon as the quantities they need exist (a lower bound of
-:math:`\kappa` after the first Gram, :func:`condition_lower_bound`; :math:`\kappa` right after
-the Gram matrices; the gap right after the eigendecomposition); if their sum exceeds
-:data:`TOLERANCE`, the weight is recomputed in float64. Both are documented in ``docs/execution.md``; the estimates
-were checked against a float64 reference in ``tests/test_precision.py``.
+``matmul_dtype="auto"`` (the executor's default) holds the merge to a contract stated from the
+output: the merged weight, stored in ``output_dtype`` (bf16 for most checkpoints), is as close to
+the exact merge of its inputs as storing it allows. Storing W in a dtype of unit roundoff
+:math:`u_{out}` moves it by :math:`\rho = 0.4247\,u_{out}\|W\|_F` (:func:`storage_rounding_error`);
+the computation may add at most :data:`CONTRACT_FRACTION` = 0.3 of that, so the error of the stored
+result grows by at most :math:`\sqrt{1 + 0.3^2} - 1 < 5\%` (:class:`ErrorBudget`). Products run in
+float32 (and, in ACE, the d_in x d_in sums and the Cholesky factor, whose backward error is of the
+same order) where the estimates above, in units of :math:`\|W\|` and the output dtype, stay within
+that budget, checked as soon as the quantities they need exist (a lower bound of
+:math:`\kappa` after the first Gram, :func:`condition_lower_bound`; :math:`\kappa` right after the
+Gram matrices; the merged update's norm once it exists); where they do not, the weight is
+recomputed in float64. A float32 or float64 output leaves no room for float32 products
+(:math:`0.3\rho` is below float32's own rounding): such weights use float64 from the start, and so
+does ACE's refinement (its top-k singular subspace lies in F's noise bulk for fine-tune-like
+updates: float32 moved it by 9-11x the bf16 rounding on every shape measured). The contract and its
+derivation are in ``docs/execution.md``; the estimates are checked against float64 references in
+``tests/test_precision.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -45,17 +51,23 @@ R = TypeVar("R")
 
 #: Unit roundoff of float32.
 UNIT_ROUNDOFF_FLOAT32 = 2.0 ** -24
-#: Largest estimated relative error (on the merged task vector) accepted from float32 products:
-#: a third of the 1e-4 the float64 path is held to (the estimates track measured errors within ~3x).
-TOLERANCE = 3e-5
-#: A float32 Gram's null-direction decision is trusted only when its k-th eigenvalue exceeds the
-#: null floor by this factor (the computed eigenvalues are off by at most about the floor itself).
-NULL_MARGIN = 10.0
+#: The contract: the computation may add at most this fraction of the output's own storage
+#: rounding error (independent errors add in squares: the stored result's error grows by < 5 %).
+CONTRACT_FRACTION = 0.3
+#: Root-mean-square rounding error of storing a value x in a binary floating-point format, in units
+#: of u|x| (u = unit roundoff): the error is uniform within half a spacing, 2u 2^e for
+#: |x| = m 2^e, m in [1, 2), so E[err^2] = (2u)^2 / 12 E[|x|^2 / m^2]; with mantissas spread as in
+#: data covering many binades (density 1 / (m ln 2)), E[m^-2] = 3 / (8 ln 2) and the factor is
+#: sqrt(E[m^-2] / 3) = 0.4247 (measured 0.423-0.425 on Gaussian weights; the worst case, m = 1,
+#: is 1/sqrt(3)).
+ROUNDING_RMS_FACTOR = math.sqrt(3.0 / (8.0 * math.log(2.0)) / 3.0)
 #: The value of ``matmul_dtype`` that asks for the decision described above.
 AUTO = "auto"
 
 
 _recomputed = 0
+_counts_lock = threading.Lock()
+_precision_counts: Counter = Counter()
 
 
 def float64_recompute_count() -> int:
@@ -63,40 +75,122 @@ def float64_recompute_count() -> int:
     return _recomputed
 
 
+def record_precision(products: torch.dtype) -> None:
+    """Count one merged weight under the precision its products ended in."""
+    with _counts_lock:
+        _precision_counts[str(products).replace("torch.", "")] += 1
+
+
+def precision_counts() -> dict:
+    """``{"float32": n, "float64": m, ...}``: the weights this process merged, by the precision of
+    their products (with :func:`float64_recompute_count` of the float64 ones after an attempt)."""
+    with _counts_lock:
+        return dict(_precision_counts)
+
+
 class NeedsFloat64(Exception):
     """Raised inside a rule when float32 products are estimated to be too inaccurate for a weight;
     the rule catches it and recomputes that weight with float64 products."""
 
 
-def resolve_matmul_dtype(matmul_dtype, compute_dtype: torch.dtype) -> Tuple[torch.dtype, bool]:
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of a floating dtype (half its machine epsilon): 2^-8 for bfloat16."""
+    return torch.finfo(dtype).eps / 2.0
+
+
+def storage_rounding_error(norm: float, dtype: torch.dtype) -> float:
+    r"""Expected :math:`\|\mathrm{fl}(W) - W\|_F` of storing a matrix of Frobenius norm ``norm`` in
+    ``dtype``: :math:`0.4247\,u\,\|W\|_F` (:data:`ROUNDING_RMS_FACTOR`)."""
+    return ROUNDING_RMS_FACTOR * unit_roundoff(dtype) * norm
+
+
+def float32_products_can_serve(output_dtype: Optional[torch.dtype]) -> bool:
+    """Whether the contract for ``output_dtype`` leaves room for float32 products at all: only for
+    outputs coarser than float32 (bfloat16, float16). ``None`` means a float64 result."""
+    return output_dtype is not None and unit_roundoff(output_dtype) > UNIT_ROUNDOFF_FLOAT32
+
+
+class ErrorBudget:
+    r"""The contract for one weight: the absolute (Frobenius) error the computation may add to the
+    merged update P of :math:`W = W_0 + \mathrm{scale}\cdot P`,
+    :math:`0.3\,\rho(W) / |\mathrm{scale}|` with :math:`\rho` the storage rounding of W in
+    ``output_dtype`` (``None``: float64). ``base_norm`` stands for :math:`\|W\|` and
+    ``update_norm`` for :math:`\|P\|` until the rule knows them (:meth:`settle`); relative error
+    estimates are charged at :math:`\|P\|`."""
+
+    def __init__(self, output_dtype: Optional[torch.dtype], base_norm: float, scale: float, update_norm: float):
+        self.output_dtype = output_dtype if output_dtype is not None else torch.float64
+        self.scale = abs(float(scale))
+        self.update_norm = float(update_norm)
+        self.spent = 0.0
+        self._set_norm(float(base_norm))
+
+    def _set_norm(self, weight_norm: float) -> None:
+        rounding = CONTRACT_FRACTION * storage_rounding_error(weight_norm, self.output_dtype)
+        self.allowed = math.inf if self.scale == 0 else rounding / self.scale
+
+    @property
+    def remaining(self) -> float:
+        return max(self.allowed - self.spent, 0.0)
+
+    def relative(self) -> float:
+        """The relative error of P the whole budget stands for (at the current norm of P)."""
+        return self.allowed / self.update_norm if self.update_norm > 0 else math.inf
+
+    def charge(self, relative_error: float, what: str) -> None:
+        """Spend ``relative_error * ||P||``; raise :class:`NeedsFloat64` if it exceeds the budget."""
+        error = relative_error * self.update_norm
+        if not error <= self.allowed - self.spent:
+            raise NeedsFloat64(f"{what}: estimated error {error:.1e} of the merged update exceeds the "
+                               f"contract's {self.allowed - self.spent:.1e} (0.3 of the {self.output_dtype} "
+                               f"rounding of the result)")
+        self.spent += error
+
+    def settle(self, weight_norm: float, update_norm: float, what: str) -> None:
+        """Re-check what was spent once the true norms of W and P are known (the estimates used
+        ``base_norm`` and the update-norm guess)."""
+        relative_spent = self.spent / self.update_norm if self.update_norm > 0 else 0.0
+        self.update_norm, self.spent = float(update_norm), 0.0
+        self._set_norm(float(weight_norm))
+        self.charge(relative_spent, what)
+
+
+def resolve_matmul_dtype(matmul_dtype, compute_dtype: torch.dtype,
+                         output_dtype: Optional[torch.dtype] = None) -> Tuple[torch.dtype, bool]:
     """``(dtype of the first attempt, whether to check it)`` for a rule's ``matmul_dtype`` argument:
-    ``"auto"`` -> float32 with checks (only when computing in float64), ``None`` -> compute dtype."""
+    ``"auto"`` -> float32 with checks (only when computing in float64 for an output coarser than
+    float32, :func:`float32_products_can_serve`), else the compute dtype; ``None`` -> compute dtype."""
     if isinstance(matmul_dtype, str):
         if matmul_dtype != AUTO:
             dtype = getattr(torch, matmul_dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"matmul_dtype must be 'auto', 'float32' or 'float64', got {matmul_dtype!r}")
             return dtype, False
-        if compute_dtype == torch.float64:
+        if compute_dtype == torch.float64 and float32_products_can_serve(output_dtype):
             return torch.float32, True
         return compute_dtype, False
     return (matmul_dtype or compute_dtype), False
 
 
 def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, compute_dtype: torch.dtype,
-                      name: Optional[str] = None) -> R:
-    """``rule(products dtype, check)``: with ``"auto"``, first ``(float32, True)``, and on
-    :class:`NeedsFloat64` once more ``(compute_dtype, False)``; otherwise the dtype asked for."""
-    dtype, checked = resolve_matmul_dtype(matmul_dtype, compute_dtype)
-    if not checked:
-        return rule(dtype, False)
-    try:
-        return rule(dtype, True)
-    except NeedsFloat64 as why:
-        global _recomputed
-        _recomputed += 1  # a statistic (benchmarks); an increment race only miscounts it
-        LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
-        return rule(compute_dtype, False)
+                      name: Optional[str] = None, output_dtype: Optional[torch.dtype] = None) -> R:
+    """``rule(products dtype, check)``: with ``"auto"``, first ``(float32, True)`` where the output
+    dtype allows it (:func:`resolve_matmul_dtype`), and on :class:`NeedsFloat64` once more
+    ``(compute_dtype, False)``; otherwise the dtype asked for."""
+    dtype, checked = resolve_matmul_dtype(matmul_dtype, compute_dtype, output_dtype)
+    if checked:
+        try:
+            result = rule(dtype, True)
+            record_precision(dtype)
+            return result
+        except NeedsFloat64 as why:
+            global _recomputed
+            _recomputed += 1  # a statistic (benchmarks); an increment race only miscounts it
+            LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
+            dtype = compute_dtype
+    result = rule(dtype, False)
+    record_precision(dtype)
+    return result
 
 
 def extreme_eigenvalues(
@@ -133,36 +227,60 @@ def solve_error_estimate(kappa: float, amplification: float = 1.0) -> float:
     return UNIT_ROUNDOFF_FLOAT32 * max(kappa, 10.0 * math.sqrt(kappa)) * amplification
 
 
-def subspace_error_estimate(eigenvalues: torch.Tensor, k: int, gram_in_float32: bool) -> float:
-    r"""Relative error that a perturbed Gram of F causes in :math:`\sigma_{iso}U_kV_k^T`:
-    :math:`\sqrt{2/k}\,\|E\| / (\lambda_k - \lambda_{k+1})` with ``eigenvalues`` the top ones of the
-    Gram, largest first (``k + 1`` of them, or ``k`` when k is the whole spectrum) and
-    :math:`\|E\| = u\lambda_1` (float32 Gram) or :math:`2u\sigma_1\sigma_k` (float64 Gram of a
-    float32 F)."""
-    if k <= 0:
+def refinement_error_estimate(eigenvalues: torch.Tensor, kept: int, sigma_iso: float, coefficients: torch.Tensor,
+                              gram_dtype: torch.dtype) -> float:
+    r"""Absolute (Frobenius) error that the Gram route adds to ACE's refinement term
+    :math:`X f(G)`, :math:`G = X^TX` (or :math:`XX^T`), :math:`f(\lambda_i) = c_i` on the ``kept``
+    non-null top-k directions and 0 elsewhere (:math:`c_i = \sigma_{iso}/\sigma_i`, minus 1 for
+    ``rescale``). ``eigenvalues``: the Gram's top eigenvalues, largest first (at least ``kept``;
+    one more where it exists).
+
+    A perturbation E of G changes :math:`f(G)` by :math:`[(c_i - c_j)/(\lambda_i - \lambda_j)]
+    \circ (V^TEV)` in its eigenbasis (Daleckii-Krein), and :math:`X` multiplies row i by
+    :math:`\sigma_i`: two kept directions give :math:`\sigma_{iso}/(\sigma_j(\sigma_i+\sigma_j))`
+    (largest for the smallest kept :math:`\sigma`: :math:`\sigma_{iso}/2\sigma_{min}^2`), a kept and
+    the first direction left out (the (k+1)-th, or a null one) :math:`\sigma_i|c_i|/(\lambda_i -
+    \lambda_{out})`. With :math:`\|E\| = u\lambda_1` (the Gram's rounding) the estimate is
+    :math:`3\sqrt{k}\,\|E\|` times the larger of the two. Measured against a float64 SVD on
+    noise-bulk and rank-8 matrices (tall, wide, square): the unscaled product was 0.5-27x the true
+    error, hence the factor 3 (``tests/test_rules_ace_refinement.py``)."""
+    if kept <= 0:
         return 0.0
     lam = eigenvalues.double().clamp_min(0)
-    lam1, lamk = float(lam[0]), float(lam[k - 1])
-    following = float(lam[k]) if lam.numel() > k else 0.0
-    gap = lamk - following
-    if gap <= 0 or lam1 <= 0:
+    sigma = lam[:kept].sqrt()
+    smallest = float(sigma[-1])
+    if smallest <= 0:
         return math.inf
-    perturbation = UNIT_ROUNDOFF_FLOAT32 * (lam1 if gram_in_float32 else 2.0 * math.sqrt(lam1 * lamk))
-    return math.sqrt(2.0 / k) * perturbation / gap
+    inner = sigma_iso / (2.0 * smallest * smallest)
+    lam_out = float(lam[kept]) if lam.numel() > kept else 0.0
+    gaps = lam[:kept] - lam_out
+    if float(gaps.min()) <= 0:
+        return math.inf
+    boundary = float((sigma * coefficients[:kept].double().abs() / gaps).max())
+    return REFINEMENT_SAFETY * math.sqrt(kept) * unit_roundoff(gram_dtype) * float(lam[0]) * max(inner, boundary)
+
+
+#: A Gram's null-direction cut (``rules.ace.gram_null_mask``) is trusted only where no top-k
+#: eigenvalue lies within this factor of the floor, on either side (computed eigenvalues are off by
+#: about the floor itself).
+NULL_MARGIN = 10.0
 
 
 def null_decision_is_clear(eigenvalues: torch.Tensor, k: int, inner_dim: int, gram_dtype: torch.dtype) -> bool:
-    r"""Whether a Gram's null-direction cut (``rules.ace.gram_null_mask``) keeps every top-k
-    direction whatever the Gram's rounding: :math:`\lambda_k > \mathrm{NULL\_MARGIN}\,m\epsilon\lambda_1`
-    (eigenvalues largest first, m = ``inner_dim`` the Gram's inner dimension, :math:`\epsilon` the
-    machine epsilon of ``gram_dtype``). Below that, a float32 Gram may cut a direction that float64
-    keeps (its singular value can be up to :math:`\sqrt{m\epsilon_{32}}`, 1-3% of
-    :math:`\sigma_1` on LLM-sized weights) or keep noise; the rule then takes the Gram in float64."""
+    r"""Whether a Gram's null cut of its top-k directions is beyond doubt: no eigenvalue within
+    :data:`NULL_MARGIN` of the floor :math:`m\epsilon\lambda_1` (eigenvalues largest first, m =
+    ``inner_dim``, :math:`\epsilon` the machine epsilon of ``gram_dtype``). A float32 Gram's floor
+    is ~1e-3 of :math:`\lambda_1` on LLM-sized weights: a real direction there may be cut, a
+    whole :math:`\sigma_{iso}` term, which no error estimate of the kept pairs sees."""
     if k <= 0 or eigenvalues.numel() == 0:
         return True
-    lam1 = max(float(eigenvalues[0]), 0.0)
-    floor = inner_dim * torch.finfo(gram_dtype).eps * lam1
-    return float(eigenvalues[k - 1]) > NULL_MARGIN * floor
+    floor = inner_dim * torch.finfo(gram_dtype).eps * max(float(eigenvalues[0]), 0.0)
+    top = eigenvalues[:k].double()
+    return not bool(((top > floor / NULL_MARGIN) & (top <= NULL_MARGIN * floor)).any())
+
+
+#: Safety factor of :func:`refinement_error_estimate` (its unscaled form measured 0.5-27x the error).
+REFINEMENT_SAFETY = 3.0
 
 
 #: From this fraction of the pairs on, the CPU takes every pair by divide and conquer (``syevd``)
@@ -248,11 +366,12 @@ def condition_lower_bound(lambda_max_lower: float, trace_upper: float, n: int) -
     return lambda_max_lower * n / trace_upper
 
 
-def check_condition_lower_bound(kappa_lower: float, what: str) -> None:
+def check_condition_lower_bound(kappa_lower: float, what: str, tolerance: float) -> None:
     """Raise :class:`NeedsFloat64` where even the lower bound of the condition number makes float32
-    products too inaccurate (:func:`solve_error_estimate` grows with kappa)."""
+    products too inaccurate for ``tolerance``, the relative error of the merged update the contract
+    allows (:func:`solve_error_estimate` grows with kappa)."""
     error = solve_error_estimate(kappa_lower) if kappa_lower > 0 else 0.0
-    if error > TOLERANCE:
+    if error > tolerance:
         raise NeedsFloat64(f"{what}: condition number at least ~{kappa_lower:.1e}, too large for float32 "
                            f"products (estimated error at least {error:.1e})")
 
@@ -269,10 +388,12 @@ class RunningConditionBound:
     fed one term at a time: after each, :math:`\kappa(M) \ge \max_t \lambda_{max}(S_t) \cdot
     n / \mathrm{tr}\,M` (:func:`condition_lower_bound`) is checked, and :class:`NeedsFloat64` is
     raised as soon as it rules float32 products out. ``trace_upper``: a bound on tr M known before
-    any term (``math.inf``: nothing to check, as in float64 runs); ``what``: the sum, for the message."""
+    any term (``math.inf``: nothing to check, as in float64 runs); ``what``: the sum, for the message;
+    ``tolerance``: the relative error of the merged update allowed (:meth:`ErrorBudget.relative`)."""
 
-    def __init__(self, trace_upper: float, n: int, what: str, terms: int):
+    def __init__(self, trace_upper: float, n: int, what: str, terms: int, tolerance: float = math.inf):
         self.trace_upper, self.n, self.what, self.terms = trace_upper, n, what, terms
+        self.tolerance = tolerance
         self.lambda_lower = 0.0
         self.seen = 0
 
@@ -287,7 +408,7 @@ class RunningConditionBound:
             return
         self.lambda_lower = max(self.lambda_lower, top_eigenvalue_lower_bound(S))
         check_condition_lower_bound(condition_lower_bound(self.lambda_lower, self.trace_upper, self.n),
-                                    f"{self.what} (after {self.seen} of {self.terms} terms)")
+                                    f"{self.what} (after {self.seen} of {self.terms} terms)", self.tolerance)
 
 
 def condition_number(M: torch.Tensor, cholesky_factor: torch.Tensor) -> float:
