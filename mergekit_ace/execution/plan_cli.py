@@ -57,10 +57,12 @@ def read_shapes(model_dir: str, revision: Optional[str] = None) -> Dict[str, Tup
             files = sorted({path / f for f in weight_map.values()})
         else:
             files = sorted(path.glob("*.safetensors"))
-    elif not path.exists() and is_hub_repo_id(model_dir):
+    elif path.exists():
+        raise UserError(f"{model_dir}: not a model directory or a .safetensors file")
+    elif is_hub_repo_id(model_dir):
         return read_hub_shapes(model_dir, revision)
     else:
-        raise UserError(f"{model_dir}: neither a local model directory (or .safetensors file) nor a Hub repo id")
+        raise UserError(f"{model_dir}: no such local directory, and not a Hub repo id (org/name)")
     if not files:
         raise UserError(f"{model_dir}: no .safetensors files")
     return safetensors_file_shapes(files)

@@ -180,6 +180,16 @@ def hub_repos(config, tmp_path_factory):
     return {"org/base": base, "org/expert-1": e1, "org/expert-2": sharded}
 
 
+def test_the_stand_in_has_the_real_hub_functions_signature():
+    """The stand-ins below take what plan passes; the real functions must take the same."""
+    import inspect
+
+    import huggingface_hub
+
+    assert {"repo_id", "revision"} <= set(inspect.signature(huggingface_hub.get_safetensors_metadata).parameters)
+    assert {"repo_id", "filename", "revision"} <= set(inspect.signature(huggingface_hub.try_to_load_from_cache).parameters)
+
+
 class FakeHub:
     """Stand-in for huggingface_hub.get_safetensors_metadata: serves ``repos``' headers, refuses
     ``gated`` ones as the Hub does (GatedRepoError), records (repo_id, revision) of each call."""
