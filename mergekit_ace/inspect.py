@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -111,9 +110,11 @@ def inspect_models(
     """Inspect every 2-D weight (matching ``weights``, a regex) and write the CSV/JSON/plots."""
     from mergekit_ace.cli import UserError
 
-    for path in [base, *experts]:
-        if os.path.sep in path and not Path(path).exists():
-            raise UserError(f"model directory not found: {path}")
+    from mergekit_ace.execution.hub_headers import is_hub_repo_id
+
+    for path in [base, *experts]:  # as mergekit: an existing path is local, else a Hub id (org/name@revision)
+        if not Path(path).exists() and not is_hub_repo_id(path.split("+")[0].split("@")[0]):
+            raise UserError(f"model directory not found (and not a Hub repo id): {path}")
     try:
         base_loader = _loader(base)
         expert_loaders = [_loader(p) for p in experts]
@@ -226,8 +227,14 @@ def _plot_spectrum(name: str, base: str, experts, output: Path, params) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("--base", required=True, help="base model: local directory or Hub id")
-    parser.add_argument("--expert", action="append", required=True, help="an expert (repeat for each)")
+    parser.epilog = ("A Hub id (org/name, org/name@revision) is downloaded whole into the Hugging Face cache "
+                     "before any weight is inspected, as mergekit does: its *.safetensors (*.bin where it has "
+                     "no safetensors), *.json and tokenizer.model; gated repos need HF_TOKEN. For memory and "
+                     "time without downloading weights, see `mergekit-ace plan` (safetensors headers only).")
+    parser.add_argument("--base", required=True,
+                        help="base model: local directory or Hub id (a Hub id's weights are downloaded, see below)")
+    parser.add_argument("--expert", action="append", required=True,
+                        help="an expert, local directory or Hub id (repeat for each)")
     parser.add_argument("--output", default="inspect-output", help="directory for CSV/JSON/plots")
     parser.add_argument("--epsilon", type=float, default=1e-5)
     parser.add_argument("--tau", type=float, default=0.3)

@@ -66,3 +66,22 @@ def test_inspect_errors_are_clear(tmp_path, llama_family):
     )
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "nope" in proc.stderr
+
+
+def test_inspect_hands_hub_ids_to_mergekit(tmp_path, monkeypatch, capsys):
+    """A Hub id (``org/name``, ``@revision``) is not a missing directory: it goes to mergekit's
+    loader (which downloads it); only a path that is neither local nor a repo id is refused."""
+    from mergekit_ace import inspect as inspect_mod
+
+    opened = []
+
+    def loader(path):
+        opened.append(path)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(inspect_mod, "_loader", loader)
+    argv = ["inspect", "--base", "org/base@v1.0", "--expert", "org/expert", "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert opened == ["org/base@v1.0"] and "cannot open the models' weights" in capsys.readouterr().err
+    assert main(["inspect", "--base", str(tmp_path / "a" / "b"), "--expert", "org/expert"]) == 2
+    assert opened == ["org/base@v1.0"] and "not found" in capsys.readouterr().err

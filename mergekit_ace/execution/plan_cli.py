@@ -1,5 +1,9 @@
 """``mergekit-ace plan CONFIG``: a dry run reading only safetensors headers (no tensor data).
 
+Local models: the headers of their files. Hub ids: the headers served by range request (a few
+hundred kB per model, never the weights; ``HF_TOKEN`` for gated repos, the local Hub cache under
+``HF_HUB_OFFLINE``), see :mod:`mergekit_ace.execution.hub_headers`.
+
 Prints each weight's shape, what happens to it (the rule or the experts' average), the strategy and
 row chunk the planner picks, its estimated peak extra memory and flops, then totals: whether the
 merge fits a GPU of ``--gpu-memory`` and roughly how long the rule arithmetic takes on this
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from mergekit_ace.cli import UserError
 
@@ -20,7 +24,10 @@ RULES = {name: name for name in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="mergekit YAML config (models: form; base_model required for this package's methods)")
+    parser.add_argument("config", help="mergekit YAML config (models: form; base_model required for this package's "
+                                        "methods); models are local directories or Hub ids, of which only the "
+                                        "safetensors headers are read (range requests; HF_TOKEN for gated repos; "
+                                        "the local Hub cache under HF_HUB_OFFLINE=1)")
     parser.add_argument("--gpu-memory", default=None,
                         help="plan for a GPU with this much memory (e.g. 24GiB); default: this machine's devices")
     parser.add_argument("--gpu-tflops", type=float, default=None,
@@ -33,9 +40,12 @@ def add_arguments(parser) -> None:
 
 
 # --------------------------------------------------------------------------- headers
-def read_shapes(model_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    """name -> (shape, dtype) from a model directory's safetensors headers (or its index json)."""
-    from safetensors import safe_open
+def read_shapes(model_dir: str, revision: Optional[str] = None) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """name -> (shape, dtype) from a model's safetensors headers (no tensor data). As mergekit does,
+    an existing path is local (a directory, its index json or its ``*.safetensors``, or one
+    ``.safetensors`` file); anything else is a Hub repo id, read at ``revision`` by range request (or
+    from the local Hub cache under ``HF_HUB_OFFLINE``, see :mod:`.hub_headers`)."""
+    from mergekit_ace.execution.hub_headers import is_hub_repo_id, read_hub_shapes, safetensors_file_shapes
 
     path = Path(model_dir)
     if path.is_file() and path.suffix == ".safetensors":
@@ -47,17 +57,15 @@ def read_shapes(model_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
             files = sorted({path / f for f in weight_map.values()})
         else:
             files = sorted(path.glob("*.safetensors"))
+    elif path.exists():
+        raise UserError(f"{model_dir}: not a model directory or a .safetensors file")
+    elif is_hub_repo_id(model_dir):
+        return read_hub_shapes(model_dir, revision)
     else:
-        raise UserError(f"{model_dir}: not a local model directory (plan reads local safetensors headers only)")
+        raise UserError(f"{model_dir}: no such local directory, and not a Hub repo id (org/name)")
     if not files:
         raise UserError(f"{model_dir}: no .safetensors files")
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                sl = fh.get_slice(key)
-                shapes[key] = (tuple(sl.get_shape()), str(sl.get_dtype()))
-    return shapes
+    return safetensors_file_shapes(files)
 
 
 def load_config(path: str):
@@ -79,6 +87,12 @@ def load_config(path: str):
 
 def _model_path(ref) -> str:
     return str(ref.model.path)
+
+
+def _read_model_shapes(ref):
+    """The headers of a config's model reference: its path (local or Hub id) at its revision
+    (``org/name@revision`` in the config)."""
+    return read_shapes(_model_path(ref), ref.model.revision)
 
 
 # --------------------------------------------------------------------------- throughput
@@ -124,14 +138,15 @@ def build_plan(config, budget_bytes: float) -> dict:
     model_refs = [m.model for m in config.models]
     if rule and base_ref is None:
         raise UserError(f"merge_method {method} requires base_model")
-    base_path = _model_path(base_ref) if base_ref is not None else _model_path(model_refs[0])
-    experts = [r for r in model_refs if base_ref is None or _model_path(r) != base_path]
-    base_shapes = read_shapes(base_path)
+    base = base_ref if base_ref is not None else model_refs[0]
+    base_path = str(base.model)
+    experts = [r for r in model_refs if base_ref is None or r.model != base_ref.model]
+    base_shapes = _read_model_shapes(base)
     for ref in experts:
-        other = read_shapes(_model_path(ref))
+        other = _read_model_shapes(ref)
         missing = [k for k, (shape, _) in base_shapes.items() if other.get(k, (None,))[0] != shape]
         if missing:
-            raise UserError(f"{_model_path(ref)}: {len(missing)} weight(s) missing or shaped differently "
+            raise UserError(f"{ref.model}: {len(missing)} weight(s) missing or shaped differently "
                             f"from the base, e.g. {missing[0]}")
     T = len(experts)
     merge_embeddings = bool(params.get("merge_embeddings", False))
