@@ -493,3 +493,27 @@ def test_float32_attempt_forms_the_largest_update_first(monkeypatch, rule, strat
     assert [t for dt, t in grams if dt == torch.float32] == [1]
     assert [t for dt, t in grams if dt == torch.float64] == [0, 1]
     assert torch.equal(out, merge(W0, experts, matmul_dtype=torch.float64, strategy=strategy))
+
+
+# --------------------------------------------------------------------------- the SVD peers
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("shape", [(384, 256), (96, 512)])
+def test_svd_peers_hold_the_bf16_contract_and_take_float32_where_it_allows(method, shape):
+    """The SVD rules in float32 where every decomposition's estimated error fits the contract,
+    else float64; either way within 0.3 of the bf16 rounding of the float64 reference
+    (tests/reference_peers.py, NumPy, full SVDs)."""
+    from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
+    from tests.reference_peers import REFERENCES
+
+    merge = {"tsv_m": tsv_m_merge, "iso_c": iso_c_merge, "iso_cts": iso_cts_merge}[method]
+    for case in (dict(), dict(spectrum=1.0), dict(rank=16)):
+        W0, experts = bf16_experts(shape, **case)
+        ref = torch.from_numpy(REFERENCES[method](W0, experts))
+        out, diag = merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, return_diagnostics=True)
+        assert contract_ratio(out, ref) <= 0.3, (case, diag.precision, diag.routes)
+        assert stored_ratio(out, ref) <= 1.05
+        if not case:  # full-rank random updates: well separated enough for float32
+            assert diag.precision == "float32", diag.routes
+        # float64 outputs: float64, as before
+        out64, diag64 = merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
+        assert diag64.precision == "float64"

@@ -43,9 +43,9 @@ EFFICIENT_ROWS = 1024
 #: measured to lose 1e-4 accuracy for low-rank or large updates) or "float64".
 MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
 MATMUL_DTYPES = ("auto", "float32", "float64")
-#: Rules whose products may run in float32 (``matmul_dtype``); the SVD rules (tsv_m, iso_c,
-#: iso_cts) compute in float64 throughout: their cheap route already squares the conditioning.
-MATMUL_DTYPE_RULES = ("ace", "actmat")
+#: Rules that take ``matmul_dtype`` and ``output_dtype`` (the precision contract): ace and actmat
+#: (float32 products), the SVD rules (the whole rule in float32 where the contract allows it).
+MATMUL_DTYPE_RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -214,8 +214,8 @@ def execute_rule(
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
 
     ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"tsv_m"``, ``"iso_c"`` or ``"iso_cts"`` (for the
-    estimates; only ace and actmat take ``matmul_dtype`` and ``output_dtype``, the dtype the result
-    will be stored in, which sets the precision contract; the SVD peers ignore it). ``budget`` in bytes overrides
+    estimates); every rule takes ``matmul_dtype`` and ``output_dtype``, the dtype the result will
+    be stored in, which sets the precision contract (docs/execution.md). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
 
@@ -226,11 +226,6 @@ def execute_rule(
     _summary_at_exit()
     run = functools.partial(_execute, rule_kind, rule, base, experts, name=name, budget=budget,
                             fault_injector=fault_injector)
-    if rule_kind not in MATMUL_DTYPE_RULES:  # the SVD peers: float64 throughout
-        rule_parameters.pop("output_dtype", None)
-        out = run(**rule_parameters)
-        record_precision(torch.float64)
-        return out
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
     if mdt == "auto" and not float32_products_are_ieee(base.device):
         mdt = torch.float64
@@ -286,7 +281,7 @@ def _execute(
     fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
     **rule_parameters,
 ) -> torch.Tensor:
-    """:func:`execute_rule` once the products' dtype is decided (ace/actmat: ``matmul_dtype`` in
+    """:func:`execute_rule` once the products' dtype is decided (``matmul_dtype`` in
     ``rule_parameters``)."""
     device = base.device
     d_out, d_in = base.shape

@@ -61,12 +61,15 @@ from mergekit_ace.rules.common import (
     row_chunks,
     task_vector,
 )
+from mergekit_ace.rules.precision import run_with_fallback
 from mergekit_ace.rules.spectral import (
     AUTO,
     RANK_RTOL,
     Triplets,
     check_route,
     polar_factor_,
+    settle_svd_budget,
+    svd_budget,
     top_singular_triplets,
 )
 
@@ -116,6 +119,8 @@ class IsoDiagnostics:
     rank: int
     #: route of each decomposition ("gram" or "svd")
     routes: List[str] = field(default_factory=list)
+    #: the dtype the decompositions ran in ("float32" where the precision contract allowed it)
+    precision: str = "float64"
 
 
 def iso_c_merge(
@@ -130,22 +135,36 @@ def iso_c_merge(
     strategy: str = WHOLE_MATRIX,
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
+    matmul_dtype=None,
+    output_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by Iso-C; returns :math:`W_0 + \alpha\bar\sigma UV^T` in ``compute_dtype``
-    (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd"."""
+    (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
+    ``matmul_dtype="auto"``: the whole rule in float32 where the precision contract for
+    ``output_dtype`` allows it, else in ``compute_dtype`` (as :func:`.tsv_m.tsv_m_merge`)."""
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="Iso-C")
     check_parameter(name, "alpha", alpha)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
+    W, diag = run_with_fallback(
+        lambda dt, check: _iso_c(base, experts, alpha, route, row_chunk, dt,
+                                 svd_budget(base, experts, alpha, output_dtype) if check else None),
+        matmul_dtype, compute_dtype, name, output_dtype)
+    check_finite_output(W, name, "Iso-C")
+    return (W, diag) if return_diagnostics else W
+
+
+def _iso_c(base, experts, alpha, route, row_chunk, dt, budget):
+    """Iso-C in ``dt``; ``budget``: the contract a float32 attempt is held to."""
     r = min(base.shape)
-    delta = task_arithmetic_sum(base, experts, compute_dtype, row_chunk)
-    P, S, used = polar_factor_(delta, route=route, row_chunk=row_chunk)
+    delta = task_arithmetic_sum(base, experts, dt, row_chunk)
+    P, S, used = polar_factor_(delta, route=route, row_chunk=row_chunk, budget=budget)
     del delta
     sigma_bar = isotropic_value(S, r)
-    W = _isotropic_merge(base, P, None, sigma_bar, alpha, compute_dtype, row_chunk)
-    check_finite_output(W, name, "Iso-C")
-    diag = IsoDiagnostics(sigma_bar=sigma_bar, common_size=r, per_task=0, rank=int(S.numel()), routes=[used])
-    return (W, diag) if return_diagnostics else W
+    W = _isotropic_merge(base, P, None, sigma_bar, alpha, dt, row_chunk)
+    settle_svd_budget(budget, W, base, alpha)
+    return W, IsoDiagnostics(sigma_bar=sigma_bar, common_size=r, per_task=0, rank=int(S.numel()), routes=[used],
+                             precision=str(dt).replace("torch.", ""))
 
 
 # --------------------------------------------------------------------------- Iso-CTS
@@ -160,9 +179,10 @@ def common_space_size(r: int, n_tasks: int, fraction: float) -> int:
     return r - specific
 
 
-def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: Optional[int] = None) -> Triplets:
+def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: Optional[int] = None,
+                    budget=None) -> Triplets:
     r"""Step 1: the top-k singular triplets of :math:`\Delta = \sum_t D_t`."""
-    return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk)
+    return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
 def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
@@ -175,12 +195,12 @@ def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[i
 
 
 def task_specific_subspace(delta_t: torch.Tensor, U_c: torch.Tensor, s: int, zero_below: float,
-                           route: str = AUTO, row_chunk: Optional[int] = None) -> Triplets:
+                           route: str = AUTO, row_chunk: Optional[int] = None, budget=None) -> Triplets:
     r"""Step 2: the top-s triplets of :math:`(I - U_cU_c^T) D_t` (``delta_t`` is overwritten);
     singular values at or below ``zero_below`` (noise of a task vector that lies in the common
     subspace) are left out."""
     return top_singular_triplets(project_out_(delta_t, U_c, row_chunk), s, zero_below=zero_below, route=route,
-                                 row_chunk=row_chunk)
+                                 row_chunk=row_chunk, budget=budget)
 
 
 def iso_cts_merge(
@@ -196,14 +216,27 @@ def iso_cts_merge(
     strategy: str = WHOLE_MATRIX,
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
+    matmul_dtype=None,
+    output_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by Iso-CTS; returns :math:`W_0 + \alpha\bar\sigma U_\perp V_\perp^T` in
-    ``compute_dtype`` (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd"."""
+    ``compute_dtype`` (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
+    ``matmul_dtype``, ``output_dtype``: as for :func:`iso_c_merge`."""
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="Iso-CTS")
     check_parameter(name, "alpha", alpha)
     check_parameter(name, "common_space_fraction", common_space_fraction, low=0.0, high=1.0)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
+    W, diag = run_with_fallback(
+        lambda dt, check: _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, dt,
+                                   svd_budget(base, experts, alpha, output_dtype) if check else None),
+        matmul_dtype, compute_dtype, name, output_dtype)
+    check_finite_output(W, name, "Iso-CTS")
+    return (W, diag) if return_diagnostics else W
+
+
+def _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, compute_dtype, budget):
+    """Iso-CTS in ``compute_dtype``; ``budget``: the contract a float32 attempt is held to."""
     T = len(experts)
     r = min(base.shape)
     k = common_space_size(r, T, common_space_fraction)
@@ -216,7 +249,7 @@ def iso_cts_merge(
     V_stack = torch.empty(d_in, r, dtype=compute_dtype, device=base.device)
     S_all = torch.empty(r, dtype=compute_dtype, device=base.device)
     delta = task_arithmetic_sum(base, experts, compute_dtype, row_chunk)
-    common = common_subspace(delta, k, route, row_chunk)
+    common = common_subspace(delta, k, route, row_chunk, budget)
     del delta
     filled = common.rank
     U_stack[:, :filled], V_stack[:, :filled], S_all[:filled] = common.U, common.V, common.S
@@ -227,7 +260,7 @@ def iso_cts_merge(
     for t in range(T if s > 0 else 0):
         D = task_vector(experts[t], base, compute_dtype)
         zero_below = RANK_RTOL * float(torch.linalg.matrix_norm(D))
-        specific = task_specific_subspace(D, U_c, s, zero_below, route, row_chunk)
+        specific = task_specific_subspace(D, U_c, s, zero_below, route, row_chunk, budget)
         del D
         cols = slice(filled, filled + specific.rank)
         U_stack[:, cols], V_stack[:, cols], S_all[cols] = specific.U, specific.V, specific.S
@@ -238,11 +271,11 @@ def iso_cts_merge(
     # Steps 3-4: orthogonalisation (in place where the Gram route is taken), isotropic value.
     S_all = S_all[:filled]
     sigma_bar = isotropic_value(S_all, r)
-    U_perp, _, route_u = polar_factor_(U_stack[:, :filled], route=route, row_chunk=row_chunk)
-    V_perp, _, route_v = polar_factor_(V_stack[:, :filled], route=route, row_chunk=row_chunk)
+    U_perp, _, route_u = polar_factor_(U_stack[:, :filled], route=route, row_chunk=row_chunk, budget=budget)
+    V_perp, _, route_v = polar_factor_(V_stack[:, :filled], route=route, row_chunk=row_chunk, budget=budget)
     routes += [route_u, route_v]
     del U_stack, V_stack
     W = _isotropic_merge(base, U_perp, V_perp.T.contiguous(), sigma_bar, alpha, compute_dtype, row_chunk)
-    check_finite_output(W, name, "Iso-CTS")
-    diag = IsoDiagnostics(sigma_bar=sigma_bar, common_size=k, per_task=s, rank=int(S_all.numel()), routes=routes)
-    return (W, diag) if return_diagnostics else W
+    settle_svd_budget(budget, W, base, alpha)
+    return W, IsoDiagnostics(sigma_bar=sigma_bar, common_size=k, per_task=s, rank=int(S_all.numel()),
+                             routes=routes, precision=str(compute_dtype).replace("torch.", ""))

@@ -137,6 +137,10 @@ class ErrorBudget:
         """The relative error of P the whole budget stands for (at the current norm of P)."""
         return self.allowed / self.update_norm if self.update_norm > 0 else math.inf
 
+    def remaining_relative(self) -> float:
+        """What is left of the budget, as a relative error of P."""
+        return self.remaining / self.update_norm if self.update_norm > 0 else math.inf
+
     def charge(self, relative_error: float, what: str) -> None:
         """Spend ``relative_error * ||P||``; raise :class:`NeedsFloat64` if it exceeds the budget."""
         error = relative_error * self.update_norm

@@ -40,8 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import PINV_RTOL, add_gram_, row_chunks, symmetrize_gram_
-from mergekit_ace.rules.precision import extreme_eigenvalues, top_eigenpairs
+from mergekit_ace.rules.common import PINV_RTOL, TaskVectors, add_gram_, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.precision import ErrorBudget, NeedsFloat64, extreme_eigenvalues, top_eigenpairs, unit_roundoff
 
 #: Unit roundoff of float64.
 UNIT_ROUNDOFF_FLOAT64 = 2.0 ** -53
@@ -96,26 +96,65 @@ def smaller_gram(X: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torc
     return symmetrize_gram_(gram), tall
 
 
-def gram_error(lam_top: float, denominator: float, summed_dim: int) -> float:
+def gram_error(lam_top: float, denominator: float, summed_dim: int, unit: float = UNIT_ROUNDOFF_FLOAT64) -> float:
     r""":math:`\sqrt{d}\,u\,\lambda_1 / \text{denominator}`: the estimated relative error of a
     quantity that the Gram route resolves against ``denominator`` (a gap or the smallest
-    eigenvalue); infinite when the denominator is not positive."""
+    eigenvalue); infinite when the denominator is not positive. ``unit``: the Gram's unit roundoff."""
     if not denominator > 0 or not lam_top > 0:
         return math.inf
-    return math.sqrt(summed_dim) * UNIT_ROUNDOFF_FLOAT64 * lam_top / denominator
+    return math.sqrt(summed_dim) * unit * lam_top / denominator
+
+
+def svd_error(sigma_top: float, denominator: float, summed_dim: int, unit: float) -> float:
+    r""":math:`\sqrt{d}\,u\,\sigma_1 / \text{denominator}`: the same for the SVD route (a singular
+    subspace turns by its backward error over the singular-value gap, Wedin; a polar factor by
+    :math:`u\,\sigma_1/\sigma_{min}`)."""
+    if not denominator > 0 or not sigma_top > 0:
+        return math.inf
+    return math.sqrt(summed_dim) * unit * sigma_top / denominator
+
+
+def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: Optional[torch.dtype]) -> ErrorBudget:
+    r"""The precision contract of a checked float32 attempt of an SVD rule: ``||W||`` taken as
+    :math:`\|W_0\|` and the merged update's norm as :math:`\sqrt{\sum_t\|D_t\|^2}` until
+    :func:`settle_svd_budget` knows them."""
+    energies = TaskVectors(base, experts, torch.float32).energies_and_means(torch.float64, means=False)[0]
+    return ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), alpha,
+                       math.sqrt(sum(energies)))
+
+
+def settle_svd_budget(budget: Optional[ErrorBudget], W: torch.Tensor, base: torch.Tensor, alpha: float) -> None:
+    """Charge a float32 attempt's estimates again at the true norms of W and of its update."""
+    if budget is None:
+        return
+    update = float(torch.linalg.vector_norm(W.double() - base.double()))
+    budget.settle(float(torch.linalg.vector_norm(W, dtype=torch.float64)),
+                  update / abs(alpha) if alpha else 0.0, "float32 decompositions")
+
+
+def _charge(budget: Optional[ErrorBudget], error: float, what: str) -> None:
+    """A checked (float32) attempt spends ``error`` (relative) of the contract's budget, or gives up."""
+    if budget is not None:
+        budget.charge(error, what)
 
 
 def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float] = None, route: str = AUTO,
-                          row_chunk: Optional[int] = None) -> Triplets:
+                          row_chunk: Optional[int] = None, budget: Optional[ErrorBudget] = None) -> Triplets:
     r"""The k largest singular triplets of X, leaving out those with :math:`\sigma \le` ``zero_below``
     (default: :data:`RANK_RTOL` times :math:`\sigma_1`). X is not modified.
 
     Gram route: the top k+1 eigenpairs of the smaller Gram (k+1: the gap after the k-th, which
-    the check needs), then :math:`U_k = XV_kS_k^{-1}` (or :math:`V_k = X^TU_kS_k^{-1}`)."""
+    the check needs), then :math:`U_k = XV_kS_k^{-1}` (or :math:`V_k = X^TU_kS_k^{-1}`).
+
+    ``budget`` (a checked float32 attempt, X in float32): each route's estimated error is charged
+    to the precision contract, the Gram route taken where it is within what remains, and
+    :class:`~mergekit_ace.rules.precision.NeedsFloat64` raised where even the SVD's is not."""
     p, q = X.shape
     k = max(0, min(int(k), p, q))
     if k == 0:
         return _empty(X, "gram")
+    unit = unit_roundoff(X.dtype)
+    tolerance = GRAM_TOLERANCE if budget is None else budget.remaining_relative()
     if check_route(route) == AUTO:
         gram, tall = smaller_gram(X, row_chunk)
         count = k + 1 if k < min(p, q) else k
@@ -124,11 +163,12 @@ def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float
         lam = lam.to(X.dtype).clamp_min(0)
         vecs = vecs.to(X.dtype)
         following = float(lam[k]) if count > k else 0.0
-        error = gram_error(float(lam[0]), float(lam[k - 1]) - following, p if tall else q)
+        error = gram_error(float(lam[0]), float(lam[k - 1]) - following, p if tall else q, unit)
         S = lam[:k].sqrt()
         # every wanted direction resolved, and none of them at or below the zero cutoff (those
         # are the SVD's to leave out)
-        if error <= GRAM_TOLERANCE and float(S[-1]) > _cutoff(S, zero_below):
+        if error <= tolerance and float(S[-1]) > _cutoff(S, zero_below):
+            _charge(budget, error, f"the top-{k} singular subspace (Gram route)")
             vecs = vecs[:, :k]
             other = (X @ vecs) if tall else (X.T @ vecs)
             other /= S
@@ -137,27 +177,35 @@ def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     cutoff = _cutoff(S, zero_below)
     keep = S[:k] > cutoff
+    if budget is not None and k < min(p, q) and float(S[k - 1]) > cutoff:
+        _charge(budget, svd_error(float(S[0]), float(S[k - 1] - S[k]), max(p, q), unit),
+                f"the top-{k} singular subspace (SVD)")
     return Triplets(U=U[:, :k][:, keep], S=S[:k][keep], V=Vh[:k].T[:, keep], route="svd")
 
 
 def polar_factor_(X: torch.Tensor, *, zero_below: Optional[float] = None, route: str = AUTO,
-                  row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
+                  row_chunk: Optional[int] = None,
+                  budget: Optional[ErrorBudget] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
     r"""``(P, S, route)``: the orthogonal polar factor :math:`P = U_rV_r^T` of :math:`X = USV^T`
     over the directions with :math:`\sigma >` ``zero_below`` (default :data:`RANK_RTOL`
     :math:`\sigma_1`), and those singular values (largest first). **Overwrites X** with P where
     the Gram route is taken (:math:`P = X(X^TX)^{-1/2}` formed block by block in X's storage);
-    otherwise P is a new tensor and X is left as it was."""
+    otherwise P is a new tensor and X is left as it was. ``budget``: as for
+    :func:`top_singular_triplets`."""
     p, q = X.shape
+    unit = unit_roundoff(X.dtype)
+    tolerance = GRAM_TOLERANCE if budget is None else budget.remaining_relative()
     if check_route(route) == AUTO and min(p, q) > 0:
         gram, tall = smaller_gram(X, row_chunk)
         summed = p if tall else q
-        if gram.shape[0] >= PRECHECK_MIN_SIZE and _clearly_ill_conditioned(gram, summed):
+        if gram.shape[0] >= PRECHECK_MIN_SIZE and _clearly_ill_conditioned(gram, summed, unit, tolerance):
             del gram
-            return _polar_by_svd(X, zero_below)
+            return _polar_by_svd(X, zero_below, budget)
         lam, Q = torch.linalg.eigh(gram)  # ascending
         del gram
-        error = gram_error(float(lam[-1]), float(lam[0]), summed)
-        if error <= GRAM_TOLERANCE and float(lam[0]) > _cutoff(lam.flip(0).clamp_min(0).sqrt(), zero_below) ** 2:
+        error = gram_error(float(lam[-1]), float(lam[0]), summed, unit)
+        if error <= tolerance and float(lam[0]) > _cutoff(lam.flip(0).clamp_min(0).sqrt(), zero_below) ** 2:
+            _charge(budget, error, "a polar factor (Gram route)")
             K = (Q * lam.rsqrt()) @ Q.T  # (X^T X)^{-1/2} or (X X^T)^{-1/2}
             del Q
             if tall:
@@ -169,16 +217,21 @@ def polar_factor_(X: torch.Tensor, *, zero_below: Optional[float] = None, route:
             return X, lam.flip(0).sqrt(), "gram"
     if min(p, q) == 0:
         return X, X.new_zeros(0), "svd"
-    return _polar_by_svd(X, zero_below)
+    return _polar_by_svd(X, zero_below, budget)
 
 
-def _polar_by_svd(X: torch.Tensor, zero_below: Optional[float]):
+def _polar_by_svd(X: torch.Tensor, zero_below: Optional[float], budget: Optional[ErrorBudget] = None):
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     keep = S > _cutoff(S, zero_below)
+    if budget is not None and bool(keep.any()):
+        kept = S[keep]
+        _charge(budget, svd_error(float(kept[0]), float(kept[-1]), max(X.shape), unit_roundoff(X.dtype)),
+                "a polar factor (SVD)")
     return U[:, keep] @ Vh[keep], S[keep], "svd"
 
 
-def _clearly_ill_conditioned(gram: torch.Tensor, summed_dim: int) -> bool:
+def _clearly_ill_conditioned(gram: torch.Tensor, summed_dim: int, unit: float = UNIT_ROUNDOFF_FLOAT64,
+                             tolerance: float = GRAM_TOLERANCE) -> bool:
     r"""Whether the Gram route of the polar factor is bound to fail its check, decided before the
     eigendecomposition: the Cholesky factorisation fails (singular), or the condition number
     estimated by a few power iterations (:func:`~mergekit_ace.rules.precision.extreme_eigenvalues`,
@@ -187,7 +240,7 @@ def _clearly_ill_conditioned(gram: torch.Tensor, summed_dim: int) -> bool:
     if int(info) != 0:
         return True
     lam_min, lam_max = extreme_eigenvalues(gram, L, dtype=gram.dtype)
-    return gram_error(lam_max, lam_min, summed_dim) > GRAM_TOLERANCE
+    return gram_error(lam_max, lam_min, summed_dim, unit) > tolerance
 
 
 def _cutoff(S: torch.Tensor, zero_below: Optional[float]) -> float:

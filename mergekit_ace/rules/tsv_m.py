@@ -51,7 +51,16 @@ from mergekit_ace.rules.common import (
     row_chunks,
     task_vector,
 )
-from mergekit_ace.rules.spectral import AUTO, Triplets, check_route, polar_factor_, top_singular_triplets
+from mergekit_ace.rules.precision import run_with_fallback
+from mergekit_ace.rules.spectral import (
+    AUTO,
+    Triplets,
+    check_route,
+    polar_factor_,
+    settle_svd_budget,
+    svd_budget,
+    top_singular_triplets,
+)
 
 DEFAULTS = dict(sv_reduction=None, alpha=1.0)
 
@@ -65,16 +74,16 @@ def per_task_rank(r: int, n_tasks: int, sv_reduction: Optional[float] = None) ->
 
 
 def task_singular_vectors(delta: torch.Tensor, k: int, route: str = AUTO,
-                          row_chunk: Optional[int] = None) -> Triplets:
+                          row_chunk: Optional[int] = None, budget=None) -> Triplets:
     r"""Step 1 (TSV-C): the top-k singular triplets of one task matrix (zero singular values left out)."""
-    return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk)
+    return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
 # --------------------------------------------------------------------------- steps 2-3
-def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: Optional[int] = None):
+def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: Optional[int] = None, budget=None):
     r"""Step 3: :math:`\mathrm{polar}(\hat U)`, the orthonormal matrix closest to the concatenated
     singular vectors. Overwrites ``stacked`` where the Gram route is taken; returns ``(P, route)``."""
-    P, _, used = polar_factor_(stacked, route=route, row_chunk=row_chunk)
+    P, _, used = polar_factor_(stacked, route=route, row_chunk=row_chunk, budget=budget)
     return P, used
 
 
@@ -86,6 +95,8 @@ class TSVMDiagnostics:
     ranks: List[int]
     #: route of each SVD ("gram" or "svd"): the T task SVDs, then polar(U), polar(V)
     routes: List[str] = field(default_factory=list)
+    #: the dtype the decompositions ran in ("float32" where the precision contract allowed it)
+    precision: str = "float64"
 
 
 def tsv_m_merge(
@@ -101,17 +112,32 @@ def tsv_m_merge(
     strategy: str = WHOLE_MATRIX,
     row_chunk: Optional[int] = None,
     return_diagnostics: bool = False,
+    matmul_dtype=None,
+    output_dtype: Optional[torch.dtype] = None,
 ):
     r"""Merge one 2-D weight by TSV-M; returns :math:`W_0 + \alpha U_\perp \hat S V_\perp^T` in
     ``compute_dtype`` (module docstring). ``route`` = "auto" (Gram route where exact, else SVD) or
     "svd"; ``row_chunk`` = rows per block of the products (memory, not the result). Inputs are
-    never modified; an expert identical to the base contributes nothing (no error)."""
+    never modified; an expert identical to the base contributes nothing (no error).
+    ``matmul_dtype="auto"``: the whole rule in float32 where the precision contract for
+    ``output_dtype`` allows it (every decomposition's estimated error charged to it), else in
+    ``compute_dtype`` (:mod:`mergekit_ace.rules.precision`)."""
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="TSV-M")
     check_parameter(name, "alpha", alpha)
     if sv_reduction is not None:
         check_parameter(name, "sv_reduction", sv_reduction, low=0.0, high=1.0)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
+    W, diag = run_with_fallback(
+        lambda dt, check: _tsv_m(base, experts, sv_reduction, alpha, route, row_chunk, dt,
+                                 svd_budget(base, experts, alpha, output_dtype) if check else None),
+        matmul_dtype, compute_dtype, name, output_dtype)
+    check_finite_output(W, name, "TSV-M")
+    return (W, diag) if return_diagnostics else W
+
+
+def _tsv_m(base, experts, sv_reduction, alpha, route, row_chunk, compute_dtype, budget):
+    """The rule in ``compute_dtype``; ``budget``: the contract a float32 attempt is held to."""
     T = len(experts)
     d_out, d_in = base.shape
     k = per_task_rank(min(d_out, d_in), T, sv_reduction)
@@ -123,7 +149,7 @@ def tsv_m_merge(
     ranks, routes, filled = [], [], 0
     for t in range(T):
         D = task_vector(experts[t], base, compute_dtype)
-        trip = task_singular_vectors(D, k, route, row_chunk)
+        trip = task_singular_vectors(D, k, route, row_chunk, budget)
         del D
         cols = slice(filled, filled + trip.rank)
         U_hat[:, cols], V_hat[:, cols], S_hat[cols] = trip.U, trip.V, trip.S
@@ -133,8 +159,8 @@ def tsv_m_merge(
         del trip
     U_hat, V_hat, S_hat = U_hat[:, :filled], V_hat[:, :filled], S_hat[:filled]
     # Step 3: interference removal (in place where the Gram route is taken).
-    U_perp, route_u = orthogonalise_(U_hat, route, row_chunk)
-    V_perp, route_v = orthogonalise_(V_hat, route, row_chunk)
+    U_perp, route_u = orthogonalise_(U_hat, route, row_chunk, budget)
+    V_perp, route_v = orthogonalise_(V_hat, route, row_chunk, budget)
     routes += [route_u, route_v]
     del U_hat, V_hat
 
@@ -146,6 +172,5 @@ def tsv_m_merge(
         block = (U_perp[rows] * scaled) @ right
         block += base[rows]
         W[rows] = block
-    check_finite_output(W, name, "TSV-M")
-    diag = TSVMDiagnostics(k=k, ranks=ranks, routes=routes)
-    return (W, diag) if return_diagnostics else W
+    settle_svd_budget(budget, W, base, alpha)
+    return W, TSVMDiagnostics(k=k, ranks=ranks, routes=routes, precision=str(compute_dtype).replace("torch.", ""))

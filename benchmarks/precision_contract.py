@@ -1,0 +1,112 @@
+"""The precision contract on fine-tune-like bf16 experts (issue: "every merge as good as its bf16
+inputs allow"): for each method and weight shape, the error of the default ("auto" products, bf16
+output) and of unchecked float32 products against the exact float64 rule result, in units of that
+result's bf16 storage rounding ||bf16(W) - W||, the precision "auto" chose, and the time of
+"auto" against float64 products only.
+
+Experts as the issue describes them: W_0 ~ N(0, 1/d_in), each task vector a rank-64 part with
+singular values 1/i plus 20 % (relative) isotropic noise, ||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all
+stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x 2048), down (2048 x 5632);
+``--scale 0.5`` halves every side.
+
+    python benchmarks/precision_contract.py [--scale 0.5] [--methods ace ace-none actmat] [--json out.json]
+
+"stored" = ||bf16(result) - W|| / ||bf16(W) - W|| (the contract: <= 1.05); "computed" =
+||result - W|| / ||bf16(W) - W|| (the contract: <= 0.3); W, the exact result, has float64
+products and ACE's refinement pairs from a full SVD. Times: "auto" against float64 products only
+(``MERGEKIT_ACE_MATMUL_DTYPE=float64``), both for a bf16 output; one thread, median of
+``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
+from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.actmat import actmat_merge
+
+SHAPES = {"q": (2048, 2048), "gate": (5632, 2048), "down": (2048, 5632)}
+METHODS = {
+    "ace": (ace_merge, {}),
+    "ace-none": (ace_merge, {"refinement": "none"}),
+    "actmat": (actmat_merge, {}),
+    "tsv_m": (tsv_m_merge, {}),
+    "iso_c": (iso_c_merge, {}),
+    "iso_cts": (iso_cts_merge, {}),
+}
+
+
+def finetune_like_experts(shape, relative=(0.01, 0.025, 0.05), rank=64, noise=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    W0 = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    experts = []
+    for r in relative:
+        U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
+        low = (U / torch.arange(1, rank + 1, dtype=torch.float64)) @ V.T
+        N = torch.randn(m, n, generator=g, dtype=torch.float64)
+        D = low / low.norm() + noise * N / N.norm()
+        experts.append((W0 + D * (r * W0.norm() / D.norm())).to(torch.bfloat16))
+    return W0.to(torch.bfloat16), experts
+
+
+def timed(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| method | weight | shape | auto chose | stored (auto) | computed (auto) | computed (float32 unchecked) "
+          "| time auto / float64 |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for shape_name in args.shapes:
+        shape = tuple(max(8, int(round(s * args.scale))) for s in SHAPES[shape_name])
+        W0, experts = finetune_like_experts(shape)
+        for method in args.methods:
+            merge, params = METHODS[method]
+            bf16 = dict(output_dtype=torch.bfloat16, **params)
+            # the exact rule result: float64 products, and the refinement's pairs by SVD (float64 output)
+            exact = merge(W0, experts, matmul_dtype=torch.float64, **params)
+            _, t64 = timed(lambda: merge(W0, experts, matmul_dtype=torch.float64, **bf16), args.repeats)
+            (auto, diag), tauto = timed(lambda: merge(W0, experts, matmul_dtype="auto", return_diagnostics=True,
+                                                      **bf16), args.repeats)
+            f32 = merge(W0, experts, matmul_dtype=torch.float32, **bf16)
+            rounding = float((exact.to(torch.bfloat16).double() - exact).norm())
+            row = dict(method=method, weight=shape_name, shape=list(shape), precision=diag.precision,
+                       stored_auto=float((auto.to(torch.bfloat16).double() - exact).norm()) / rounding,
+                       computed_auto=float((auto - exact).norm()) / rounding,
+                       computed_float32=float((f32 - exact).norm()) / rounding,
+                       seconds_float64=t64, seconds_auto=tauto, time_ratio=tauto / t64)
+            rows.append(row)
+            print(f"| {method} | {shape_name} | {shape[0]}x{shape[1]} | {row['precision']} | {row['stored_auto']:.3f} | "
+                  f"{row['computed_auto']:.3f} | {row['computed_float32']:.2f} | {row['time_ratio']:.2f} "
+                  f"({tauto:.1f} / {t64:.1f} s) |", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(scale=args.scale, threads=args.threads, repeats=args.repeats, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
