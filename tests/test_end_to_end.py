@@ -4,12 +4,14 @@ The merged model must load with transformers, generate, and hold exactly the wei
 independent reference computes from the same safetensors files.
 """
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.mergekit_run import config_for, run_mergekit_yaml
-from tests.reference import ace_reference, actmat_reference
+from tests.reference import ace_reference, actmat_reference, stored_ratio
 from tests.reference_peers import REFERENCES as PEER_REFERENCES
 
 
@@ -163,6 +165,18 @@ def test_bfloat16_experts_give_bfloat16_output(tmp_path, llama_family):
     name = "model.layers.1.mlp.down_proj.weight"
     ref = ace_reference(base[name], [e[name] for e in experts])[0]
     assert float((merged[name].double() - ref).norm() / ref.norm()) < 1e-2
+    # the precision contract for bf16 outputs: within 1.05x the best storable result, on every weight
+    # that takes the rule (the float64 reference of the same bf16 inputs)
+    rule_weights = [n for n, t in base.items() if t.ndim == 2 and "embed_tokens" not in n]
+    for weight in rule_weights:
+        exact = ace_reference(base[weight], [e[weight] for e in experts])[0]
+        assert stored_ratio(merged[weight], exact) <= 1.05, weight
+    # the end-of-merge summary says how many weights took the rule, and in which precision
+    summary = [line for line in proc.stderr.splitlines() if "merged by rule" in line]
+    assert len(summary) == 1, proc.stderr[-2000:]
+    counts = re.findall(r"(\d+) with (float32|float64) products", summary[0])
+    assert summary[0].startswith(f"mergekit-ace: {len(rule_weights)} weight(s) merged by rule")
+    assert sum(int(n) for n, _ in counts) == len(rule_weights)
 
 
 def test_tiny_example_runs(tmp_path):
