@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergekit_ace.cli import main
+from mergekit_ace.rules import ace_merge, actmat_merge
+from mergekit_ace.rules.sensitivity import storage_sensitivity
 from tests.reference import ace_reference
 
 
@@ -56,6 +58,34 @@ def test_inspect_numbers_match_direct_computation(llama_family, tmp_path):
     G = [d.T @ d for d in D]
     cos01 = float((G[0] * G[1]).sum() / (G[0].norm() * G[1].norm()))
     assert float(row["cov_alignment_min"]) <= cos01 + 1e-12
+    # sensitivity to the checkpoints' rounding: the float32 checkpoints' own dtype in and out, one
+    # sample from seed 0 (its agreement with a float64 truth: tests/test_sensitivity.py)
+    W0, Ws = base[name], [e[name] for e in exps]
+    assert data["meta"]["sensitivity"] == {"output_dtype": "the base's dtype", "samples": 1}
+    for col, rule in (("sensitivity_ace", ace_merge), ("sensitivity_actmat", actmat_merge)):
+        direct = storage_sensitivity(rule, W0, Ws, input_dtype=torch.float32, output_dtype=torch.float32, samples=1)
+        assert float(row[col]) == pytest.approx(direct.value, rel=1e-9)
+        assert 0.1 < float(row[col]) < 1e3
+
+
+def test_inspect_sensitivity_options(llama_family, tmp_path):
+    experts = sum((["--expert", str(p)] for k, p in llama_family.items() if k != "base"), [])
+    args = ["inspect", "--base", str(llama_family["base"]), *experts, "--weights", r"layers\.0\.mlp\.up_proj", "--no-spectra"]
+    assert main([*args, "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--sensitivity-samples", "2"]) == 0
+    row = json.loads((tmp_path / "bf16" / "inspect.json").read_text())["weights"][0]
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = load_file(str(llama_family["base"] / "model.safetensors"))[name]
+    exps = [load_file(str(llama_family[f"expert{i}"] / "model.safetensors"))[name] for i in range(3)]
+    direct = storage_sensitivity(actmat_merge, base, exps, output_dtype=torch.bfloat16, samples=2)
+    assert row["sensitivity_actmat"] == pytest.approx(direct.value, rel=1e-9)
+    # float32 checkpoints into a bf16 weight: the inputs' rounding is ~2^-16 of the output's
+    assert row["sensitivity_actmat"] < 1e-2 and row["sensitivity_ace"] < 1e-2
+    assert main([*args, "--output", str(tmp_path / "off"), "--no-sensitivity"]) == 0
+    header = open(tmp_path / "off" / "inspect.csv").readline()
+    assert "sensitivity" not in header and "gamma" in header
+    proc = subprocess.run([sys.executable, "-m", "mergekit_ace.cli", *args, "--output", str(tmp_path / "x"),
+                           "--dtype", "int8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--dtype" in proc.stderr and "int8" in proc.stderr
 
 
 def test_inspect_errors_are_clear(tmp_path, llama_family):
