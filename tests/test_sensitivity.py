@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, tsv_m_merge
+import mergekit_ace.rules.sensitivity as sensitivity
 from mergekit_ace.rules.sensitivity import (
     expected_rounding_error,
     half_ulp,
+    perturbed_copy,
     rounding_perturbation,
     storage_sensitivity,
     unit_roundoff,
@@ -69,7 +71,8 @@ def _actmat_ref_rcond(W0, Ws, rcond):
 
 def truth(reference, W0, Ws, dtype=BF16, out_dtype=BF16, **params):
     exact = torch.as_tensor(reference(W0, Ws, **params)).double()  # the peers' references are numpy
-    stored = torch.as_tensor(reference(W0.to(dtype).double(), [W.to(dtype).double() for W in Ws], **params)).double()
+    rounded = [W0.to(dtype).double(), [W.to(dtype).double() for W in Ws]]
+    stored = torch.as_tensor(reference(*rounded, **params)).double()
     return float((exact - stored).norm()) / expected_rounding_error(stored, out_dtype)
 
 
@@ -81,7 +84,8 @@ def estimate(rule, W0, Ws, dtype=BF16, seed=0, **params):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_half_ulp_is_the_largest_rounding_error(dtype):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(20000, generator=g, dtype=torch.float64))
+    x = torch.randn(20000, generator=g, dtype=torch.float64)
+    x *= torch.exp(torch.randn(20000, generator=g, dtype=torch.float64))  # magnitudes over decades
     x = torch.cat([x, torch.zeros(3, dtype=torch.float64)])
     err = (x.to(dtype).double() - x).abs()
     h = half_ulp(x, dtype)
@@ -90,7 +94,8 @@ def test_half_ulp_is_the_largest_rounding_error(dtype):
     assert float((err / h.clamp_min(1e-300)).max()) > 0.99  # attained: half an ulp, not a whole one
     assert bool((h[-3:] == 0).all())
     # exact values: 1.0 -> u; 3.0 -> 2u; 0.75 -> u / 2
-    assert half_ulp(torch.tensor([1.0, 3.0, 0.75]), dtype).tolist() == [unit_roundoff(dtype) * s for s in (1, 2, 0.5)]
+    u = unit_roundoff(dtype)
+    assert half_ulp(torch.tensor([1.0, 3.0, 0.75]), dtype).tolist() == [u, 2 * u, u / 2]
 
 
 def test_expected_rounding_error_matches_direct_measurement():
@@ -113,6 +118,21 @@ def test_rounding_perturbation_has_the_rounding_statistics():
     assert float(E.norm()) == pytest.approx(float(real.norm()), rel=0.03)
     assert float(E.norm()) == pytest.approx(expected_rounding_error(x, BF16), rel=0.03)
     assert abs(float((E / h).mean())) < 0.01  # zero-mean
+
+
+def test_perturbed_copy_in_row_blocks(monkeypatch):
+    """Blocks of rows give what one whole pass gives; bf16 inputs are held in float32 (the
+    perturbation kept to ~2^-16 of its size), float32 inputs in float64."""
+    x = torch.randn(50, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rho = expected_rounding_error(x, BF16)
+    monkeypatch.setattr(sensitivity, "BLOCK_ELEMENTS", 120)  # 3 rows per block
+    blocked = perturbed_copy(x.to(BF16), BF16, torch.Generator().manual_seed(7))
+    assert blocked.dtype == torch.float32
+    xb = x.to(BF16).double()
+    whole_b = xb + rounding_perturbation(xb, BF16, torch.Generator().manual_seed(7))
+    assert float((blocked.double() - whole_b).norm()) < 2.0 ** -15 * float((whole_b - xb).norm())
+    assert expected_rounding_error(x, BF16) == pytest.approx(rho, rel=1e-12)
+    assert perturbed_copy(x.float(), torch.float32, torch.Generator()).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- estimate vs truth

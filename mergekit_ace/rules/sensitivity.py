@@ -52,6 +52,8 @@ UNIT_ROUNDOFF = {
 }
 
 DEFAULT_SAMPLES = 2
+#: Elements per block of rows in the element-wise passes (32 MiB of float64 temporaries).
+BLOCK_ELEMENTS = 1 << 22
 
 DTypeLike = Union[torch.dtype, str, None]
 
@@ -84,11 +86,20 @@ def half_ulp(x: torch.Tensor, dtype: DTypeLike) -> torch.Tensor:
     return torch.where(a > 0, u * scale, torch.zeros_like(a))
 
 
+def _row_blocks(x: torch.Tensor):
+    rows = x.shape[0] if x.ndim else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, x[0].numel() if x.ndim else 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
 def expected_rounding_error(W: torch.Tensor, dtype: DTypeLike) -> float:
     r""":math:`\rho(W) = \sqrt{\sum_{ij} \mathrm{half\_ulp}(W_{ij})^2 / 3}`: the expected Frobenius
     norm of ``W.to(dtype) - W`` when each element's error is uniform within half an ulp."""
-    h = half_ulp(W, dtype)
-    return math.sqrt(float(h.square().sum()) / 3.0)
+    if W.ndim == 0:
+        return float(half_ulp(W, dtype)) / math.sqrt(3.0)
+    total = sum(float(half_ulp(W[rows], dtype).square().sum()) for rows in _row_blocks(W))
+    return math.sqrt(total / 3.0)
 
 
 def rounding_perturbation(x: torch.Tensor, dtype: DTypeLike, generator: torch.Generator) -> torch.Tensor:
@@ -97,6 +108,20 @@ def rounding_perturbation(x: torch.Tensor, dtype: DTypeLike, generator: torch.Ge
     h = half_ulp(x, dtype)
     noise = torch.rand(h.shape, generator=generator, dtype=torch.float64, device=h.device)
     return h.mul_(noise.mul_(2.0).sub_(1.0))
+
+
+def perturbed_copy(x: torch.Tensor, dtype: DTypeLike, generator: torch.Generator) -> torch.Tensor:
+    r""":math:`x + E`, E from :func:`rounding_perturbation`, one block of rows at a time. Held in
+    float32 where the storage format has at most 11 significant bits (bf16, fp16: float32 keeps
+    the perturbation to :math:`2^{-13}` of its size, at half the memory of float64), else float64."""
+    dtype = resolve_dtype(dtype)
+    hold = torch.float32 if UNIT_ROUNDOFF[dtype] >= 2.0 ** -11 else torch.float64
+    out = torch.empty(x.shape, dtype=hold, device=x.device)
+    if x.ndim == 0:
+        return out.copy_(x.double() + rounding_perturbation(x, dtype, generator))
+    for rows in _row_blocks(x):
+        out[rows] = x[rows].double() + rounding_perturbation(x[rows], dtype, generator)
+    return out
 
 
 @dataclass
@@ -131,11 +156,12 @@ def storage_sensitivity(
     docstring) for one weight.
 
     ``rule(base, experts, **rule_params)`` is a public rule function (``ace_merge``,
-    ``actmat_merge``, ``tsv_m_merge``, ``iso_c_merge``, ...); it is called with float64 inputs and
+    ``actmat_merge``, ``tsv_m_merge``, ``iso_c_merge``, ...); it is called with
     ``compute_dtype=torch.float64`` (and, where the caller passes none, products in float64), so
-    that what is measured is the inputs' rounding, not the computation's. ``input_dtype``: the
-    storage format of the inputs (None: each tensor's own dtype); ``output_dtype``: the format the
-    merged weight is stored in (None: the base's dtype). ``merged``: the float64 merge of the
+    that what is measured is the inputs' rounding, not the computation's. The perturbed inputs
+    are held in float32 for bf16/fp16 storage (:func:`perturbed_copy`), else in float64.
+    ``input_dtype``: the storage format of the inputs (None: each tensor's own dtype);
+    ``output_dtype``: the format the merged weight is stored in (None: the base's dtype). ``merged``: the float64 merge of the
     unperturbed inputs with the same rule and parameters, if the caller has it (saves one merge).
     ``samples`` perturbations, drawn from ``seed``; inputs are never modified.
     """
@@ -150,20 +176,25 @@ def storage_sensitivity(
     in_dtypes = [resolve_dtype(input_dtype, "input_dtype") if input_dtype is not None
                  else resolve_dtype(t.dtype, "the input's dtype") for t in tensors]
     out_dtype = resolve_dtype(output_dtype if output_dtype is not None else base.dtype, "output_dtype")
-    stored = [t.detach().double() for t in tensors]
     if merged is None:
-        merged = rule(stored[0], stored[1:], **rule_params)
+        merged = rule(base, list(experts), **rule_params)
     merged = merged.double()
     rho = expected_rounding_error(merged, out_dtype)
     changes: List[float] = []
     for s in range(samples):
         g = torch.Generator(device=base.device).manual_seed(seed * 1000003 + s)
-        moved = [x + rounding_perturbation(x, d, g) for x, d in zip(stored, in_dtypes)]
-        changes.append(float(torch.linalg.matrix_norm(rule(moved[0], moved[1:], **rule_params).double() - merged)))
+        moved = [perturbed_copy(x.detach(), d, g) for x, d in zip(tensors, in_dtypes)]
+        result = rule(moved[0], moved[1:], **rule_params)
         del moved
+        changes.append(float(torch.linalg.vector_norm(result.double().sub_(merged))))
+        del result
     mean = sum(changes) / len(changes)
     value = mean / rho if rho > 0 else (0.0 if mean == 0 else math.inf)
     return StorageSensitivity(
-        value=value, changes=changes, output_rounding=rho, merged_norm=float(torch.linalg.matrix_norm(merged)),
-        input_dtypes=[str(d).replace("torch.", "") for d in in_dtypes], output_dtype=str(out_dtype).replace("torch.", ""),
+        value=value, changes=changes, output_rounding=rho, merged_norm=float(torch.linalg.vector_norm(merged)),
+        input_dtypes=[_name(d) for d in in_dtypes], output_dtype=_name(out_dtype),
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
