@@ -11,7 +11,13 @@ through mergekit's loaders, so 7B checkpoints work on a CPU):
   vector held by the top 5% of singular values, before and after the spectral refinement (the
   paper's Fig. 2 observation: > 99% before, flatter after);
 - ``cov_alignment_min`` / ``cov_alignment_mean``: cosine between the experts' ACTMat covariance
-  estimates ``D_t^T D_t`` (ACTMat assumes them nearly aligned up to scale).
+  estimates ``D_t^T D_t`` (ACTMat assumes them nearly aligned up to scale);
+- ``sensitivity_ace`` / ``sensitivity_actmat``: how far the exact (float64) merge moves when the
+  checkpoints' values move by their storage rounding, in units of the rounding error of storing the
+  merged weight in the output dtype (``rules.sensitivity.storage_sensitivity``; docs/methods.md,
+  "Sensitivity to the checkpoints' rounding"). Information, not an alarm: 10 means the inputs fix
+  the exact answer only to ~10x its own storage rounding. Costs about two merges per weight per
+  rule (``--no-sensitivity`` skips it).
 
 Writes ``inspect.csv``, ``inspect.json``, ``gamma_per_layer.png`` (Fig. 1) and
 ``spectrum_<weight>.png`` (Fig. 2) for the chosen weight.
@@ -29,8 +35,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from mergekit_ace.rules.ace import ace_merge
-from mergekit_ace.rules.actmat import covariance_alignment
+from mergekit_ace.rules.actmat import actmat_merge, covariance_alignment
 from mergekit_ace.rules.common import is_input_embedding
+from mergekit_ace.rules.sensitivity import resolve_dtype, storage_sensitivity
+
+#: Perturbed merges per weight and rule for the sensitivity columns (``--sensitivity-samples``).
+SENSITIVITY_SAMPLES = 1
 
 
 def top_energy_share(matrix: torch.Tensor, fraction: float = 0.05) -> float:
@@ -52,8 +62,14 @@ def inspect_weight(
     tau: float = 0.3,
     k_frac: float = 0.3,
     spectra: bool = True,
+    sensitivity: bool = True,
+    output_dtype: Optional[torch.dtype] = None,
+    sensitivity_samples: int = SENSITIVITY_SAMPLES,
 ) -> Dict[str, object]:
-    """All diagnostics of one 2-D weight (see the module docstring); plain Python values."""
+    """All diagnostics of one 2-D weight (see the module docstring); plain Python values.
+
+    The sensitivity columns take each tensor's own dtype as its storage format and ``output_dtype``
+    (None: the base's dtype) as the merged weight's."""
     deltas = [e.double() - base.double() for e in experts]
     row: Dict[str, object] = {"weight": name, "d_out": base.shape[0], "d_in": base.shape[1]}
     for label, d in zip(labels, deltas):
@@ -75,6 +91,11 @@ def inspect_weight(
         off = cos[~torch.eye(len(deltas), dtype=torch.bool)]
         row["cov_alignment_min"] = float(off.min())
         row["cov_alignment_mean"] = float(off.mean())
+    if sensitivity:
+        common = dict(output_dtype=output_dtype, samples=sensitivity_samples)
+        row["sensitivity_ace"] = storage_sensitivity(
+            ace_merge, base, experts, merged=refined, epsilon=epsilon, tau=tau, k_frac=k_frac, **common).value
+        row["sensitivity_actmat"] = storage_sensitivity(actmat_merge, base, experts, **common).value
     return row
 
 
@@ -106,11 +127,26 @@ def inspect_models(
     weights: Optional[str] = None,
     spectra: bool = True,
     spectrum_weight: Optional[str] = None,
+    sensitivity: bool = True,
+    output_dtype: Optional[str] = None,
+    sensitivity_samples: int = SENSITIVITY_SAMPLES,
 ) -> List[Dict[str, object]]:
-    """Inspect every 2-D weight (matching ``weights``, a regex) and write the CSV/JSON/plots."""
+    """Inspect every 2-D weight (matching ``weights``, a regex) and write the CSV/JSON/plots.
+
+    ``output_dtype``: the dtype the merged weights would be stored in, for the sensitivity columns
+    (None: each base tensor's dtype)."""
     from mergekit_ace.cli import UserError
 
     from mergekit_ace.execution.hub_headers import is_hub_repo_id
+
+    out_dtype = None
+    if output_dtype is not None:
+        try:
+            out_dtype = resolve_dtype(output_dtype, "--dtype")
+        except ValueError as error:
+            raise UserError(str(error)) from error
+    if sensitivity and (not isinstance(sensitivity_samples, int) or sensitivity_samples < 1):
+        raise UserError(f"--sensitivity-samples must be a positive integer, got {sensitivity_samples!r}")
 
     for path in [base, *experts]:  # as mergekit: an existing path is local, else a Hub id (org/name@revision)
         if not Path(path).exists() and not is_hub_repo_id(path.split("+")[0].split("@")[0]):
@@ -139,11 +175,23 @@ def inspect_models(
             if W.shape != W0.shape:
                 raise UserError(f"{name!r}: expert {label} has shape {tuple(W.shape)}, base {tuple(W0.shape)}")
             Ws.append(W)
-        rows.append(inspect_weight(name, W0, Ws, labels, epsilon=epsilon, tau=tau, k_frac=k_frac, spectra=spectra))
+        if sensitivity:
+            for label, tensor in (("base", W0), *zip(labels, Ws)):
+                try:
+                    resolve_dtype(tensor.dtype)
+                except ValueError:
+                    raise UserError(f"{name!r}: {label} is stored as {tensor.dtype}, which has no rounding model "
+                                    "for the sensitivity columns; pass --no-sensitivity") from None
+        rows.append(inspect_weight(name, W0, Ws, labels, epsilon=epsilon, tau=tau, k_frac=k_frac, spectra=spectra,
+                                   sensitivity=sensitivity, output_dtype=out_dtype,
+                                   sensitivity_samples=sensitivity_samples))
         del W0, Ws
     if not rows:
         raise UserError("no 2-D weights matched" + (f" --weights {weights!r}" if weights else ""))
-    write_outputs(rows, output, base, experts, labels, spectrum_weight, epsilon=epsilon, tau=tau, k_frac=k_frac)
+    extra = {"sensitivity": {"output_dtype": output_dtype or "the base's dtype", "samples": sensitivity_samples}
+             } if sensitivity else {}
+    write_outputs(rows, output, base, experts, labels, spectrum_weight, extra_meta=extra,
+                  epsilon=epsilon, tau=tau, k_frac=k_frac)
     return rows
 
 
@@ -151,7 +199,7 @@ def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def write_outputs(rows, output: Path, base, experts, labels, spectrum_weight, **params) -> None:
+def write_outputs(rows, output: Path, base, experts, labels, spectrum_weight, extra_meta=None, **params) -> None:
     output.mkdir(parents=True, exist_ok=True)
     columns: List[str] = []
     for row in rows:
@@ -160,7 +208,7 @@ def write_outputs(rows, output: Path, base, experts, labels, spectrum_weight, **
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"base": base, "experts": dict(zip(labels, experts)), "parameters": params}
+    meta = {"base": base, "experts": dict(zip(labels, experts)), "parameters": params, **(extra_meta or {})}
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     (output / "inspect.json").write_text(json.dumps({"meta": meta, "weights": clean}, indent=1))
     _plot_gamma(rows, output / "gamma_per_layer.png", params["tau"])
@@ -243,6 +291,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-spectra", action="store_true",
                         help="skip the singular-value statistics (the expensive part on large models)")
     parser.add_argument("--spectrum-weight", help="weight for the singular spectrum plot (default: first heterogeneous)")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip the sensitivity_ace / sensitivity_actmat columns (about two merges per weight "
+                             "and rule)")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype the merged weights would be stored in (bfloat16, float16, float32, float64), "
+                             "the unit of the sensitivity columns; default: the base's dtype")
+    parser.add_argument("--sensitivity-samples", type=int, default=SENSITIVITY_SAMPLES,
+                        help="random rounding-like perturbations per weight and rule (default %(default)s)")
 
 
 def run(args) -> int:
@@ -256,6 +312,9 @@ def run(args) -> int:
         weights=args.weights,
         spectra=not args.no_spectra,
         spectrum_weight=args.spectrum_weight,
+        sensitivity=not args.no_sensitivity,
+        output_dtype=args.dtype,
+        sensitivity_samples=args.sensitivity_samples,
     )
     het = sum(r.get("branch") == "heterogeneous" for r in rows)
     print(f"{len(rows)} weights inspected ({het} heterogeneous); wrote {args.output}/inspect.csv, inspect.json, plots")
