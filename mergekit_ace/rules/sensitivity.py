@@ -43,13 +43,10 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-#: Unit roundoff (half the spacing of the numbers in [1, 2)) of the floating formats.
-UNIT_ROUNDOFF = {
-    torch.bfloat16: 2.0 ** -8,
-    torch.float16: 2.0 ** -11,
-    torch.float32: 2.0 ** -24,
-    torch.float64: 2.0 ** -53,
-}
+from mergekit_ace.rules import precision
+
+#: The floating formats with a rounding model here.
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 DEFAULT_SAMPLES = 2
 #: Elements per block of rows in the element-wise passes (32 MiB of float64 temporaries).
@@ -62,15 +59,15 @@ def resolve_dtype(dtype: DTypeLike, what: str = "dtype") -> torch.dtype:
     """A floating torch dtype from a dtype or its name ("bfloat16", "float16", "float32", "float64")."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    if dtype not in UNIT_ROUNDOFF:
-        names = ", ".join(str(d).replace("torch.", "") for d in UNIT_ROUNDOFF)
+    if dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES)
         raise ValueError(f"{what} must be one of {names}, got {dtype!r}")
     return dtype
 
 
 def unit_roundoff(dtype: DTypeLike) -> float:
     """``u`` of a storage format: 2^-8 (bfloat16), 2^-11 (float16), 2^-24 (float32), 2^-53 (float64)."""
-    return UNIT_ROUNDOFF[resolve_dtype(dtype)]
+    return precision.unit_roundoff(resolve_dtype(dtype))
 
 
 def half_ulp(x: torch.Tensor, dtype: DTypeLike) -> torch.Tensor:
@@ -78,7 +75,7 @@ def half_ulp(x: torch.Tensor, dtype: DTypeLike) -> torch.Tensor:
     :math:`u\,2^{\lfloor\log_2|x|\rfloor}`, with the subnormal spacing below the smallest normal
     number and 0 where x = 0 (an exact zero stays zero)."""
     dtype = resolve_dtype(dtype)
-    u = UNIT_ROUNDOFF[dtype]
+    u = precision.unit_roundoff(dtype)
     a = x.detach().double().abs()
     _, exponent = torch.frexp(a)  # a = m 2^e, m in [0.5, 1): 2^floor(log2 a) = 2^(e - 1)
     scale = torch.ldexp(torch.ones_like(a), exponent - 1)
@@ -115,7 +112,7 @@ def perturbed_copy(x: torch.Tensor, dtype: DTypeLike, generator: torch.Generator
     float32 where the storage format has at most 11 significant bits (bf16, fp16: float32 keeps
     the perturbation to :math:`2^{-13}` of its size, at half the memory of float64), else float64."""
     dtype = resolve_dtype(dtype)
-    hold = torch.float32 if UNIT_ROUNDOFF[dtype] >= 2.0 ** -11 else torch.float64
+    hold = torch.float32 if precision.unit_roundoff(dtype) >= 2.0 ** -11 else torch.float64
     out = torch.empty(x.shape, dtype=hold, device=x.device)
     if x.ndim == 0:
         return out.copy_(x.double() + rounding_perturbation(x, dtype, generator))
