@@ -7,6 +7,7 @@ shapes and configs; ``mergekit_ace/synthetic.py``), one ``mergekit-yaml`` proces
     python benchmarks/bench_model.py --shape olmo-3-7b --cuda --json r.json
     MERGEKIT_ACE_MEMORY_BUDGET=2GiB python benchmarks/bench_model.py --shape olmo-3-7b --cuda --methods ace
     python benchmarks/bench_model.py --shape olmo-3-7b --layers 1 --cuda --verify   # CUDA == CPU?
+    python benchmarks/bench_model.py --layers 4 --methods ties ace ace@float64 ace+refinement=none actmat
 
 Per method: wall time of the process, its phases (loading, this package's rule, writing, the rest;
 ``benchmarks/merge_probe.py``), peak RSS, peak anonymous and file-backed RSS, on CUDA the peak GPU memory
@@ -46,13 +47,24 @@ RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")  # this package's methods
 GIB = 2 ** 30
 
 
-def merge_config(method: str, paths, dtype: str = "bfloat16") -> str:
+def parse_variant(spec: str):
+    """``method[+param=value...][@matmul_dtype]`` -> (method, parameters, matmul dtype or None), e.g.
+    ``ace+refinement=none`` or ``actmat@float64`` (MERGEKIT_ACE_MATMUL_DTYPE for that run)."""
+    head, _, matmul = spec.partition("@")
+    method, *pairs = head.split("+")
+    params = dict(pair.split("=", 1) for pair in pairs)
+    return method, params, matmul or None
+
+
+def merge_config(method: str, paths, dtype: str = "bfloat16", parameters=None) -> str:
     experts = paths[1:]
     params = {"ties": "      weight: 1.0\n      density: 0.5\n",
               "task_arithmetic": f"      weight: {1.0 / len(experts):.6f}\n"}
     models = "".join(f"  - model: {p}\n" + (f"    parameters:\n{params[method]}" if method in params else "")
                      for p in experts)
-    return f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: {dtype}\n"
+    block = "".join(f"  {k}: {v}\n" for k, v in (parameters or {}).items())
+    return (f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: {dtype}\n"
+            + (f"parameters:\n{block}" if block else ""))
 
 
 def run_probe(config: Path, out: Path, record: Path, cuda: bool, env, extra=()) -> dict:
@@ -155,7 +167,8 @@ def main():
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=list(METHODS),
-                   help="mergekit methods to run (default: %(default)s; also tsv_m, iso_c, iso_cts)")
+                   help="mergekit methods to run (default: %(default)s; also tsv_m, iso_c, iso_cts); a variant "
+                        "as method+param=value[@float64], e.g. ace+refinement=none, ace@float64")
     p.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     p.add_argument("--gen-device", default=None,
                    help="where the checkpoints' random numbers are drawn (default: cuda with --cuda, else cpu)")
@@ -233,16 +246,19 @@ def main():
                 for out in outs.values():
                     shutil.rmtree(out, ignore_errors=True)
     else:
-        for method in args.methods:
-            conf = out_root / f"{method}.yml"
-            conf.write_text(merge_config(method, paths))
-            out = out_root / f"out-{method}"
+        for spec in args.methods:
+            method, parameters, matmul = parse_variant(spec)
+            label = spec.replace("+", "_").replace("=", "-").replace("@", "_")
+            conf = out_root / f"{label}.yml"
+            conf.write_text(merge_config(method, paths, parameters=parameters))
+            out = out_root / f"out-{label}"
             shutil.rmtree(out, ignore_errors=True)
             extra = ["--out-shard-size", args.out_shard_size] if args.out_shard_size else []
-            r = run_probe(conf, out, out_root / f"{method}.json", args.cuda, env, extra)
-            r["method"] = method
+            run_env = dict(env, MERGEKIT_ACE_MATMUL_DTYPE=matmul) if matmul else env
+            r = run_probe(conf, out, out_root / f"{label}.json", args.cuda, run_env, extra)
+            r["method"] = spec
             if method in RULES and not args.no_plan:
-                r["plan"] = plan_estimate(conf, env)
+                r["plan"] = plan_estimate(conf, run_env)
             records.append(r)
             print(f"{method}: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} in {r['wall_s']:.1f} s", flush=True)
             if args.json:  # after every method, so that an interrupted run keeps what it measured

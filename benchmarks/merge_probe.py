@@ -149,6 +149,7 @@ def main(argv):
             "oom_retries": executor.oom_retry_count(),
             "cpu_fallbacks": executor.fallback_count(),
             "float64_recomputes": precision.float64_recompute_count(),
+            "precision_counts": precision.precision_counts(),
             "per_weight": list(per_weight),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
