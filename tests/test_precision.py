@@ -132,9 +132,9 @@ def test_wide_actmat_is_known_singular_and_goes_straight_to_float64(monkeypatch)
     seen = []
     original = actmat_rule._actmat
 
-    def spy(*args, check):
+    def spy(*args, check, **kw):
         seen.append(args[-1])
-        return original(*args, check=check)
+        return original(*args, check=check, **kw)
 
     monkeypatch.setattr(actmat_rule, "_actmat", spy)
     W0, experts = bf16_experts((32, 256))
