@@ -2,7 +2,6 @@
 the official Adam solver (a torch.optim.Adam loop over the objective through autograd), and the
 ACTMat code's truncated pseudo-inverse (``solve="truncated"``) for ACTMat and WUDI."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,56 +9,14 @@ from mergekit_ace.rules import MergeInputError
 from mergekit_ace.rules.actmat import actmat_merge, truncated_rcond
 from mergekit_ace.rules.common import STRATEGIES
 from mergekit_ace.rules.wudi import wudi_adam, wudi_merge
-from tests.reference import make_experts, rel_err
-
-
-def truncated_pinv(A: np.ndarray, rtol: float):
-    """Pseudo-inverse of a symmetric PSD matrix keeping eigenvalues > rtol * largest, and the
-    projector on the kept eigenvectors (numpy float64)."""
-    lam, Q = np.linalg.eigh(A)
-    keep = lam > rtol * lam.max()
-    Q = Q[:, keep]
-    return (Q / lam[keep]) @ Q.T, Q @ Q.T
-
-
-def wudi_reference(W0, experts, scale=1.0, rtol=1e-10):
-    """tau = N_w A_w^+ + S (I - A_w A_w^+), w_t = 1/||D_t||^2, S = sum_t D_t; W = W0 + scale tau."""
-    W0 = W0.double().numpy()
-    D = [e.double().numpy() - W0 for e in experts]
-    w = [1.0 / np.sum(d * d) for d in D]
-    A = sum(wt * d.T @ d for wt, d in zip(w, D))
-    N = sum(wt * d @ (d.T @ d) for wt, d in zip(w, D))
-    A_pinv, P = truncated_pinv(A, rtol)
-    S = sum(D)
-    return torch.from_numpy(W0 + scale * (N @ A_pinv + S - S @ P))
-
-
-def actmat_truncated_reference(W0, experts, scale=1.0):
-    """W0 + scale (sum_t D_t C_t) A^+ with A^+ dropping eigenvalues <= d_in * eps32 * lambda_max."""
-    W0n = W0.double().numpy()
-    D = [e.double().numpy() - W0n for e in experts]
-    A = sum(d.T @ d for d in D)
-    A_pinv, _ = truncated_pinv(A, W0.shape[1] * float(np.finfo(np.float32).eps))
-    return torch.from_numpy(W0n + scale * sum(d @ (d.T @ d) for d in D) @ A_pinv)
-
-
-def objective(tau, D):
-    """sum_t ||(tau - D_t) D_t^T||_F^2 / ||D_t||_F^2 (the official loss), D stacked T x m x n."""
-    inner = torch.matmul(tau.unsqueeze(0) - D, D.transpose(1, 2))
-    return torch.sum(inner.square() / D.reshape(D.shape[0], -1).square().sum(dim=1)[:, None, None])
-
-
-def adam_reference(W0, experts, lr, iterations, dtype):
-    """The official loop: Adam on the objective through autograd, from the task vectors' sum."""
-    D = torch.stack([e.to(dtype) - W0.to(dtype) for e in experts])
-    tau = torch.nn.Parameter(D.sum(dim=0))
-    opt = torch.optim.Adam([tau], lr=lr, weight_decay=0)
-    for _ in range(iterations):
-        loss = objective(tau, D)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return tau.detach()
+from tests.reference import (
+    actmat_truncated_reference,
+    make_experts,
+    rel_err,
+    wudi_adam_reference as adam_reference,
+    wudi_objective as objective,
+    wudi_reference,
+)
 
 
 def spectrum_experts(shape, T, decay, seed):

@@ -25,7 +25,14 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from mergekit_ace.execution.budget import memory_budget
-from mergekit_ace.execution.memory import RULE_STRATEGIES, Estimate, estimate, format_bytes
+from mergekit_ace.execution.memory import (
+    ADAM_ITERATIONS,
+    RULE_STRATEGIES,
+    WUDI_ADAM,
+    Estimate,
+    estimate,
+    format_bytes,
+)
 from mergekit_ace.rules.common import describe
 from mergekit_ace.rules.precision import float64_recompute_count
 
@@ -43,7 +50,7 @@ MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
 MATMUL_DTYPES = ("auto", "float32", "float64")
 #: Rules whose products may run in float32 (``matmul_dtype``); the SVD rules (tsv_m, iso_c,
 #: iso_cts) compute in float64 throughout: their cheap route already squares the conditioning.
-MATMUL_DTYPE_RULES = ("ace", "actmat")
+MATMUL_DTYPE_RULES = ("ace", "actmat", "wudi")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -91,7 +98,8 @@ def _bytes_of(dtype) -> int:
 
 
 def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
-                    matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3) -> List[WeightPlan]:
+                    matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3,
+                    iterations: int = ADAM_ITERATIONS) -> List[WeightPlan]:
     """Every (strategy, chunk) the planner considers, chunks halving from the whole matrix."""
     chunks: List[Optional[int]] = [None]
     c = d_out // 2
@@ -105,7 +113,7 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
     for strategy in RULE_STRATEGIES[rule]:
         for chunk in chunks:
             est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
-                           refine=refine, k_frac=k_frac)
+                           refine=refine, k_frac=k_frac, iterations=iterations)
             plans.append(WeightPlan(strategy, chunk, est, est.peak_bytes <= budget))
     return plans
 
@@ -211,8 +219,8 @@ def execute_rule(
 ) -> torch.Tensor:
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
 
-    ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"tsv_m"``, ``"iso_c"`` or ``"iso_cts"`` (for the
-    estimates; only ace and actmat take ``matmul_dtype``). ``budget`` in bytes overrides
+    ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"wudi"``, ``"wudi_adam"``, ``"tsv_m"``, ``"iso_c"`` or
+    ``"iso_cts"`` (for the estimates; only ace, actmat and wudi take ``matmul_dtype``). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
 
@@ -262,6 +270,8 @@ def _execute(
         mdt = rule_parameters["matmul_dtype"]
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
                   refine=refines(rule_parameters))
+    elif rule_kind == WUDI_ADAM:
+        kw = dict(iterations=int(rule_parameters.get("iterations", ADAM_ITERATIONS)))
     else:
         kw = {}
 

@@ -138,8 +138,11 @@ def wudi_adam(
     d_out x d_out products would be larger). Memory: the T task vectors, :math:`\tau`, its
     gradient, Adam's two moments, and one m x m (or the T n x n :math:`C_t`) plus m x n temporary
     (``mergekit_ace.execution.memory``)."""
-    D = torch.stack([e.to(dtype) - base.to(dtype) for e in experts])  # T x m x n
-    T, m, n = D.shape
+    T, (m, n) = len(experts), base.shape
+    D = torch.empty(T, m, n, dtype=dtype, device=base.device)  # the stacked task vectors, filled in place
+    for t, expert in enumerate(experts):
+        D[t].copy_(expert)
+        D[t] -= base.to(dtype)
     weights = D.reshape(T, -1).square().sum(dim=1)  # ||D_t||_F^2, as the official l2_norms
     two_w = [2.0 / float(x) for x in weights]
     covs = [D[t].T @ D[t] for t in range(T)] if m > n else None
