@@ -271,7 +271,7 @@ def _execute(
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
                   refine=refines(rule_parameters))
     elif rule_kind == WUDI_ADAM:
-        kw = dict(iterations=int(rule_parameters.get("iterations", ADAM_ITERATIONS)))
+        kw = dict(iterations=max(0, int(rule_parameters.get("iterations", ADAM_ITERATIONS))))  # the rule checks it
     else:
         kw = {}
 

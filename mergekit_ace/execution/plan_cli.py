@@ -151,7 +151,7 @@ def build_plan(config, budget_bytes: float) -> dict:
         takes_rule = rule and len(shape) == 2 and (merge_embeddings or not is_input_embedding(name))
         if takes_rule:
             plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac,
-                               refine=refines(params), iterations=int(params.get("iterations", 300)))
+                               refine=refines(params), iterations=max(0, int(params.get("iterations", 300))))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
             est = average_estimate(shape, T, out_bytes=itemsize)
