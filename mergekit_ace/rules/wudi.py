@@ -42,7 +42,8 @@ task vectors of the rest.
 
 from __future__ import annotations
 
-from typing import Hashable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Hashable, List, Optional, Sequence
 
 import torch
 
@@ -65,6 +66,15 @@ ADAM_LR = 1e-5
 ADAM_ITERATIONS = 300
 
 DEFAULTS = dict(scale=1.0, solver=CLOSED_FORM, solve=EXACT, rcond=None, lr=ADAM_LR, iterations=ADAM_ITERATIONS)
+
+
+@dataclass
+class AdamDiagnostics:
+    #: the experts' squared norms ||D_t||_F^2
+    traces: List[float]
+    iterations: int
+    lr: float
+    precision: str = "float32 (adam)"
 
 
 def wudi_weights(base: torch.Tensor, experts: Sequence[torch.Tensor], name: Optional[str] = None,
@@ -92,7 +102,8 @@ def wudi_merge(
     row_chunk: Optional[int] = None,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
-) -> torch.Tensor:
+    return_diagnostics: bool = False,
+):
     r"""Merge one 2-D weight by WUDI: :math:`W_0 + \mathrm{scale}\cdot\tau` (module docstring).
 
     ``solver="closed_form"`` (default): the exact minimiser in ``compute_dtype`` through ACTMat's
@@ -109,14 +120,18 @@ def wudi_merge(
         check_parameter(name, "lr", lr, low=0.0)
         if int(iterations) != iterations or iterations < 0:
             raise MergeInputError(f"{describe(name)}: parameter iterations={iterations!r} must be a whole number >= 0")
-        wudi_weights(base, experts, name, ids, row_chunk)  # refuses zero task vectors before the run
+        weights = wudi_weights(base, experts, name, ids, row_chunk)  # refuses zero task vectors before the run
         tau = wudi_adam(base, experts, lr=lr, iterations=int(iterations))
         W = base.to(compute_dtype) + scale * tau.to(compute_dtype)
-        return check_finite_output(W, name, "WUDI")
+        del tau
+        check_finite_output(W, name, "WUDI")
+        diag = AdamDiagnostics(traces=[1.0 / w for w in weights], iterations=int(iterations), lr=float(lr))
+        return (W, diag) if return_diagnostics else W
     weights = wudi_weights(base, experts, name, ids, row_chunk)
     return actmat_merge(base, experts, scale=scale, keep_base=True, rcond=rcond, solve=solve, name=name, ids=ids,
                         compute_dtype=compute_dtype, row_chunk=row_chunk, strategy=strategy,
-                        matmul_dtype=matmul_dtype, weights=weights, keep_start=True)
+                        matmul_dtype=matmul_dtype, weights=weights, keep_start=True,
+                        return_diagnostics=return_diagnostics)
 
 
 def wudi_adam(
