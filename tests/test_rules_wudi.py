@@ -120,20 +120,21 @@ def test_adam_converges_towards_closed_form():
 
 
 def test_adam_on_singular_covariance_sum_matches_closed_form_inside_the_range():
-    # Wide low-rank updates: Adam's limit agrees with the closed form inside range(A_w); outside it
-    # Adam's per-coordinate steps drift (the closed form keeps the start's component: zero).
+    # Wide low-rank updates (A_w of rank 4 < 16): inside range(A_w) Adam's limit is the closed form;
+    # outside it gradient descent would keep the start, but Adam's per-coordinate steps drift there
+    # (here by ~0.09 against entries of ~0.4; docs/methods.md). The closed form keeps the start.
     W0, experts = make_experts((6, 16), 2, [1.0, 0.5], seed=3, rank=2)
     closed = wudi_merge(W0, experts) - W0.double()
-    tau = wudi_adam(W0, experts, lr=1e-2, iterations=3000, dtype=torch.float64)
+    tau = wudi_adam(W0, experts, lr=1e-2, iterations=1000, dtype=torch.float64)
     D = torch.cat([e.double() - W0.double() for e in experts])
     Vh = torch.linalg.svd(D).Vh
     rng, null = Vh[:4].T, Vh[4:].T
-    assert float((tau @ rng - closed @ rng).norm() / (closed @ rng).norm()) < 5e-3
+    assert float((tau @ rng - closed @ rng).norm() / (closed @ rng).norm()) < 1e-8
     # outside the range the closed form keeps the start S = sum_t D_t (here only the float32
     # rounding of W0 + D_t, which falls below the 1e-10 cutoff)
     S = D.reshape(2, 6, 16).sum(dim=0)
     torch.testing.assert_close(closed @ null, S @ null, rtol=0, atol=1e-12)
-    assert float((tau @ null).abs().max()) <= 3.2 * 1e-2 * 3000  # Adam's per-step bound, not zero
+    assert float((tau @ null).abs().max()) > 1e-2  # Adam does not
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

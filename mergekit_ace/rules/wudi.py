@@ -22,8 +22,9 @@ the minimiser nearest the start. Every row of every :math:`D_t` lies in :math:`\
 so :math:`S(I - A_wA_w^+) = 0` in exact arithmetic; it is computed all the same (``keep_start``),
 so that the statement holds where the pseudo-inverse's cutoff drops small directions
 (``solve="truncated"``, or eigenvalues below ``rcond``): there :math:`\tau^*` keeps the start.
-Adam's per-coordinate step is not a gradient step: its iterates do leave the range, by at most
-about ``lr`` per element and step (docs/methods.md, "WUDI-Merging").
+Adam's per-coordinate step is not a gradient step: its iterates do leave the range, by up to
+about ``lr`` per element and step, so where :math:`A_w` is singular the official solver's limit
+differs from :math:`\tau^*` outside the range (docs/methods.md, "WUDI-Merging").
 
 ``solver="adam"`` runs the official optimiser instead (:func:`wudi_adam`): ``torch.optim.Adam``
 (lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay) for 300 iterations from :math:`S`, in
