@@ -1,7 +1,7 @@
 """Per-layer time and peak memory of the package's rules (as mergekit calls them: the executor's
 plan, "auto" precision) versus the naive float32 formulation (benchmarks/naive.py), on
 1B/3B/7B-shaped layers with three synthetic experts; the largest relative difference of the two
-results on the merged task vector; and the precision "auto" chose (ace, actmat) or the routes the
+results on the merged task vector; and the precision "auto" chose (ace, actmat, wudi) or the routes the
 SVD rules took (tsv_m, iso_c, iso_cts: "gram 5/5" = five decompositions, all by the Gram route).
 
 Each measurement runs in fresh subprocesses: the time in one with the default allocator (the
@@ -36,7 +36,7 @@ LAYERS = {
     "7b.lm_head": (32000, 4096), "olmo7b.lm_head": (100278, 4096),
 }
 QUICK = ["1b.k_proj", "1b.q_proj", "1b.down_proj", "1b.lm_head"]
-ALL_RULES = ["ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
+ALL_RULES = ["ace", "actmat", "tsv_m", "iso_c", "iso_cts", "wudi"]
 
 WORKER = r"""
 import json, sys, time, torch
@@ -45,11 +45,11 @@ torch.set_num_threads(args["threads"])
 sys.path.insert(0, args["root"])
 from mergekit_ace.execution.peakmem import peak_extra_rss
 from mergekit_ace.execution.executor import execute_rule
-from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, iso_cts_merge, tsv_m_merge
+from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, iso_cts_merge, tsv_m_merge, wudi_merge
 from benchmarks import naive
 RULES = {"ace": (ace_merge, naive.ace_naive), "actmat": (actmat_merge, naive.actmat_naive),
          "tsv_m": (tsv_m_merge, naive.tsv_m_naive), "iso_c": (iso_c_merge, naive.iso_c_naive),
-         "iso_cts": (iso_cts_merge, naive.iso_cts_naive)}
+         "iso_cts": (iso_cts_merge, naive.iso_cts_naive), "wudi": (wudi_merge, naive.wudi_naive)}
 
 def inputs(m, n, seed=0, kind="random"):
     g = torch.Generator().manual_seed(seed)

@@ -48,6 +48,16 @@ def actmat_naive(W0, experts, scale=1.0, dtype=torch.float32):
     return W0 + scale * sum(d @ c for d, c in zip(D, Cs)) @ A_pinv
 
 
+def wudi_naive(W0, experts, scale=1.0, dtype=torch.float32):
+    """WUDI's closed form in float32 as ACTMat's code would run it: w_t = 1/||D_t||^2, float32 pinv."""
+    W0 = W0.to(dtype)
+    D = [W.to(dtype) - W0 for W in experts]
+    w = [1.0 / float(d.square().sum()) for d in D]
+    Cs = [wt * (d.T @ d) for wt, d in zip(w, D)]
+    A_pinv = torch.linalg.pinv(sum(Cs))
+    return W0 + scale * sum(d @ c for d, c in zip(D, Cs)) @ A_pinv
+
+
 # The SVD-based peers as their authors' code computes them (full torch.linalg.svd of every task
 # matrix / sum / stacked basis, float32 as their merges run); zero singular values kept as LAPACK
 # returns them.

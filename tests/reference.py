@@ -70,6 +70,66 @@ def actmat_reference(W0, experts, scale=1.0, keep_base=True):
     return W0 @ A @ A_pinv + scale * sum(d @ c for d, c in zip(D, Cs)) @ A_pinv
 
 
+def truncated_pinv(A, rtol: float):
+    """Pseudo-inverse of a symmetric PSD matrix keeping eigenvalues > rtol * largest, and the
+    projector on the kept eigenvectors (numpy float64 eigh)."""
+    import numpy as np
+
+    A = np.asarray(A, dtype=np.float64)
+    lam, Q = np.linalg.eigh(A)
+    keep = lam > rtol * lam.max()
+    Q = Q[:, keep]
+    return (Q / lam[keep]) @ Q.T, Q @ Q.T
+
+
+def wudi_reference(W0, experts, scale=1.0, rtol=1e-10, solve=None):
+    """WUDI's minimiser nearest the start, docs/methods.md: W0 + scale (N_w A_w^+ + S (I - A_w A_w^+)),
+    w_t = 1/||D_t||^2, A_w = sum_t w_t D_t^T D_t, N_w = sum_t w_t D_t D_t^T D_t, S = sum_t D_t;
+    ``solve="truncated"``: cutoff d_in * eps_float32 (numpy float64)."""
+    import numpy as np
+
+    if solve == "truncated":
+        rtol = W0.shape[1] * float(np.finfo(np.float32).eps)
+    W0n = W0.double().numpy()
+    D = [e.double().numpy() - W0n for e in experts]
+    w = [1.0 / np.sum(d * d) for d in D]
+    A = sum(wt * d.T @ d for wt, d in zip(w, D))
+    N = sum(wt * d @ (d.T @ d) for wt, d in zip(w, D))
+    A_pinv, P = truncated_pinv(A, rtol)
+    S = sum(D)
+    return torch.from_numpy(W0n + scale * (N @ A_pinv + S - S @ P))
+
+
+def actmat_truncated_reference(W0, experts, scale=1.0):
+    """ACTMat with the ACTMat code's cutoff: W0 + scale (sum_t D_t C_t) A^+, A^+ dropping
+    eigenvalues <= d_in * eps_float32 * lambda_max (numpy float64)."""
+    import numpy as np
+
+    W0n = W0.double().numpy()
+    D = [e.double().numpy() - W0n for e in experts]
+    A_pinv, _ = truncated_pinv(sum(d.T @ d for d in D), W0.shape[1] * float(np.finfo(np.float32).eps))
+    return torch.from_numpy(W0n + scale * sum(d @ (d.T @ d) for d in D) @ A_pinv)
+
+
+def wudi_objective(tau, D):
+    """sum_t ||(tau - D_t) D_t^T||_F^2 / ||D_t||_F^2 (the official loss), D stacked T x m x n."""
+    inner = torch.matmul(tau.unsqueeze(0) - D, D.transpose(1, 2))
+    return torch.sum(inner.square() / D.reshape(D.shape[0], -1).square().sum(dim=1)[:, None, None])
+
+
+def wudi_adam_reference(W0, experts, lr, iterations, dtype):
+    """The official loop: Adam on the objective through autograd, from the task vectors' sum."""
+    D = torch.stack([e.to(dtype) - W0.to(dtype) for e in experts])
+    tau = torch.nn.Parameter(D.sum(dim=0))
+    opt = torch.optim.Adam([tau], lr=lr, weight_decay=0)
+    for _ in range(iterations):
+        loss = wudi_objective(tau, D)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tau.detach()
+
+
 def rel_err(out, ref, W0):
     """Relative error on the merged task vector."""
     return float((out.double() - ref).norm() / (ref - W0.double()).norm())

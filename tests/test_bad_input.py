@@ -1,15 +1,25 @@
 """Bad input: a clear error naming the tensor (and model), a non-zero exit, inputs untouched."""
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_ace.rules import MergeInputError, ace_merge, actmat_merge, iso_c_merge, iso_cts_merge, tsv_m_merge
+from mergekit_ace.rules import (
+    MergeInputError,
+    ace_merge,
+    actmat_merge,
+    iso_c_merge,
+    iso_cts_merge,
+    tsv_m_merge,
+    wudi_merge,
+)
 from tests.mergekit_run import config_for, run_mergekit_yaml
 from tests.reference import ace_reference, make_experts, rel_err
 
 RULES = {"ace": ace_merge, "actmat": actmat_merge, "tsv_m": tsv_m_merge, "iso_c": iso_c_merge,
-         "iso_cts": iso_cts_merge}
+         "iso_cts": iso_cts_merge, "wudi": wudi_merge, "wudi_adam": functools.partial(wudi_merge, solver="adam")}
 ALL = list(RULES)
 
 
@@ -36,9 +46,9 @@ def test_shape_mismatch(rule):
         RULES[rule](W0, [experts[0], experts[1][:, :7]], name="w", ids=["e0", "e1"])
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ["ace", "actmat", "wudi", "wudi_adam"])
 def test_expert_identical_to_base(rule):
-    # (ace/actmat only: the SVD rules merge a zero task vector as contributing nothing,
+    # (ace/actmat/wudi only: the SVD rules merge a zero task vector as contributing nothing,
     # tests/test_rules_peers.py::test_zero_task_vector_contributes_nothing)
     W0, experts = make_experts((12, 8), 2, [1.0, 0.1])
     with pytest.raises(MergeInputError, match=r"'w'.*expert\(s\) twin .*identical to the base"):
@@ -95,10 +105,16 @@ def test_invalid_parameters_are_refused_naming_them():
         merge_tensors([W0, *experts], "ace", base_index=0, name="w", parameters={"epsilon": -1.0})
     with pytest.raises(MergeInputError, match="scale=nan"):
         merge_tensors([W0, *experts], "actmat", base_index=0, name="w", parameters={"scale": float("nan")})
+    with pytest.raises(MergeInputError, match=r"'w'.*solve='truncate'"):
+        merge_tensors([W0, *experts], "wudi", base_index=0, name="w", parameters={"solve": "truncate"})
+    with pytest.raises(MergeInputError, match=r"'w'.*solve='pinv'"):
+        merge_tensors([W0, *experts], "actmat", base_index=0, name="w", parameters={"solve": "pinv"})
+    with pytest.raises(MergeInputError, match=r"'w'.*iterations=-3"):
+        merge_tensors([W0, *experts], "wudi", base_index=0, name="w", parameters={"solver": "adam", "iterations": -3})
 
 
 # ----------------------------------------------------------------------------- through mergekit-yaml
-@pytest.mark.parametrize("method", ["ace", "iso_cts"])
+@pytest.mark.parametrize("method", ["ace", "iso_cts", "wudi"])
 def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_family):
     cfg = config_for(method, llama_family)
     del cfg["base_model"]
@@ -110,7 +126,7 @@ def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["actmat"])  # shared glue; every rule: test_non_finite_values_...
+@pytest.mark.parametrize("method", ["actmat", "wudi"])  # shared glue; every rule: test_non_finite_values_...
 def test_nan_expert_fails_with_tensor_and_model_named(method, tmp_path, llama_family):
     import shutil
 

@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.mergekit_run import config_for, run_mergekit_yaml
-from tests.reference import ace_reference, actmat_reference, stored_ratio
+from tests.reference import (
+    ace_reference,
+    actmat_reference,
+    actmat_truncated_reference,
+    wudi_adam_reference,
+    stored_ratio,
+    wudi_reference,
+)
 from tests.reference_peers import REFERENCES as PEER_REFERENCES
 
 
@@ -35,6 +42,13 @@ def expected_weights(method, paths, params_for=lambda name: {}, merge_embeddings
                 out[name] = ace_reference(W0, Ws, **params)[0]
             elif method == "actmat":
                 out[name] = actmat_reference(W0, Ws, **params)
+            elif method == "actmat_truncated":
+                out[name] = actmat_truncated_reference(W0, Ws, **params)
+            elif method == "wudi":
+                out[name] = wudi_reference(W0, Ws, **params)
+            elif method == "wudi_adam":
+                lr, iterations = params["lr"], params["iterations"]
+                out[name] = W0.double() + wudi_adam_reference(W0, Ws, lr, iterations, torch.float32).double()
             else:
                 out[name] = torch.from_numpy(PEER_REFERENCES[method](W0, Ws, **params))
         else:
@@ -70,6 +84,7 @@ CARDS = {  # what mergekit's model card names: the method and its paper
     "tsv_m": ("TSV-M", "2412.00081"),
     "iso_c": ("Iso-C", "2502.04959"),
     "iso_cts": ("Iso-CTS", "2502.04959"),
+    "wudi": ("WUDI-Merging", "2503.08099"),
 }
 
 
@@ -208,4 +223,33 @@ def test_ace_unknown_refinement_fails_naming_it(llama_family, tmp_path):
     proc, out = run_mergekit_yaml(config_for("ace", llama_family, {"refinement": "sideways"}), tmp_path)
     assert proc.returncode != 0
     assert "refinement='sideways'" in proc.stderr and "add, rescale, none" in proc.stderr
+    assert not (out / "model.safetensors").exists()
+
+
+def test_truncated_solve_through_yaml(olmo_family, tmp_path):
+    """``solve: truncated`` (the ACTMat code's pseudo-inverse cutoff) reaches both rules."""
+    for method, reference in (("actmat", "actmat_truncated"), ("wudi", "wudi")):
+        params = {"scale": 0.8, "solve": "truncated"}
+        proc, out = run_mergekit_yaml(config_for(method, olmo_family, params), tmp_path / method)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref_params = {"scale": 0.8, "solve": "truncated"} if method == "wudi" else {"scale": 0.8}
+        assert_weights_equal(out, expected_weights(reference, olmo_family, lambda name: ref_params))
+
+
+def test_wudi_adam_solver_through_yaml(llama_family, tmp_path):
+    """``solver: adam`` runs the official loop (here 15 iterations at lr 1e-4: a short run)."""
+    params = {"solver": "adam", "lr": 1.0e-4, "iterations": 15}
+    proc, out = run_mergekit_yaml(config_for("wudi", llama_family, params), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = expected_weights("wudi_adam", llama_family, lambda name: {"lr": 1e-4, "iterations": 15})
+    assert_weights_equal(out, expected)
+    closed = expected_weights("wudi", llama_family)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert float((load_weights(out)[name].double() - closed[name]).norm() / closed[name].norm()) > 1e-5
+
+
+def test_wudi_unknown_solver_fails_naming_it(llama_family, tmp_path):
+    proc, out = run_mergekit_yaml(config_for("wudi", llama_family, {"solver": "lbfgs"}), tmp_path)
+    assert proc.returncode != 0
+    assert "solver='lbfgs'" in proc.stderr
     assert not (out / "model.safetensors").exists()

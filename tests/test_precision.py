@@ -106,7 +106,8 @@ def test_float32_and_float64_outputs_take_float64_products_without_an_attempt(mo
     """0.3 of a float32 result's rounding is below float32 products' own error: no attempt at all."""
     seen = []
     original = actmat_rule._actmat
-    monkeypatch.setattr(actmat_rule, "_actmat", lambda *a, check: seen.append(a[-1]) or original(*a, check=check))
+    monkeypatch.setattr(actmat_rule, "_actmat",
+                        lambda *a, check, **kw: seen.append(a[-1]) or original(*a, check=check, **kw))
     W0, experts = bf16_experts((384, 256))
     out = actmat_merge(W0, experts, matmul_dtype="auto", output_dtype=output_dtype)
     assert seen == [torch.float64]
@@ -188,9 +189,9 @@ def test_wide_actmat_is_known_singular_and_goes_straight_to_float64(monkeypatch)
     seen = []
     original = actmat_rule._actmat
 
-    def spy(*args, check):
+    def spy(*args, check, **kw):
         seen.append(args[-1])
-        return original(*args, check=check)
+        return original(*args, check=check, **kw)
 
     monkeypatch.setattr(actmat_rule, "_actmat", spy)
     W0, experts = bf16_experts((32, 256))
@@ -517,3 +518,17 @@ def test_svd_peers_hold_the_bf16_contract_and_take_float32_where_it_allows(metho
         # float64 outputs: float64, as before
         out64, diag64 = merge(W0, experts, matmul_dtype="auto", return_diagnostics=True)
         assert diag64.precision == "float64"
+
+
+@pytest.mark.parametrize("shape", [(384, 256), (176, 512)])  # well conditioned; nearly square stacked system
+def test_wudi_closed_form_holds_the_bf16_contract(shape):
+    """WUDI's closed form rides on ACTMat's kernel: the same contract against its float64 reference."""
+    from mergekit_ace.rules.wudi import wudi_merge
+    from tests.reference import wudi_reference
+
+    W0, experts = bf16_experts(shape, spectrum=1.0)
+    ref = wudi_reference(W0, experts)
+    out, diag = wudi_merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, return_diagnostics=True)
+    assert_contract(out, ref)
+    if shape == (384, 256):
+        assert diag.precision == "float32"

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.reference import ace_reference, actmat_reference, make_experts, rel_err
+from tests.reference import ace_reference, actmat_reference, make_experts, rel_err, wudi_reference
 
 
 def run_python(code, *flags):
@@ -17,13 +17,13 @@ def run_python(code, *flags):
 def test_fresh_interpreter_sees_methods_through_mergekit_only():
     proc = run_python(
         "import mergekit.merge_methods as m\n"
-        "for name in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts'): print(m.get(name).spec.pretty_name)"
+        "for name in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts', 'wudi'): print(m.get(name).spec.pretty_name)"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "ACE-Merging", "ACTMat", "TSV-M (Task Singular Vectors: Merge)",
         "Iso-C (isotropic merging in the common subspace)",
-        "Iso-CTS (isotropic merging in common and task-specific subspaces)"]
+        "Iso-CTS (isotropic merging in common and task-specific subspaces)", "WUDI-Merging"]
 
 
 def test_startup_cost_and_no_heavy_imports():
@@ -43,10 +43,10 @@ def test_registration_is_idempotent():
         "a = mergekit_ace.register_methods(); b = mergekit_ace.register_methods()\n"
         "mergekit_ace_hook.install(); mergekit_ace_hook.install()\n"
         "names = [x.spec.name for x in m.registered_methods()]\n"
-        "print(*[names.count(n) for n in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts')], a[0] is b[0], len(a))"
+        "print(*[names.count(n) for n in ('ace', 'actmat', 'tsv_m', 'iso_c', 'iso_cts', 'wudi')], a[0] is b[0], len(a))"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "1", "1", "1", "1", "True", "5"]
+    assert proc.stdout.split() == ["1", "1", "1", "1", "1", "1", "True", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,8 @@ def test_merge_tensors_api(methods):
     assert rel_err(out, ace_reference(W0, experts, epsilon=1e-4)[0], W0) < 1e-5
     out = merge_tensors([W0, *experts], get("actmat"), base_index=0, name="w")
     assert rel_err(out, actmat_reference(W0, experts), W0) < 1e-5
+    out = merge_tensors([W0, *experts], get("wudi"), base_index=0, name="w", parameters={"solve": "truncated"})
+    assert rel_err(out, wudi_reference(W0, experts, solve="truncated"), W0) < 1e-5
 
 
 def test_merge_state_dicts_api_with_embeddings_norms_and_head(methods):
@@ -80,7 +82,8 @@ def test_merge_state_dicts_api_with_embeddings_norms_and_head(methods):
     }
     base = {n: torch.randn(*s, generator=g) for n, s in names.items()}
     experts = [{n: t + 0.05 * (i + 1) * torch.randn(t.shape, generator=g) for n, t in base.items()} for i in range(3)]
-    for method, ref_fn in (("ace", lambda b, e: ace_reference(b, e)[0]), ("actmat", actmat_reference)):
+    for method, ref_fn in (("ace", lambda b, e: ace_reference(b, e)[0]), ("actmat", actmat_reference),
+                           ("wudi", wudi_reference)):
         merged = merge_state_dicts({"base": base, "a": experts[0], "b": experts[1], "c": experts[2]}, method, base="base")
         for n in names:
             Ws = [e[n] for e in experts]

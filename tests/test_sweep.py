@@ -45,6 +45,12 @@ def test_grid_keys_and_values_are_checked_against_the_method():
     with pytest.raises(UserError, match=r"epsilon=abc: not a valid value"):
         sweep.check_grid({"epsilon": ["abc"]}, spec)
     sweep.check_grid({"density": [0.5], "weight": [0.3]}, sweep.method_spec("ties"))  # mergekit's own
+    wudi = sweep.method_spec("wudi")
+    sweep.check_grid({"scale": [0.5, 1.0], "solver": ["closed_form", "adam"], "solve": ["exact", "truncated"],
+                      "iterations": [300, 400]}, wudi)
+    with pytest.raises(UserError, match=r"'k_frac' is not a parameter of merge method 'wudi'.*iterations, lr"):
+        sweep.check_grid({"k_frac": [0.3]}, wudi)
+    sweep.check_grid({"solve": ["truncated"]}, sweep.method_spec("actmat"))
     with pytest.raises(UserError, match="unknown merge_method 'nope'"):
         sweep.method_spec("nope")
 

@@ -27,7 +27,14 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from mergekit_ace.execution.budget import memory_budget
-from mergekit_ace.execution.memory import RULE_STRATEGIES, Estimate, estimate, format_bytes
+from mergekit_ace.execution.memory import (
+    ADAM_ITERATIONS,
+    RULE_STRATEGIES,
+    WUDI_ADAM,
+    Estimate,
+    estimate,
+    format_bytes,
+)
 from mergekit_ace.rules.common import describe
 from mergekit_ace.rules.precision import float64_recompute_count, precision_counts, record_precision
 
@@ -43,9 +50,9 @@ EFFICIENT_ROWS = 1024
 #: measured to lose 1e-4 accuracy for low-rank or large updates) or "float64".
 MATMUL_DTYPE_ENV = "MERGEKIT_ACE_MATMUL_DTYPE"
 MATMUL_DTYPES = ("auto", "float32", "float64")
-#: Rules that take ``matmul_dtype`` and ``output_dtype`` (the precision contract): ace and actmat
-#: (float32 products), the SVD rules (the whole rule in float32 where the contract allows it).
-MATMUL_DTYPE_RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")
+#: Rules that take ``matmul_dtype`` and ``output_dtype`` (the precision contract): ace, actmat and
+#: wudi (float32 products), the SVD rules (the whole rule in float32 where the contract allows it).
+MATMUL_DTYPE_RULES = ("ace", "actmat", "wudi", "tsv_m", "iso_c", "iso_cts")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -93,7 +100,8 @@ def _bytes_of(dtype) -> int:
 
 
 def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
-                    matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3) -> List[WeightPlan]:
+                    matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3,
+                    iterations: int = ADAM_ITERATIONS) -> List[WeightPlan]:
     """Every (strategy, chunk) the planner considers, chunks halving from the whole matrix."""
     chunks: List[Optional[int]] = [None]
     c = d_out // 2
@@ -107,7 +115,7 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
     for strategy in RULE_STRATEGIES[rule]:
         for chunk in chunks:
             est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
-                           refine=refine, k_frac=k_frac)
+                           refine=refine, k_frac=k_frac, iterations=iterations)
             plans.append(WeightPlan(strategy, chunk, est, est.peak_bytes <= budget))
     return plans
 
@@ -213,9 +221,10 @@ def execute_rule(
 ) -> torch.Tensor:
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
 
-    ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"tsv_m"``, ``"iso_c"`` or ``"iso_cts"`` (for the
-    estimates); every rule takes ``matmul_dtype`` and ``output_dtype``, the dtype the result will
-    be stored in, which sets the precision contract (docs/execution.md). ``budget`` in bytes overrides
+    ``rule_kind`` is ``"ace"``, ``"actmat"``, ``"wudi"``, ``"wudi_adam"``, ``"tsv_m"``, ``"iso_c"`` or
+    ``"iso_cts"`` (for the estimates); all but ``wudi_adam`` (float32, as the official solver) take
+    ``matmul_dtype`` and ``output_dtype``, the dtype the result will be stored in, which sets the
+    precision contract (docs/execution.md). ``budget`` in bytes overrides
     the device's budget. ``fault_injector(plan, device)`` is called before every attempt (tests use
     it to raise an out-of-memory error). Returns the rule's result on the inputs' device.
 
@@ -226,6 +235,11 @@ def execute_rule(
     _summary_at_exit()
     run = functools.partial(_execute, rule_kind, rule, base, experts, name=name, budget=budget,
                             fault_injector=fault_injector)
+    if rule_kind not in MATMUL_DTYPE_RULES:  # wudi's Adam solver: float32, as the official code
+        rule_parameters.pop("output_dtype", None)
+        out = run(**rule_parameters)
+        record_precision(torch.float32)
+        return out
     mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
     if mdt == "auto" and not float32_products_are_ieee(base.device):
         mdt = torch.float64
@@ -290,6 +304,8 @@ def _execute(
         mdt = rule_parameters["matmul_dtype"]
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
                   refine=refines(rule_parameters))
+    elif rule_kind == WUDI_ADAM:
+        kw = dict(iterations=max(0, int(rule_parameters.get("iterations", ADAM_ITERATIONS))))  # the rule checks it
     else:
         kw = {}
 

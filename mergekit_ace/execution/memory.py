@@ -3,7 +3,8 @@ r"""Peak extra memory and flops of one weight's merge, per rule and strategy (es
 Counted: every buffer the rule allocates (proxies, accumulators, factors, the eigensolver's
 workspace, the row-block temporaries and the result), in bytes, as the maximum over the rule's
 phases. Not counted: the inputs (base and experts are already resident). Sizes follow
-``rules/ace.py`` and ``rules/actmat.py``; ``tests/execution`` checks them against measured peaks.
+``rules/ace.py``, ``rules/actmat.py`` and ``rules/wudi.py``; ``tests/execution`` checks them against
+measured peaks.
 
 Notation: ``m`` = d_out, ``n`` = d_in, ``r`` = rows per block, ``T`` experts, ``bd`` bytes of
 the compute dtype, ``bm`` bytes of the matmul dtype.
@@ -36,8 +37,12 @@ EIGH_FLOP_FACTOR = 9.0
 SVD_FLOPS_MN2, SVD_FLOPS_N3 = 6.0, 20.0
 #: The SVD-based rules (``rules/tsv_m.py``, ``rules/iso.py``).
 SVD_RULES = ("tsv_m", "iso_c", "iso_cts")
-#: Strategies each rule offers the planner.
-RULE_STRATEGIES = {"ace": ACE_STRATEGIES, "actmat": STRATEGIES,
+#: WUDI's official Adam solver (``rules/wudi.py: wudi_adam``): one strategy, the whole matrix.
+WUDI_ADAM = "wudi_adam"
+#: Iterations the estimate of ``wudi_adam`` assumes unless told (the official 300).
+ADAM_ITERATIONS = 300
+#: Strategies each rule offers the planner (wudi's closed form is ACTMat's kernel).
+RULE_STRATEGIES = {"ace": ACE_STRATEGIES, "actmat": STRATEGIES, "wudi": STRATEGIES, WUDI_ADAM: SVD_STRATEGIES,
                    **{rule: SVD_STRATEGIES for rule in SVD_RULES}}
 
 
@@ -64,9 +69,10 @@ def estimate(
     matmul_bytes: int = 8,
     refine: bool = True,
     k_frac: float = 0.3,
+    iterations: int = ADAM_ITERATIONS,
 ) -> Estimate:
-    """Peak extra bytes and flops of ``rule`` (ace, actmat, tsv_m, iso_c, iso_cts) on one
-    d_out x d_in weight.
+    """Peak extra bytes and flops of ``rule`` (ace, actmat, wudi, wudi_adam, tsv_m, iso_c, iso_cts)
+    on one d_out x d_in weight (``iterations``: wudi_adam's).
 
     For ACE, ``refine`` says whether the heterogeneous branch's refinement runs (unknown before the
     traces are read: the planner assumes it does, an upper bound). For the SVD rules the estimate
@@ -87,8 +93,10 @@ def estimate(
     if rule == "ace":
         return _ace(m, n, T, r, bd, bm, streamed, strategy == ROW_RECOMPUTED, refine and k_frac > 0, k_frac,
                     nn, mn, rn, gram_space)
-    if rule == "actmat":
-        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space)
+    if rule in ("actmat", "wudi"):
+        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space, keep_start=rule == "wudi")
+    if rule == WUDI_ADAM:
+        return _wudi_adam(m, n, T, int(iterations))
     raise ValueError(f"unknown rule {rule!r}")
 
 
@@ -141,11 +149,14 @@ def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn, gr
     return Estimate(int(max(phases)), mm, eig)
 
 
-def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False) -> Estimate:
+def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False, keep_start=False) -> Estimate:
+    """ACTMat, and WUDI's closed form (``keep_start``: the task vectors' sum S outside A's range,
+    a block of S and its projection, or the whole S on the wide route)."""
+    start = mn * bd if keep_start else 0
     if T * m <= n:  # wide weight, A singular or nearly: the stacked task vectors' small Gram (actmat._actmat_wide)
         tm = T * m
-        peak = max(tm * n * bd + tm * tm * bd * (1 + EIGH_COPIES) + n * tm * bd,  # X, K, eigh, Q
-                   tm * n * bd + n * tm * bd + 3 * mn * bd)  # X, Q, N, W and a temporary
+        peak = start + max(tm * n * bd + tm * tm * bd * (1 + EIGH_COPIES) + n * tm * bd,  # X, K, eigh, Q
+                           tm * n * bd + n * tm * bd + 3 * mn * bd)  # X, Q, N, W and a temporary
         mm = 2.0 * tm * tm * n * 2 + 2.0 * T * m * m * n + 4.0 * m * n * tm
         return Estimate(int(peak), mm, EIGH_FLOP_FACTOR * tm ** 3)
     kept = mn * bd if streamed else T * nn * bm  # N, or the C_t list
@@ -153,7 +164,7 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False) -> Estim
     if gram_space:
         grams = _output_gram_phase(m, n, bd, bm, nn, mn, rn)
     eig = kept + nn * bd + EIGH_COPIES * nn * bd + nn * bd  # A, eigh, kept eigenvectors
-    apply = kept + nn * bd + (0 if streamed else mn * bd) + 5 * rn * bd
+    apply = kept + nn * bd + (0 if streamed else mn * bd) + 5 * rn * bd + (2 * rn * bd if keep_start else 0)
     mm = _grams_and_products_flops(m, n, T, gram_space)  # Grams and numerator products
     if not streamed and m > T * n:
         mm += T * 2.0 * n * nn  # G_t = C_t A^+ once per expert (actmat: per_expert)
@@ -166,6 +177,22 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False) -> Estim
     # flops leave out.
     mm += nn * n / 3.0 + 20 * 4 * 3 * 2.0 * nn
     return Estimate(int(max(grams, eig, apply)), mm, 0.0)
+
+
+def _wudi_adam(m, n, T, iterations) -> Estimate:
+    """WUDI's Adam solver (``rules/wudi.py: wudi_adam``), float32: the T stacked task vectors, tau,
+    its gradient, Adam's two moments and ~2 temporaries of its step, the residual tau - D_t, and
+    the m x m product (d_out <= d_in) or the T d_in x d_in C_t (tall); then tau and the float64
+    result. Per iteration 4 T m^2 n flops (wide) or 2 T m n^2 (tall, after 2 T m n^2 for the C_t)."""
+    mn, b = m * n, 4
+    inner = m * m if m <= n else T * n * n
+    solve = (T * mn + 7 * mn + inner) * b
+    result = mn * b + 2 * mn * 8  # tau, its float64 copy, W
+    if m <= n:
+        flops = iterations * T * 4.0 * m * m * n
+    else:
+        flops = T * 2.0 * m * n * n + iterations * T * 2.0 * m * n * n
+    return Estimate(int(max(solve, result)), flops + iterations * 10.0 * mn, 0.0)
 
 
 def _svd(p: int, q: int) -> float:

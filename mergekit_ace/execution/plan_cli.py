@@ -20,7 +20,15 @@ from typing import Callable, Dict, Optional, Tuple
 from mergekit_ace.cli import UserError
 
 #: merge_method -> the execution layer's rule (every method this package adds).
-RULES = {name: name for name in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")}
+RULES = {name: name for name in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts", "wudi")}
+
+
+def rule_kind(method: str, params: dict):
+    """The execution layer's rule for a config (wudi with ``solver: adam``: wudi_adam)."""
+    rule = RULES.get(method)
+    if rule == "wudi" and params.get("solver") == "adam":
+        return "wudi_adam"
+    return rule
 
 
 def add_arguments(parser) -> None:
@@ -132,8 +140,8 @@ def build_plan(config, budget_bytes: float) -> dict:
     from mergekit_ace.rules.common import is_input_embedding
 
     method = config.merge_method
-    rule = RULES.get(method)
     params = dict(config.parameters or {})
+    rule = rule_kind(method, params)
     base_ref = config.base_model
     model_refs = [m.model for m in config.models]
     if rule and base_ref is None:
@@ -158,7 +166,7 @@ def build_plan(config, budget_bytes: float) -> dict:
         takes_rule = rule and len(shape) == 2 and (merge_embeddings or not is_input_embedding(name))
         if takes_rule:
             plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac,
-                               refine=refines(params))
+                               refine=refines(params), iterations=max(0, int(params.get("iterations", 300))))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
             est = average_estimate(shape, T, out_bytes=itemsize)
@@ -231,7 +239,7 @@ def run(args) -> int:
               f"{(r['matmul_flops'] + r['eigh_flops']) / 1e9:9.1f}")
     if not args.all and len(weights) > len(shown):
         print(f"... {len(weights) - len(shown)} smaller weight(s) not shown (--all)")
-    print(f"\nweights: {len(weights)}, rule on {sum(r['rule'] in RULES for r in weights)}; "
+    print(f"\nweights: {len(weights)}, rule on {sum(r['strategy'] != '-' for r in weights)}; "
           f"total {mm / 1e12:.2f} TFLOP in products/solves + {eig / 1e12:.2f} TFLOP in decompositions (eigh/SVD)")
     print(f"largest need: {worst['name']}: {format_bytes(need)} (its inputs + the rule's peak): "
           f"{'fits' if summary['fits'] else 'does NOT fit'} {where}")
@@ -241,5 +249,8 @@ def run(args) -> int:
     if rule in SVD_RULES:
         print(f"({method}: memory and flops of the full-SVD route, an upper bound; the exact Gram route, "
               "taken where its error estimate allows, needs less)")
+    if rule_kind(method, dict(config.parameters or {})) == "wudi_adam":
+        print("(wudi, solver: adam: the official float32 Adam iterations, counted at the float64 rate above; "
+              "meant for GPUs, the closed form is the default)")
     print("(reading and writing the weights is not included)")
     return 0

@@ -1,1 +1,1 @@
-"""mergekit glue: the declarative specs of ``ace`` and ``actmat`` around the pure rules."""
+"""mergekit glue: the declarative specs of ``ace``, ``actmat``, ``wudi`` and the SVD peers around the pure rules."""

@@ -31,6 +31,7 @@ def merge_group(
     scale: float,
     merge_embeddings: bool,
     scale_name: str = "scale",
+    rule_kind: Optional[str] = None,
     **rule_parameters,
 ) -> torch.Tensor:
     """Apply ``rule`` to a 2-D weight, or the experts' average to anything else.
@@ -39,7 +40,8 @@ def merge_group(
     dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype`` afterwards). ``scale``
     multiplies the merged task vector of both; the rule takes it as ``scale_name`` ("scale" for
     ace/actmat, "alpha" for the SVD methods, after their papers). The execution layer knows the
-    rule as ``rule_name`` lower-cased with "-" as "_" (ace, actmat, tsv_m, iso_c, iso_cts).
+    rule as ``rule_kind``, by default ``rule_name`` lower-cased with "-" as "_" (ace, actmat, wudi,
+    tsv_m, iso_c, iso_cts; wudi's Adam solver: wudi_adam).
     """
     name: Optional[str] = group.metadata.name
     if group.base is None:
@@ -56,7 +58,7 @@ def merge_group(
     if takes_rule:
         # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md).
         merged = execute_rule(
-            rule_name.lower().replace("-", "_"),
+            rule_kind or rule_name.lower().replace("-", "_"),
             rule,
             base,
             experts,

@@ -21,6 +21,7 @@ def actmat(
     scale: float = 1.0,
     keep_base: bool = True,
     rcond: Optional[float] = None,
+    solve: str = "exact",
     merge_embeddings: bool = False,
 ) -> torch.Tensor:
     """ACTMat on every 2-D weight; the experts' average on the rest and on input embeddings."""
@@ -32,4 +33,5 @@ def actmat(
         merge_embeddings=merge_embeddings,
         keep_base=keep_base,
         rcond=rcond,
+        solve=solve,
     )

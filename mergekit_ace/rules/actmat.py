@@ -18,6 +18,16 @@ The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutof
 (float64 Gram noise is ~1e-13 relative; directions below the cutoff count as outside A's range).
 Where every eigenvalue clears the cutoff by a margin (A is invertible, :math:`A^+ = A^{-1}`) a
 Cholesky solve gives the same result for a fraction of the cost (:func:`range_solver`).
+
+``solve="truncated"`` replaces that cutoff by what the ACTMat authors' code ran, a float32
+``torch.linalg.pinv(A)`` at its default tolerance: eigenvalues at or below
+:math:`\max(m, n)\,\epsilon_{32}\,\lambda_{max}` are dropped, with m = n = d_in for the d_in x d_in
+A (:func:`truncated_rcond`, about 1e-3 for d_in = 8192); the arithmetic stays float64
+(docs/methods.md, "The papers' solve").
+
+Per-expert weights (``weights``, :math:`w_t > 0`) turn the sums into :math:`A = \sum_t w_t C_t` and
+:math:`N = \sum_t w_t D_t C_t`; WUDI-Merging is this kernel with :math:`w_t = 1/\|D_t\|_F^2`
+(:mod:`mergekit_ace.rules.wudi`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch
 
 from mergekit_ace.rules.common import (
     EXPERT_STREAMED,
+    MergeInputError,
     OUTPUT_GRAM,
     PINV_RTOL,
     ROW_CHUNKED,
@@ -43,6 +54,7 @@ from mergekit_ace.rules.common import (
     check_parameter,
     check_strategy,
     cholesky_right_solve,
+    describe,
     output_gram,
     symmetrize_gram_,
 )
@@ -58,7 +70,31 @@ from mergekit_ace.rules.precision import (
     solve_error_estimate,
 )
 
-DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None)
+DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None, solve="exact")
+
+#: ``solve`` values: the exact solve (pseudo-inverse cutoff ``rcond``, default PINV_RTOL) or the
+#: ACTMat code's truncated pseudo-inverse (cutoff :func:`truncated_rcond`).
+EXACT, TRUNCATED = "exact", "truncated"
+SOLVES = (EXACT, TRUNCATED)
+
+
+def truncated_rcond(d_in: int) -> float:
+    r"""Relative eigenvalue cutoff of ``torch.linalg.pinv`` on a float32 d_in x d_in matrix at its
+    default tolerance: :math:`\max(m, n)\,\epsilon_{32} = d_{in}\cdot 2^{-23}`."""
+    return d_in * torch.finfo(torch.float32).eps
+
+
+def solve_cutoff(solve: str, rcond: Optional[float], d_in: int, name: Optional[str] = None) -> Optional[float]:
+    """The pseudo-inverse cutoff for ``solve`` ("exact": ``rcond``; "truncated":
+    :func:`truncated_rcond`, which an explicit ``rcond`` would contradict)."""
+    if solve not in SOLVES:
+        raise MergeInputError(f"{describe(name)}: parameter solve={solve!r} must be one of {SOLVES}")
+    if solve == TRUNCATED:
+        if rcond is not None:
+            raise MergeInputError(f"{describe(name)}: parameter rcond={rcond!r} cannot be combined with "
+                                  f"solve='truncated' (whose cutoff is d_in * eps_float32); set one of them")
+        return truncated_rcond(d_in)
+    return rcond
 
 
 def task_covariance(delta: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
@@ -173,8 +209,17 @@ def actmat_merge(
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
+    solve: str = EXACT,
+    weights: Optional[Sequence[float]] = None,
+    keep_start: bool = False,
 ):
     r"""Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
+
+    ``solve="truncated"``: the ACTMat code's pseudo-inverse cutoff (:func:`truncated_rcond`) instead
+    of the exact solve. ``weights``: per-expert :math:`w_t > 0` in A and N (default all 1).
+    ``keep_start``: add :math:`\mathrm{scale}\cdot S(I - AA^+)` with :math:`S = \sum_t D_t`, the part
+    of the task vectors' sum outside A's (kept) range, which an iterative solver started from S
+    leaves unchanged (zero in exact arithmetic unless a cutoff drops directions; used by WUDI).
 
     ``keep_base=False`` gives the paper-literal minimum-norm solution
     :math:`(\sum_t W_t C_t)(\sum_t C_t)^+` (with ``scale`` on the task-vector term).
@@ -195,25 +240,37 @@ def actmat_merge(
     check_parameter(name, "scale", scale)
     if rcond is not None:
         check_parameter(name, "rcond", rcond, low=0.0, high=1.0)
+    rcond = solve_cutoff(solve, rcond, base.shape[1], name)
+    if weights is not None:
+        if len(weights) != len(experts):
+            raise MergeInputError(f"{describe(name)}: {len(weights)} weights for {len(experts)} experts")
+        for w in weights:
+            check_parameter(name, "weight", w, low=0.0)
+            if not w > 0:
+                raise MergeInputError(f"{describe(name)}: expert weights must be positive, got {w!r}")
     strategy = check_strategy(strategy, name)
     if len(experts) * base.shape[0] <= base.shape[1] and matmul_dtype == AUTO:
         matmul_dtype = None  # rank(A) <= T d_out <= d_in: A is singular or nearly so, float64 it is
     args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, strategy, output_dtype)
-    W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check), matmul_dtype, compute_dtype,
-                                name, output_dtype)
+    W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check, weights=weights,
+                                                          keep_start=keep_start),
+                                matmul_dtype, compute_dtype, name, output_dtype)
     return (W, diag) if return_diagnostics else W
 
 
-def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, output_dtype, mt, check):
-    """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
+def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, output_dtype, mt, check,
+            weights=None, keep_start=False):
+    """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough;
+    ``weights``/``keep_start``: see :func:`actmat_merge`."""
     gram_space = strategy == OUTPUT_GRAM
     streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
     T = len(experts)
     d_out, d_in = base.shape
     dev = base.device
     tv = TaskVectors(base, experts, mt, row_chunk)
+    ws = [1.0] * T if weights is None else [float(w) for w in weights]
     if T * d_out <= d_in:
-        return _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt)
+        return _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt, ws, keep_start)
 
     # A = sum_t C_t, C_t = D_t^T D_t, expert by expert; C_t kept (row_chunked) or folded into N.
     covs: List[torch.Tensor] = [] if streamed else [None] * T
@@ -225,10 +282,11 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     # products; the largest update first (precision.expert_order).
     # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
     if check:
-        energies = tv.energies_and_means(dt, means=False)[0]
+        raw = tv.energies_and_means(dt, means=False)[0]  # ||D_t||^2
+        energies = [w * e for w, e in zip(ws, raw)]  # tr w_t C_t
         trace_bound, order = TRACE_SLACK * sum(energies), expert_order(energies)
         budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,
-                             math.sqrt(sum(energies)))
+                             math.sqrt(sum(raw)))
         tolerance = budget.relative()
     else:
         trace_bound, order, tolerance = math.inf, range(T), math.inf
@@ -240,14 +298,18 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             # from the d_out x d_out Gram, whose nonzero eigenvalues are C_t's (for the bound).
             D = tv.whole(t)
             traces[t] = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+            if ws[t] != 1.0:  # sqrt(w_t) D_t: A gets w_t C_t, K = w_t D_t D_t^T, N += K D_t (alpha undoes one sqrt)
+                D *= math.sqrt(ws[t])
             K = output_gram(D)
             kappa_bound.add(K)
             add_gram_(A_upper, D)
-            add_left_product_(N, K, D, row_chunk=row_chunk)
+            add_left_product_(N, K, D, alpha=1.0 / math.sqrt(ws[t]), row_chunk=row_chunk)
             del D, K
             continue
         C = tv.gram(t)
         traces[t] = float(torch.trace(C))
+        if ws[t] != 1.0:
+            C *= ws[t]  # w_t C_t, in A and in N
         kappa_bound.add(C)
         A += C
         if streamed:
@@ -281,6 +343,8 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             num = tv.matmul_accumulate(torch.zeros(rows.stop - rows.start, d_in, dtype=dt, device=dev), rows, covs)
         update = num if per_expert else pinv.apply(num).to(dt)
         del num
+        if keep_start and not isinstance(pinv, CholeskySolve):  # A^+ = A^-1: nothing outside A's range
+            update += _start_outside_range(tv, rows, pinv, dt)
         if check:
             update_sq += float(torch.linalg.vector_norm(update, dtype=torch.float64)) ** 2
         update *= scale
@@ -295,7 +359,14 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in, precision=str(mt).replace("torch.", ""))
 
 
-def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt):
+def _start_outside_range(tv, rows: slice, pinv, dt) -> torch.Tensor:
+    r""":math:`S(I - AA^+)` for a block of rows, :math:`S = \sum_t D_t`."""
+    S = tv.weighted_sum(rows, [1.0] * len(tv), dt)
+    S -= pinv.project(S)
+    return S
+
+
+def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt, ws=None, keep_start=False):
     r"""ACTMat for a weight with :math:`T d_{out} \le d_{in}` (A is singular, or nearly so when
     equal): everything in the space of the stacked task vectors :math:`X = [D_1; ...; D_T]`
     (T d_out x d_in), whose Gram :math:`K = XX^T` is no larger than A. :math:`A^+` from K (:meth:`SymmetricPseudoInverse.of_gram`), and
@@ -305,18 +376,27 @@ def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt):
     T = len(tv)
     d_out, d_in = base.shape
     whole = slice(0, d_out)
+    ws = [1.0] * T if ws is None else ws
     X = torch.cat([tv.block(t, whole).to(dt) for t in range(T)])
     traces = [float(X[t * d_out:(t + 1) * d_out].square().sum()) for t in range(T)]
     check_nonzero_task_vectors(traces, name, ids)
+    S = X.view(T, d_out, d_in).sum(dim=0) if keep_start else None
+    for t in range(T):  # rows sqrt(w_t) D_t: X^T X = sum_t w_t C_t
+        if ws[t] != 1.0:
+            X[t * d_out:(t + 1) * d_out] *= math.sqrt(ws[t])
     K = X @ X.T
     pinv = SymmetricPseudoInverse.of_gram(X, K, rcond)
     N = torch.zeros(d_out, d_in, dtype=dt, device=base.device)
-    for t in range(T):
+    for t in range(T):  # w_t D_t C_t = (w_t D_t D_t^T)(sqrt(w_t) D_t) / sqrt(w_t)
         rows = slice(t * d_out, (t + 1) * d_out)
-        N.addmm_(K[rows, rows], X[rows])
+        N.addmm_(K[rows, rows], X[rows], alpha=1.0 / math.sqrt(ws[t]))
     del X, K
     W = pinv.apply(N)
     del N
+    if keep_start:
+        W += S
+        W -= pinv.project(S)
+        del S
     W *= scale
     W += base if keep_base else pinv.project(base.to(dt))
     check_finite_output(W, name, "ACTMat")

@@ -26,6 +26,11 @@ CASES = [  # rule, strategy, d_out, d_in, row_chunk, tau (ACE: 0.3 heterogeneous
     ("actmat", "expert_streamed", 384, 1536, None, None),  # 3 x 384 < 1536: the small-Gram route
     ("actmat", "expert_streamed", 768, 1536, None, None),
     ("actmat", "output_gram", 768, 1536, None, 256),  # rank 3 x 256 < 1536: A singular, eigh (the estimate's peak)
+    ("wudi", "row_chunked", 4096, 384, 512, None),  # WUDI's closed form: ACTMat's kernel with weights
+    ("wudi", "expert_streamed", 384, 1536, None, None),  # the small-Gram route, the start S kept whole
+    ("wudi", "row_chunked", 768, 1536, 256, 256),  # singular A: eigh, S(I - AA^+) row block by row block
+    ("wudi_adam", "whole_matrix", 384, 1536, None, None),  # Adam (3 iterations): m x m products
+    ("wudi_adam", "whole_matrix", 1536, 384, None, None),  # tall: the T C_t
     # the SVD rules: the full-SVD route's estimate must cover both routes' measured peaks
     ("tsv_m", "whole_matrix", 4096, 384, None, "auto"),
     ("tsv_m", "whole_matrix", 384, 1536, None, "svd"),
@@ -42,6 +47,7 @@ SCRIPT = textwrap.dedent("""
     from mergekit_ace.rules.ace import ace_merge
     from mergekit_ace.rules.actmat import actmat_merge
     from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
+    from mergekit_ace.rules.wudi import wudi_merge
     from tests.reference import make_experts
     SVD_RULES = {"tsv_m": tsv_m_merge, "iso_c": iso_c_merge, "iso_cts": iso_cts_merge}
     # Warm up every code path first: the first call of a LAPACK routine maps library code pages,
@@ -52,16 +58,23 @@ SCRIPT = textwrap.dedent("""
             W0, experts = make_experts(shape, 3, [1.0, 0.01, 0.3], seed=0)
             ace_merge(W0, experts, strategy=s, row_chunk=16)
             actmat_merge(W0, experts, strategy=s, row_chunk=16)
+            wudi_merge(W0, experts, strategy=s, row_chunk=16)
+            wudi_merge(W0, experts, solver="adam", iterations=2)
             ace_merge(W0, experts, strategy="row_recomputed", row_chunk=16)
             for f in SVD_RULES.values():
                 f(W0, experts, route="auto")
                 f(W0, experts, route="svd")
     out = []
     for rule, strategy, m, n, chunk, tau in json.loads(sys.argv[1]):
-        W0, experts = make_experts((m, n), 3, [1.0, 0.01, 0.3], seed=0, rank=tau if rule == "actmat" else None)
+        W0, experts = make_experts((m, n), 3, [1.0, 0.01, 0.3], seed=0,
+                                   rank=tau if rule in ("actmat", "wudi") else None)
         kw = dict(strategy=strategy, row_chunk=chunk)
         if rule == "ace":
             fn = lambda: ace_merge(W0, experts, tau=tau, **kw)
+        elif rule == "wudi":
+            fn = lambda: wudi_merge(W0, experts, **kw)
+        elif rule == "wudi_adam":
+            fn = lambda: wudi_merge(W0, experts, solver="adam", iterations=3, **kw)
         elif rule in SVD_RULES:  # tau holds the route
             fn = lambda: SVD_RULES[rule](W0, experts, route=tau, **kw)
         else:

@@ -9,9 +9,10 @@ from mergekit_ace.execution import executor
 from mergekit_ace.execution.executor import candidate_plans, choose_plan, execute_rule
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
+from mergekit_ace.rules.wudi import wudi_merge
 from tests.reference import make_experts
 
-RULES = {"ace": ace_merge, "actmat": actmat_merge}
+RULES = {"ace": ace_merge, "actmat": actmat_merge, "wudi": wudi_merge}
 
 
 def _recorder():
@@ -23,7 +24,7 @@ def _recorder():
     return seen, injector
 
 
-@pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.parametrize("rule", ["ace", "actmat", "wudi"])
 @pytest.mark.parametrize("shape", [(512, 64), (64, 256)])
 def test_every_strategy_the_planner_picks_gives_the_same_result(rule, shape):
     W0, experts = make_experts(shape, 3, [1.0, 0.05, 0.3], seed=7)
@@ -44,7 +45,7 @@ def test_every_strategy_the_planner_picks_gives_the_same_result(rule, shape):
     # (d_out > T d_in) keep the C_t: solving for C_t A^+ once is cheaper than N A^+ row by row.
     if shape[0] > shape[1]:
         assert any(chunk is not None for _, chunk in picked)
-        expected = {"row_chunked", "expert_streamed", "row_recomputed"} if rule == "ace" else {"row_chunked"}
+        expected = {"row_chunked", "expert_streamed", "row_recomputed"} if rule == "ace" else {"row_chunked"}  # actmat, wudi
         assert {s for s, _ in picked} == expected
 
 
@@ -236,3 +237,16 @@ def test_svd_rules_out_of_memory_fall_back_to_the_cpu(rule, monkeypatch):
     out32 = execute_rule(rule, fn, W0, experts, budget=1e9, matmul_dtype=torch.float32)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), out, rtol=1e-4, atol=1e-5)
+
+
+def test_wudi_adam_runs_as_one_whole_matrix_plan_with_the_same_result():
+    W0, experts = make_experts((24, 16), 3, [1.0, 0.05, 0.3], seed=7)
+    seen, injector = _recorder()
+    out = execute_rule("wudi_adam", wudi_merge, W0, experts, budget=float("inf"), fault_injector=injector,
+                       solver="adam", iterations=20)
+    (plan, _), = seen
+    assert plan.strategy == "whole_matrix"
+    torch.testing.assert_close(out, wudi_merge(W0, experts, solver="adam", iterations=20), rtol=0, atol=0)
+    # the estimate follows the iteration count
+    plans = {it: choose_plan("wudi_adam", 24, 16, 3, float("inf"), iterations=it) for it in (10, 1000)}
+    assert plans[1000].estimate.flops > 50 * plans[10].estimate.flops

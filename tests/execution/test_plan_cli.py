@@ -345,3 +345,30 @@ def test_plan_offline_without_the_headers_in_the_cache_says_so(offline, fake_hub
     err = capsys.readouterr().err.strip()
     assert "org/expert-2" in err and "model-00002-of-00002.safetensors" in err and "1 of its 2" in err
     assert fake_hub.calls == []
+
+
+def test_plan_covers_wudi_and_its_adam_solver(config, capsys, tmp_path, monkeypatch):
+    from mergekit_ace.execution import plan_cli
+    from mergekit_ace.execution.memory import estimate
+
+    monkeypatch.setattr(plan_cli, "measure_throughput", lambda device="cpu": (1e10, 1e9))
+    plans = {}
+    for solver in ("closed_form", "adam"):
+        cfg = tmp_path / f"wudi-{solver}.yml"
+        cfg.write_text(config.read_text().replace("merge_method: ace", "merge_method: wudi")
+                       .replace("  k_frac: 0.3\n", f"  solver: {solver}\n  iterations: 100\n"))
+        assert main(["plan", str(cfg), "--gpu-memory", "24GiB", "--json"]) == 0
+        plans[solver] = {w["name"]: w for w in json.loads(capsys.readouterr().out)["weights"]}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert plans["closed_form"][q]["rule"] == "wudi"
+    assert plans["closed_form"][q]["strategy"] in ("row_chunked", "expert_streamed", "output_gram")
+    adam = plans["adam"][q]
+    assert adam["rule"] == "wudi_adam" and adam["strategy"] == "whole_matrix"
+    # the configured iteration count reaches the estimate: 100 x 4 T m^2 n (+ Adam's elementwise work)
+    assert adam["matmul_flops"] == estimate("wudi_adam", "whole_matrix", 32, 32, 2, iterations=100).matmul_flops
+    assert adam["matmul_flops"] >= 100 * 4 * 2 * 32 ** 3
+    for solver in plans:
+        assert plans[solver]["model.embed_tokens.weight"]["rule"] == "average"
+        assert plans[solver]["lm_head.weight"]["rule"] in ("wudi", "wudi_adam")
+    assert main(["plan", str(tmp_path / "wudi-adam.yml"), "--gpu-memory", "24GiB"]) == 0
+    assert "solver: adam" in capsys.readouterr().out
