@@ -4,9 +4,9 @@ output) and of unchecked float32 products against the exact float64 rule result,
 result's bf16 storage rounding ||bf16(W) - W||, the precision "auto" chose, and the time of
 "auto" against float64 products only.
 
-Experts as the issue describes them: W_0 ~ N(0, 1/d_in), each task vector a rank-64 part with
-singular values 1/i plus 20 % (relative) isotropic noise, ||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all
-stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x 2048), down (2048 x 5632);
+Experts from ``mergekit_ace.synthetic.layer_experts`` (as the issue describes them): W_0 ~ N(0, 0.02^2),
+each task vector a rank-64 part with singular values 1/i (80 % of its energy) plus isotropic noise,
+||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x 2048), down (2048 x 5632);
 ``--scale 0.5`` halves every side.
 
     python benchmarks/precision_contract.py [--scale 0.5] [--methods ace ace-none actmat] [--json out.json]
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -31,6 +30,7 @@ import torch
 from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
+from mergekit_ace.synthetic import layer_experts
 
 SHAPES = {"q": (2048, 2048), "gate": (5632, 2048), "down": (2048, 5632)}
 METHODS = {
@@ -41,21 +41,6 @@ METHODS = {
     "iso_c": (iso_c_merge, {}),
     "iso_cts": (iso_cts_merge, {}),
 }
-
-
-def finetune_like_experts(shape, relative=(0.01, 0.025, 0.05), rank=64, noise=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m, n = shape
-    W0 = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
-    experts = []
-    for r in relative:
-        U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
-        V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
-        low = (U / torch.arange(1, rank + 1, dtype=torch.float64)) @ V.T
-        N = torch.randn(m, n, generator=g, dtype=torch.float64)
-        D = low / low.norm() + noise * N / N.norm()
-        experts.append((W0 + D * (r * W0.norm() / D.norm())).to(torch.bfloat16))
-    return W0.to(torch.bfloat16), experts
 
 
 def timed(fn, repeats):
@@ -83,7 +68,7 @@ def main(argv=None):
     print("|---|---|---|---|---:|---:|---:|---:|")
     for shape_name in args.shapes:
         shape = tuple(max(8, int(round(s * args.scale))) for s in SHAPES[shape_name])
-        W0, experts = finetune_like_experts(shape)
+        W0, experts = layer_experts(shape, name=f"model.layers.0.{shape_name}.weight")
         for method in args.methods:
             merge, params = METHODS[method]
             bf16 = dict(output_dtype=torch.bfloat16, **params)

@@ -142,6 +142,15 @@ def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, exp
     return full
 
 
+def layer_experts(shape: Sequence[int], relative: Sequence[float] = DEFAULT_RELATIVE_UPDATES, seed: int = 0,
+                  name: str = "layer.weight", dtype: torch.dtype = torch.bfloat16):
+    """One weight's base and experts as checkpoints store them (``dtype``): ``(W_0, [W_t])`` with the
+    fine-tune-like updates of :func:`expert_update` (benchmarks and precision tests of single weights)."""
+    base = base_tensor(name, shape, seed)
+    experts = [(base + expert_update(name, base, rel, seed, t)).to(dtype) for t, rel in enumerate(relative)]
+    return base.to(dtype), experts
+
+
 @dataclass
 class _Shard:
     file: str

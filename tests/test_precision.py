@@ -27,6 +27,7 @@ from mergekit_ace.rules.precision import (
     top_eigenvalue_lower_bound,
     unit_roundoff,
 )
+from mergekit_ace.synthetic import layer_experts
 from tests.reference import ace_reference, actmat_reference, contract_ratio, rel_err, stored_ratio
 
 
@@ -53,23 +54,6 @@ def bf16_experts(shape, scales=(1.0, 0.1, 0.5), std=1e-3, spectrum=None, rank=No
 
 WELL_CONDITIONED = [(384, 256), (256, 256), (96, 512)]
 BF16 = torch.bfloat16
-
-
-def finetune_like_experts(shape, relative=(0.01, 0.025, 0.05), rank=32, noise=0.2, seed=0):
-    """bf16 checkpoints with fine-tune-like updates: a rank-``rank`` part with singular values 1/i
-    plus ``noise`` (relative) of isotropic noise, ||D_t|| / ||W_0|| = ``relative``."""
-    g = torch.Generator().manual_seed(seed)
-    m, n = shape
-    W0 = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
-    experts = []
-    for r in relative:
-        U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
-        V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
-        low = (U / torch.arange(1, rank + 1, dtype=torch.float64)) @ V.T
-        N = torch.randn(m, n, generator=g, dtype=torch.float64)
-        D = low / low.norm() + noise * N / N.norm()
-        experts.append((W0 + D * (r * W0.norm() / D.norm())).to(BF16))
-    return W0.to(BF16), experts
 
 
 def assert_contract(out, ref, dtype=BF16):
@@ -119,7 +103,7 @@ def test_ace_refinement_goes_to_float64_before_any_product(monkeypatch):
     float32 products turned by 9-11x the bf16 rounding on the TinyLlama-sized weights of
     benchmarks/precision_contract.py (less on small or lucky weights: the gap at k varies); "auto"
     decides float64 after step 1, before any Gram."""
-    W0, experts = finetune_like_experts((512, 512), rank=64)
+    W0, experts = layer_experts((512, 512))
     grams = []
     gram = TaskVectors.gram
     monkeypatch.setattr(TaskVectors, "gram", lambda self, *a, **k: grams.append(self.dtype) or gram(self, *a, **k))
