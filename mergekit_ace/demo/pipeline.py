@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     methods, skipped = study.available_variants(methods, log=_log)
+    if not methods:
+        raise UserError("none of the chosen merge methods is available: "
+                        + "; ".join(f"{label} ({why})" for label, why in skipped))
 
     output = Path(args.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
