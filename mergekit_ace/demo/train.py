@@ -10,6 +10,9 @@ Recipe (all CPU, float32, fixed seeds):
    the learning rate are set per skill in the configuration; the skills differ in difficulty and
    their task vectors differ in size accordingly (the report prints their norms, and the share of
    weight matrices that ACE's heterogeneity test sends down its heterogeneous branch).
+4. A configuration with ``storage_dtype="bfloat16"`` (``realistic``) is not trained itself: it
+   stores its float32 twin's models (:meth:`DemoConfig.float32_twin`, trained or reused first)
+   with every weight rounded to bf16, as real checkpoints are stored.
 
 Everything trained goes to ``<cache>/<config name>-<hash>/`` where the hash covers the whole
 training configuration and a recipe version; a run whose configuration hashes the same reuses it.
