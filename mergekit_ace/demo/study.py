@@ -11,8 +11,9 @@ examples all change with it; trained models are cached under the configuration's
    RegMean's objective is about; see :mod:`mergekit_ace.covariance`), and once more through the
    base for a second cosine column;
 3. merge with every variant of :data:`VARIANTS` (mergekit's ``run_merge`` in this process, on the
-   same YAML ``mergekit-yaml`` would read); a variant whose parameter the installed method does
-   not declare is skipped and the skip is logged;
+   same YAML ``mergekit-yaml`` would read, in the configuration's ``merge_dtype``); a variant
+   whose method is not installed, or whose parameter the installed method does not declare, is
+   skipped and the skip is logged and reported;
 4. per merged linear layer: the cosine between the proxies (``D_t^T D_t``, ACE's centred
    ``C_t^T C_t``, the identity) and ``G_t``; every merge's RegMean objective relative to the
    average's; the RegMean solution with the real covariances, its objective and each merge's
