@@ -27,10 +27,12 @@ demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output
 
 # The demo's pipeline over the five seeds of the committed study (examples/study-realistic) in the
-# realistic regime, every merge variant, and the covariance analysis; cached training and finished
-# seeds are reused.
+# realistic regime (bf16 checkpoints merged in bf16), every merge variant, and the covariance
+# analysis; then the same models unrounded and merged in float32 (trained once for both; cached
+# training and finished seeds are reused).
 study: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic --seeds 0 1 2 3 4 --output study-output
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace study --config realistic-float32 --seeds 0 1 2 3 4 --output study-output-float32 --cache study-output/cache
 
 clean:
-	rm -rf $(VENV) build dist demo-output study-output
+	rm -rf $(VENV) build dist demo-output study-output study-output-float32

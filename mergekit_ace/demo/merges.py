@@ -16,6 +16,9 @@ The choices are the values a user would write, taken from the papers' defaults:
   authors pick alpha on validation data, which a data-free comparison does not have).
 * ``iso_c``, ``iso_cts``: isotropic merging, alpha = 1 (likewise), Iso-CTS with the paper's
   common-subspace fraction 0.8.
+* ``ace-refine-none``: ACE at the setting the study recommends (``refinement: none``).
+* ``wudi``: WUDI-Merging with its defaults (closed form). A method the installed mergekit-ace does
+  not register is skipped, and the demo says so (``study.available_variants``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ METHODS: List[MethodSpec] = [
     ("tsv_m", "tsv_m", {"alpha": 1.0}, {}),
     ("iso_c", "iso_c", {"alpha": 1.0}, {}),
     ("iso_cts", "iso_cts", {"alpha": 1.0, "common_space_fraction": 0.8}, {}),
+    # ACE at the setting the study recommends (README, "What the study says"): no refinement.
+    ("ace-refine-none", "ace", {"epsilon": 1e-5, "tau": 0.3, "k_frac": 0.3, "scale": 1.0, "refinement": "none"}, {}),
+    ("wudi", "wudi", {}, {}),  # WUDI-Merging, closed form (skipped where the method is not installed)
 ]
 
 #: The methods this package adds (they need it pip-installed where mergekit-yaml runs).
@@ -113,9 +119,10 @@ def run_merge_in_process(config_path: Path, target: Path) -> None:
 
 
 def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: Path, log=print,
-              in_process: bool = False) -> Tuple[Path, float]:
-    """Write ``<out_dir>/<label>.yaml`` and run ``mergekit-yaml`` on it into ``<out_dir>/<label>``
-    (a subprocess, or mergekit's ``run_merge`` in this process with ``in_process``).
+              in_process: bool = False, dtype: str = "float32") -> Tuple[Path, float]:
+    """Write ``<out_dir>/<label>.yaml`` (mergekit ``dtype: <dtype>``) and run ``mergekit-yaml`` on it
+    into ``<out_dir>/<label>`` (a subprocess, or mergekit's ``run_merge`` in this process with
+    ``in_process``).
     Return the merged model's path and the wall time of the merge."""
     from mergekit_ace.cli import UserError
 
@@ -123,7 +130,7 @@ def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / f"{label}.yaml"
-    config_path.write_text(yaml.safe_dump(merge_config(method, base, experts), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(merge_config(method, base, experts, dtype=dtype), sort_keys=False))
     target = out_dir / label
     if target.exists():
         shutil.rmtree(target)
@@ -163,6 +170,7 @@ def run_all_merges(
     jobs: Optional[int] = None,
     log=print,
     in_process: bool = False,
+    dtype: str = "float32",
 ) -> Dict[str, Dict[str, object]]:
     """Run every method (``jobs`` mergekit-yaml processes at a time, default: the number of CPU
     cores, at most 4: each one spends most of its few seconds importing torch and mergekit; with
@@ -172,14 +180,14 @@ def run_all_merges(
 
     expert_paths = [Path(experts[name]) for name in experts]
     if in_process:
-        done = [(m, run_merge(m, base, expert_paths, out_dir, log, in_process=True)) for m in methods]
+        done = [(m, run_merge(m, base, expert_paths, out_dir, log, in_process=True, dtype=dtype)) for m in methods]
         return {
             m[0]: {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{m[0]}.yaml"}
             for m, (path, seconds) in done
         }
     jobs = jobs or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [(m, pool.submit(run_merge, m, base, expert_paths, out_dir, log)) for m in methods]
+        futures = [(m, pool.submit(run_merge, m, base, expert_paths, out_dir, log, False, dtype)) for m in methods]
         done = [(m, f.result()) for m, f in futures]
     return {
         m[0]: {"path": path, "seconds": seconds, "config": Path(out_dir).resolve() / f"{m[0]}.yaml"}

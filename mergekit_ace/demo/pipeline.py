@@ -5,9 +5,9 @@ data-free peers (TSV-M, Iso-C, Iso-CTS), on real (tiny) language models, on any 
 
 1. train a tokenizer, a tiny Llama base (briefly, on a mixture of three synthetic skills) and one
    expert per skill (``mergekit_ace.demo.train``; cached under a hash of the configuration);
-2. merge the experts with linear, task_arithmetic, ties, ace, actmat, tsv_m, iso_c and iso_cts
-   through ``mergekit-yaml``
-   (``mergekit_ace.demo.merges``);
+2. merge the experts with linear, task_arithmetic, ties, ace (the paper's defaults and the study's
+   recommended ``refinement: none``), actmat, tsv_m, iso_c, iso_cts and wudi through
+   ``mergekit-yaml`` (``mergekit_ace.demo.merges``; a method not installed is skipped and reported);
 3. score base, experts and merges with lm-eval on three local tasks (``mergekit_ace.demo.scoring``);
 4. write ``<output>/report.md`` (raw scores and scores normalised to each task's expert, as in the
    ACE paper's Table 9), ``<output>/chart.png`` and ``<output>/summary.json``; print the tables.
@@ -44,18 +44,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        default="default",
+        default="realistic",
         choices=sorted(CONFIGS),
-        help="training configuration: 'default' (a few minutes on 2 CPU cores), 'realistic' (task vectors of a few per cent of the base, as in real fine-tunes) or 'small' (seconds; for tests)",
+        help="training configuration: 'realistic' (the default: task vectors of a few per cent of the base, "
+        "as in real fine-tunes, stored in bf16 and merged with dtype bfloat16), 'realistic-float32' (the same "
+        "models in float32), 'default' (the toy regime: task vectors of 20-50 %% of the base) or 'small' "
+        "(seconds; for tests)",
     )
     parser.add_argument("--force-retrain", action="store_true", help="retrain even if the cache has the models")
     parser.add_argument(
         "--methods",
         default=None,
         help="comma-separated subset of merge methods to run (default: all of "
-        "linear,task_arithmetic,ties,ace,actmat,tsv_m,iso_c,iso_cts)",
+        "linear,task_arithmetic,ties,ace,actmat,tsv_m,iso_c,iso_cts,ace-refine-none,wudi)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default: 16)")
+
+
+#: What each configuration stands for: (one line for the console, the report's paragraph).
+REGIMES = {
+    "realistic": (
+        "realistic (task vectors of a few per cent of the base, base and experts stored in bf16 and "
+        "merged with dtype bfloat16, as real checkpoints are)",
+        "**Regime: realistic.** Task vectors are a few per cent of the base's norm, as real LLM fine-tunes "
+        "have (table below), base and experts are stored in bf16 and merged with `dtype: bfloat16`, and the "
+        "MLP has the real models' width ratio. This is one seed: the ranking of close methods moves from seed "
+        "to seed. The multi-seed study of this regime, and what it recommends, is "
+        "`examples/study-realistic/RESULTS.md` in the mergekit-ace repository (rerun it with `make study`). "
+        "The toy regime is `mergekit-ace demo --config default`.",
+    ),
+    "realistic-float32": (
+        "realistic, float32 (the realistic models before their rounding to bf16, merged in float32)",
+        "**Regime: realistic, float32.** The `realistic` configuration's models before their rounding to "
+        "bf16, merged in float32 (the comparison for the bf16 run). Multi-seed study: "
+        "`examples/study-realistic/RESULTS.md` in the mergekit-ace repository.",
+    ),
+    "default": (
+        "toy (task vectors of 20-50 % of the base, far larger than real fine-tunes; the default "
+        "`--config realistic` is the representative one)",
+        "**Regime: toy.** Task vectors are 20-50 % of the base's norm, far larger and more unequal than in "
+        "real fine-tunes; methods rank differently here (ACE with the published refinement does worst). "
+        "The realistic regime is the demo's default (`mergekit-ace demo`); the multi-seed studies of both "
+        "are `examples/study-realistic/RESULTS.md` and `examples/study-toy-default/RESULTS.md` in the "
+        "mergekit-ace repository.",
+    ),
+    "small": (
+        "small (a seconds-scale configuration for the tests; not a regime to draw conclusions from)",
+        "**Regime: small**, the test suite's seconds-scale configuration: no conclusion about the methods "
+        "should be drawn from it. See `examples/study-realistic/RESULTS.md` in the mergekit-ace repository.",
+    ),
+}
 
 
 def _log(message: str) -> None:
@@ -73,7 +111,7 @@ def offline_quiet_environment() -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mergekit_ace.cli import UserError
-    from mergekit_ace.demo import merges, scoring, train
+    from mergekit_ace.demo import merges, scoring, study, train
     from mergekit_ace.demo.skills import build_skills
 
     offline_quiet_environment()
@@ -91,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         methods = [m for m in merges.METHODS if m[0] in wanted]
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    methods, skipped = study.available_variants(methods, log=_log)
+    if not methods:
+        raise UserError("none of the chosen merge methods is available: "
+                        + "; ".join(f"{label} ({why})" for label, why in skipped))
 
     output = Path(args.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -98,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     timings: Dict[str, float] = {}
 
+    _log(f"Regime: {REGIMES.get(config.name, REGIMES['small'])[0]}")
     _log(f"== 1/4 Training (config '{config.name}', hash {config.digest()})")
     t0 = time.time()
     trained = train.ensure_trained(config, cache, force=args.force_retrain, log=_log)
@@ -106,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     _log("== 2/4 Merging with mergekit-yaml: " + ", ".join(m[0] for m in methods))
     t0 = time.time()
-    merged = merges.run_all_merges(trained.base, trained.experts, output / "merges", methods, log=_log)
+    merged = merges.run_all_merges(trained.base, trained.experts, output / "merges", methods, log=_log,
+                                   dtype=config.merge_dtype)
     timings["merge"] = time.time() - t0
 
     _log(f"== 3/4 Scoring {len(merged) + 1 + len(SKILL_NAMES)} models with lm-eval on 3 tasks x "
@@ -136,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         "merge_configs": {label: str(info["config"]) for label, info in merged.items()},
         "merge_seconds": {label: info["seconds"] for label, info in merged.items()},
         "methods": [{"label": m[0], "merge_method": m[1], "parameters": m[2], "model_parameters": m[3]} for m in methods],
+        "skipped": skipped,
+        "regime": REGIMES.get(config.name, REGIMES["small"])[0],
         "training": {k: v for k, v in trained.manifest.items() if k != "experts"},
         "experts": {
             name: {**{k: v for k, v in info.items() if k != "task_vector_sq_norms"},
@@ -300,6 +346,8 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
         "three synthetic skills, then one expert per skill fine-tuned on that skill only. "
         f"All scores are lm-eval greedy generations on {summary['eval_examples_per_task']} held-out examples per task.",
         "",
+        REGIMES.get(cfg["name"], REGIMES["small"])[1],
+        "",
         "Skills: **arithmetic** (two-digit addition, `add 48+79=` -> `127`, exact match); **rpn**, a code-like task (compile "
         "`rpn (3+4)*2=` into a stack program such as `3 4 + 2 *`; a checker runs the program and accepts any "
         "program that uses exactly the expression's digits and computes its value); **translate** (English into a "
@@ -334,7 +382,9 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
               "`ace` and `actmat` estimate each task's input covariance from its weight update (this package's "
               "rules); `tsv_m`, `iso_c` and `iso_cts` are the data-free SVD merges both papers compare against "
               "(Task Singular Vectors, isotropic merging), with the authors' defaults and alpha = 1 (the "
-              "authors' code selects alpha on validation data); linear, task_arithmetic and ties are mergekit's own.", "",
+              "authors' code selects alpha on validation data); linear, task_arithmetic and ties are mergekit's own. "
+              "`ace` runs at the paper's defaults (`refinement: add`), `ace-refine-none` at the setting the "
+              "multi-seed study recommends (`refinement: none`); `wudi` is WUDI-Merging (closed form).", "",
               "| method | mergekit `merge_method` | parameters | per-model parameters | seconds |",
               "|---|---|---|---|---:|"]
     for m in summary["methods"]:
@@ -342,6 +392,9 @@ def render_report(summary: Mapping, chart: Optional[Path]) -> str:
             f"| {m['label']} | `{m['merge_method']}` | `{json.dumps(m['parameters'])}` | "
             f"`{json.dumps(m['model_parameters'])}` | {summary['merge_seconds'][m['label']]:.1f} |"
         )
+    if summary.get("skipped"):
+        lines += ["", "Skipped (not available in this installation): "
+                  + "; ".join(f"`{label}` ({why})" for label, why in summary["skipped"]) + "."]
     lines += [
         "",
         "The mergekit YAML of every merge is in `merges/<method>.yaml`; rerun one with "

@@ -65,6 +65,7 @@ def score_models(
         batch_size=batch_size,
         include_path=str(tasks_dir),
         device="cpu",
+        model_args={"dtype": "float32"},  # bf16-stored models too: the weights are bf16, the arithmetic is not
         overwrite=True,
         primary_metrics={task_name(s): f"{METRICS[s]},none" for s in SKILL_NAMES},
     )

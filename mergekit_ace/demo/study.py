@@ -11,8 +11,9 @@ examples all change with it; trained models are cached under the configuration's
    RegMean's objective is about; see :mod:`mergekit_ace.covariance`), and once more through the
    base for a second cosine column;
 3. merge with every variant of :data:`VARIANTS` (mergekit's ``run_merge`` in this process, on the
-   same YAML ``mergekit-yaml`` would read); a variant whose parameter the installed method does
-   not declare is skipped and the skip is logged;
+   same YAML ``mergekit-yaml`` would read, in the configuration's ``merge_dtype``); a variant
+   whose method is not installed, or whose parameter the installed method does not declare, is
+   skipped and the skip is logged and reported;
 4. per merged linear layer: the cosine between the proxies (``D_t^T D_t``, ACE's centred
    ``C_t^T C_t``, the identity) and ``G_t``; every merge's RegMean objective relative to the
    average's; the RegMean solution with the real covariances, its objective and each merge's
@@ -51,11 +52,25 @@ def ace(label: str, **overrides) -> Tuple[str, str, Dict[str, object], Dict[str,
     return (label, "ace", {**ACE_DEFAULTS, **overrides}, {})
 
 
+#: ACE's code scope as mergekit filters (examples/ace-llama-3.2-3b-paper-scope.yml).
+PAPER_SCOPE_ACE = [{"filter": "embed_tokens", "value": "base"}, {"filter": "lm_head", "value": "base"},
+                   {"value": "default"}]
+
+
 def _variants():
     from mergekit_ace.demo.merges import METHODS
 
     return [
-        *METHODS,  # linear, task_arithmetic, ties, ace, actmat, tsv_m, iso_c, iso_cts (the demo's eight)
+        # the demo's: linear, task_arithmetic, ties, ace, actmat, tsv_m, iso_c, iso_cts,
+        # ace-refine-none (the recommended setting), wudi (closed form)
+        *METHODS,
+        ("wudi-adam", "wudi", {"solver": "adam"}, {}),  # WUDI's gradient solver
+        # the scope of each paper's code (docs/methods.md, "Scope"): ACE keeps the base's embeddings
+        # and lm_head; ACTMat averages every 2-D weight with a dimension >= 20000 -- here the
+        # vocabulary's 512, the one dimension that plays the real vocabulary's part
+        ace("ace-paper-scope", scope=PAPER_SCOPE_ACE),
+        ("actmat-paper-scope", "actmat", {"scale": 1.0, "average_from_dim": 512}, {}),
+        ("actmat-truncated", "actmat", {"scale": 1.0, "solve": "truncated"}, {}),  # the papers' truncation
         ace("ace-homogeneous", tau=1e9),  # never the heterogeneous branch (no trace normalisation, no refinement)
         ace("ace-no-refinement", k_frac=0.0),  # heterogeneous branch without the spectral refinement
         ace("ace-eps1e-6", epsilon=1e-6),
@@ -64,7 +79,6 @@ def _variants():
         ace("ace-eps1e-2", epsilon=1e-2),  # the authors' code default ridge
         ace("ace-refine-add", refinement="add"),  # Eq. 19 as published (= ace)
         ace("ace-refine-rescale", refinement="rescale"),
-        ace("ace-refine-none", refinement="none"),
     ]
 
 
@@ -82,6 +96,11 @@ PAIRS = [
     ("ace-refine-rescale", "ace-refine-none"),
     ("ace-refine-add", "ace-refine-rescale"),
     ("ace", "ace-eps1e-2"),
+    ("ace-paper-scope", "ace"),  # does leaving embeddings and lm_head at the base help?
+    ("actmat-paper-scope", "actmat"),
+    ("actmat-truncated", "actmat"),
+    ("wudi", "ace"),
+    ("wudi-adam", "wudi"),
 ]
 
 
@@ -259,7 +278,8 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
 
     log(f"== seed {seed}: merging ({len(variants)} variants, mergekit's run_merge in this process)")
     t0 = time.time()
-    merged = merges.run_all_merges(trained.base, trained.experts, out / "merges", variants, log=log, in_process=True)
+    merged = merges.run_all_merges(trained.base, trained.experts, out / "merges", variants, log=log, in_process=True,
+                                  dtype=cfg.merge_dtype)
     timings["merge"] = time.time() - t0
 
     log(f"== seed {seed}: covariance analysis and the RegMean reference")
@@ -412,7 +432,7 @@ def render_report(study: Mapping) -> str:
         "deviation over seeds, then min-max.",
     ]
     if study.get("skipped"):
-        lines += ["", "Skipped variants (the installed method does not take their parameter): "
+        lines += ["", "Skipped variants (a method that is not installed, or a parameter it does not take): "
                   + "; ".join(f"`{label}` ({why})" for label, why in study["skipped"]) + "."]
     lines += ["", "## Experts", "", "| expert | own skill | base on it | ||D_t|| / ||W_0|| (%) | median over weights (%) |",
               "|---|---:|---:|---:|---:|"]

@@ -10,6 +10,9 @@ Recipe (all CPU, float32, fixed seeds):
    the learning rate are set per skill in the configuration; the skills differ in difficulty and
    their task vectors differ in size accordingly (the report prints their norms, and the share of
    weight matrices that ACE's heterogeneity test sends down its heterogeneous branch).
+4. A configuration with ``storage_dtype="bfloat16"`` (``realistic``) is not trained itself: it
+   stores its float32 twin's models (:meth:`DemoConfig.float32_twin`, trained or reused first)
+   with every weight rounded to bf16, as real checkpoints are stored.
 
 Everything trained goes to ``<cache>/<config name>-<hash>/`` where the hash covers the whole
 training configuration and a recipe version; a run whose configuration hashes the same reuses it.
@@ -77,6 +80,11 @@ class DemoConfig:
     base_mixture: Tuple[float, ...] = (1.0, 1.0, 1.0)
     # evaluation data (held out: never seen in training)
     eval_examples: int = 100
+    # How base and experts are stored and merged. ``bfloat16``: trained in float32 exactly like the
+    # float32 twin (:meth:`float32_twin`, which is trained or reused first), then every weight is
+    # rounded to bf16 on save, as real checkpoints are stored; the merges use ``dtype: bfloat16``.
+    storage_dtype: str = "float32"
+    merge_dtype: str = "float32"
 
     def skill_kwargs(self) -> Dict[str, dict]:
         return {skill: dict(opts) for skill, opts in self.skill_options}
@@ -91,8 +99,30 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        payload = json.dumps({"recipe": RECIPE_VERSION, "config": self.to_dict()}, sort_keys=True, default=str)
+        """Hash of everything that determines the models. Fields added after the first cached
+        models (:data:`_LATER_FIELDS`) enter it only when they differ from their defaults, so a
+        configuration that does not use them keeps its hash and its cache."""
+        config = self.to_dict()
+        for name in _LATER_FIELDS:
+            if config[name] == _FIELD_DEFAULTS[name]:
+                del config[name]
+        payload = json.dumps({"recipe": RECIPE_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def float32_twin(self) -> "DemoConfig":
+        """The same training stored and merged in float32 (named ``<name>-float32``); a bf16
+        configuration's models are this one's, rounded to bf16."""
+        if self.storage_dtype == "float32" and self.merge_dtype == "float32":
+            return self
+        name = self.name if self.name.endswith("-float32") else f"{self.name}-float32"
+        return dataclasses.replace(self, name=name, storage_dtype="float32", merge_dtype="float32")
+
+
+#: DemoConfig fields added after models were first cached (see DemoConfig.digest).
+_LATER_FIELDS = ("storage_dtype", "merge_dtype")
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+#: What ``storage_dtype`` / ``merge_dtype`` may be.
+DTYPES = ("float32", "bfloat16")
 
 
 _FULL_SKILLS = (
@@ -131,8 +161,16 @@ CONFIGS: Dict[str, DemoConfig] = {
     # 2-digit sums) and little rpn (15 %) and translate (3 %), so it is partly able at each; the
     # experts then fine-tune briefly at a small learning rate (5e-5 to 6e-5, 200-400 steps), which
     # sharpens a skill the base already half has instead of teaching it from scratch.
+    # Like real checkpoints, base and experts are stored in bf16 and merged with `dtype: bfloat16`
+    # (`realistic-float32`: the same models unrounded, merged in float32), and the MLP has the real
+    # models' ratio: 344 / 128 = 2.69 (OLMo-3-7B 11008 / 4096 = 2.69, Llama-3.2-3B 8192 / 3072 =
+    # 2.67), so that down_proj's T d_out / d_in with T = 3 experts is 3 * 128 / 344 = 1.12 (real:
+    # 1.12-1.13), where ACTMat's sum_t D_t^T D_t (d_in x d_in, rank <= T d_out) is nearly singular.
     "realistic": DemoConfig(
         name="realistic",
+        intermediate_size=344,
+        storage_dtype="bfloat16",
+        merge_dtype="bfloat16",
         base_steps=500,
         base_lr=2e-3,
         base_mixture=(0.82, 0.15, 0.03),
@@ -176,6 +214,7 @@ CONFIGS: Dict[str, DemoConfig] = {
         eval_examples=24,
     ),
 }
+CONFIGS["realistic-float32"] = CONFIGS["realistic"].float32_twin()
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,8 +444,20 @@ def ensure_trained(
             log(f"Using cached models in {root} (configuration hash {config.digest()}).")
             paths.manifest = manifest
             return paths
+    if config.storage_dtype not in DTYPES or config.merge_dtype not in DTYPES:
+        raise ValueError(f"config {config.name}: storage_dtype / merge_dtype must be one of {DTYPES}, got "
+                         f"{config.storage_dtype!r} / {config.merge_dtype!r}")
     if root.exists():
         shutil.rmtree(root)
+    if config.storage_dtype != "float32":
+        twin = ensure_trained(config.float32_twin(), cache_dir, force=force, log=log, jobs=jobs)
+        staging = root.with_name(root.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        paths.manifest = _store_rounded(config, twin, _paths(staging), log)
+        (staging / "manifest.json").write_text(json.dumps(paths.manifest, indent=2))
+        staging.rename(root)  # complete, or not there at all
+        return paths
     root.mkdir(parents=True)
     import os
 
@@ -420,6 +471,35 @@ def ensure_trained(
         torch.set_num_threads(threads)
     manifest_path.write_text(json.dumps(paths.manifest, indent=2))  # written last: marks completion
     return paths
+
+
+def _store_rounded(config: DemoConfig, twin: TrainedModels, paths: TrainedModels, log) -> dict:
+    """Save the float32 twin's tokenizer, base and experts with every weight rounded to
+    ``config.storage_dtype``; return the manifest (the twin's, with the task-vector energies of
+    the rounded weights, which is what a merge of the stored checkpoints sees)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ace import toymodels
+
+    t0 = time.time()
+    shutil.copytree(twin.tokenizer, paths.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(twin.base)
+    base = AutoModelForCausalLM.from_pretrained(twin.base, dtype=torch.float32)
+    toymodels.save_pretrained(base, tokenizer, paths.base, dtype=config.storage_dtype)
+    base = AutoModelForCausalLM.from_pretrained(paths.base, dtype=torch.float32)  # the rounded base
+    manifest = copy.deepcopy(twin.manifest)
+    for name in SKILL_NAMES:
+        expert = AutoModelForCausalLM.from_pretrained(twin.experts[name], dtype=torch.float32)
+        toymodels.save_pretrained(expert, tokenizer, paths.experts[name], dtype=config.storage_dtype)
+        expert = AutoModelForCausalLM.from_pretrained(paths.experts[name], dtype=torch.float32)
+        sq = task_vector_stats(base, expert)
+        manifest["experts"][name].update(task_vector_norm=math.sqrt(sum(sq.values())), task_vector_sq_norms=sq)
+    manifest.update(digest=config.digest(), config=config.to_dict(),
+                    stored_from={"digest": twin.manifest.get("digest"), "root": str(twin.root),
+                                 "dtype": config.storage_dtype})
+    log(f"Stored the {twin.root.name} models in {config.storage_dtype} ({time.time() - t0:.1f}s)")
+    return manifest
 
 
 def _train_expert(config: DemoConfig, index: int, name: str, base_path: str, out_path: str, log=None):

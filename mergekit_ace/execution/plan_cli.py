@@ -137,7 +137,7 @@ def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
 def build_plan(config, budget_bytes: float) -> dict:
     from mergekit_ace.execution.executor import choose_plan, refines
     from mergekit_ace.execution.memory import average_estimate
-    from mergekit_ace.rules.common import is_input_embedding
+    from mergekit_ace.rules.common import RULE
 
     method = config.merge_method
     params = dict(config.parameters or {})
@@ -163,19 +163,39 @@ def build_plan(config, budget_bytes: float) -> dict:
     for name, (shape, dtype) in base_shapes.items():
         itemsize = 2 if dtype in ("F16", "BF16") else 4 if dtype == "F32" else 8
         inputs = (T + 1) * _numel(shape) * itemsize
-        takes_rule = rule and len(shape) == 2 and (merge_embeddings or not is_input_embedding(name))
-        if takes_rule:
+        treatment = _treatment(name, shape, params, merge_embeddings) if rule else None
+        if treatment == RULE:
             plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac,
                                refine=refines(params), iterations=max(0, int(params.get("iterations", 300))))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
             est = average_estimate(shape, T, out_bytes=itemsize)
-            what = "average" if rule else f"{method} (elementwise)"
+            what = treatment if rule else f"{method} (elementwise)"
             strategy, chunk = "-", None
         rows.append(dict(name=name, shape=list(shape), dtype=dtype, rule=what, strategy=strategy,
                          row_chunk=chunk, peak_bytes=est.peak_bytes, input_bytes=inputs,
                          matmul_flops=est.matmul_flops, eigh_flops=est.eigh_flops))
     return dict(method=method, experts=T, base=base_path, weights=rows)
+
+
+def _treatment(name: str, shape, params: dict, merge_embeddings: bool) -> str:
+    """rule / average / base for one weight, with ``scope`` and ``average_from_dim`` resolved for
+    this tensor name by mergekit's own filter matching (rules/common.py ``weight_scope``)."""
+    from mergekit.config import evaluate_setting
+
+    from mergekit_ace.rules.common import MergeInputError, weight_scope
+
+    def setting(key, default):
+        if key not in params:
+            return default
+        value = evaluate_setting(name, params[key], 0, validate=lambda v: v)
+        return default if value is None else value
+
+    try:
+        return weight_scope(name, shape, setting("scope", "default"), merge_embeddings=merge_embeddings,
+                            average_from_dim=setting("average_from_dim", 0))
+    except MergeInputError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _numel(shape) -> int:

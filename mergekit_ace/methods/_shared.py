@@ -16,7 +16,9 @@ from mergekit_ace.rules.common import (
     check_inputs,
     check_parameter,
     describe,
-    is_input_embedding,
+    weight_scope,
+    BASE,
+    RULE,
 )
 
 #: Internal precision of the covariance algebra (METHODS.md, "Numerics").
@@ -30,14 +32,19 @@ def merge_group(
     *,
     scale: float,
     merge_embeddings: bool,
+    scope: str = "default",
+    average_from_dim: int = 0,
     scale_name: str = "scale",
     rule_kind: Optional[str] = None,
     **rule_parameters,
 ) -> torch.Tensor:
     """Apply ``rule`` to a 2-D weight, or the experts' average to anything else.
 
-    Input token embeddings are averaged unless ``merge_embeddings``; the result is returned in the
-    dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype`` afterwards). ``scale``
+    Input token embeddings are averaged unless ``merge_embeddings``; ``scope`` (per tensor through
+    mergekit's filters) and ``average_from_dim`` override that choice: rules/common.py
+    ``weight_scope``, docs/methods.md "Scope" (``base`` returns the base's values). The result is
+    returned in the dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype``
+    afterwards). ``scale``
     multiplies the merged task vector of both; the rule takes it as ``scale_name`` ("scale" for
     ace/actmat, "alpha" for the SVD methods, after their papers). The execution layer knows the
     rule as ``rule_kind``, by default ``rule_name`` lower-cased with "-" as "_" (ace, actmat, wudi,
@@ -52,10 +59,11 @@ def merge_group(
     check_inputs(base, experts, name=name, ids=_labels(ids), base_id=_label(group.base.id))
     check_parameter(name, scale_name, scale)
     out_dtype = base.dtype if base.is_floating_point() else torch.float32
-    takes_rule = base.ndim == 2 and (
-        merge_embeddings or not is_input_embedding(name, group.metadata.vocabulary_axis)
-    )
-    if takes_rule:
+    treatment = weight_scope(name, base.shape, scope, merge_embeddings=merge_embeddings,
+                             average_from_dim=average_from_dim, vocabulary_axis=group.metadata.vocabulary_axis)
+    if treatment == BASE:
+        return base.to(out_dtype, copy=True)
+    if treatment == RULE:
         # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md).
         merged = execute_rule(
             rule_kind or rule_name.lower().replace("-", "_"),

@@ -22,15 +22,18 @@ def ace(
     scale: float = 1.0,
     refinement: str = "add",
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
-    """ACE on every 2-D weight; the experts' average on the rest and on input embeddings.
+    """ACE on every 2-D weight; the experts' average on the rest and on input embeddings
+    (``scope`` / ``average_from_dim`` change which: docs/methods.md, "Scope").
     ``refinement``: ``add`` (Eq. 19 as published), ``rescale`` or ``none`` (rules/ace.py)."""
     return merge_group(
         group,
         ace_merge,
         "ACE",
         scale=scale,
-        merge_embeddings=merge_embeddings,
+        merge_embeddings=merge_embeddings, scope=scope, average_from_dim=average_from_dim,
         epsilon=epsilon,
         tau=tau,
         k_frac=k_frac,

@@ -23,14 +23,17 @@ def actmat(
     rcond: Optional[float] = None,
     solve: str = "exact",
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
-    """ACTMat on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    """ACTMat on every 2-D weight; the experts' average on the rest and on input embeddings
+    (``scope`` / ``average_from_dim`` change which: docs/methods.md, "Scope")."""
     return merge_group(
         group,
         actmat_merge,
         "ACTMat",
         scale=scale,
-        merge_embeddings=merge_embeddings,
+        merge_embeddings=merge_embeddings, scope=scope, average_from_dim=average_from_dim,
         keep_base=keep_base,
         rcond=rcond,
         solve=solve,

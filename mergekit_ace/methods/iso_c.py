@@ -18,7 +18,10 @@ def iso_c(
     group: TensorGroup,
     alpha: float = 1.0,
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
-    """Iso-C on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    """Iso-C on every 2-D weight; the experts' average on the rest and on input embeddings
+    (``scope`` / ``average_from_dim`` change which: docs/methods.md, "Scope")."""
     return merge_group(group, iso_c_merge, "Iso-C", scale=alpha, scale_name="alpha",
-                       merge_embeddings=merge_embeddings)
+                       merge_embeddings=merge_embeddings, scope=scope, average_from_dim=average_from_dim)

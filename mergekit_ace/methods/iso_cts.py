@@ -19,7 +19,11 @@ def iso_cts(
     alpha: float = 1.0,
     common_space_fraction: float = 0.8,
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
-    """Iso-CTS on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    """Iso-CTS on every 2-D weight; the experts' average on the rest and on input embeddings
+    (``scope`` / ``average_from_dim`` change which: docs/methods.md, "Scope")."""
     return merge_group(group, iso_cts_merge, "Iso-CTS", scale=alpha, scale_name="alpha",
-                       merge_embeddings=merge_embeddings, common_space_fraction=common_space_fraction)
+                       merge_embeddings=merge_embeddings, scope=scope, average_from_dim=average_from_dim,
+                       common_space_fraction=common_space_fraction)

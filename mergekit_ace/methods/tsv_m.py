@@ -21,14 +21,17 @@ def tsv_m(
     alpha: float = 1.0,
     sv_reduction: Optional[float] = None,
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
-    """TSV-M on every 2-D weight; the experts' average on the rest and on input embeddings."""
+    """TSV-M on every 2-D weight; the experts' average on the rest and on input embeddings
+    (``scope`` / ``average_from_dim`` change which: docs/methods.md, "Scope")."""
     return merge_group(
         group,
         tsv_m_merge,
         "TSV-M",
         scale=alpha,
         scale_name="alpha",
-        merge_embeddings=merge_embeddings,
+        merge_embeddings=merge_embeddings, scope=scope, average_from_dim=average_from_dim,
         sv_reduction=sv_reduction,
     )

@@ -25,15 +25,20 @@ def wudi(
     lr: float = ADAM_LR,
     iterations: int = ADAM_ITERATIONS,
     merge_embeddings: bool = False,
+    scope: str = "default",
+    average_from_dim: int = 0,
 ) -> torch.Tensor:
     """WUDI on every 2-D weight (closed form, or ``solver: adam``, the official optimiser); the
-    experts' average on the rest and on input embeddings."""
+    experts' average on the rest and on input embeddings (``scope`` / ``average_from_dim`` change
+    which: docs/methods.md, "Scope")."""
     return merge_group(
         group,
         wudi_merge,
         "WUDI",
         scale=scale,
         merge_embeddings=merge_embeddings,
+        scope=scope,
+        average_from_dim=average_from_dim,
         rule_kind="wudi_adam" if solver == ADAM else "wudi",
         solver=solver,
         solve=solve,

@@ -85,13 +85,18 @@ def test_merge_configs_use_absolute_paths(tmp_path):
     from mergekit_ace.demo import merges
 
     labels = [m[0] for m in merges.METHODS]
-    assert labels == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
+    assert labels == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts",
+                      "ace-refine-none", "wudi"]
     for method in merges.METHODS:
         cfg = merges.merge_config(method, Path("base"), [Path("e1"), Path("e2")])
         paths = [m["model"] for m in cfg["models"]] + ([cfg["base_model"]] if "base_model" in cfg else [])
         assert all(Path(p).is_absolute() for p in paths)
-        assert cfg["merge_method"] == method[1]
+        assert cfg["merge_method"] == method[1] and cfg["dtype"] == "float32"
     assert "base_model" not in merges.merge_config(merges.METHODS[0], Path("b"), [Path("e")])
+    assert merges.merge_config(merges.METHODS[3], Path("b"), [Path("e")], dtype="bfloat16")["dtype"] == "bfloat16"
+    # ACE both at the paper's defaults and at the study's recommendation
+    ace, recommended = (next(m for m in merges.METHODS if m[0] == label) for label in ("ace", "ace-refine-none"))
+    assert recommended[2] == {**ace[2], "refinement": "none"} and "refinement" not in ace[2]
 
 
 def test_config_digest_tracks_the_configuration():
@@ -103,6 +108,63 @@ def test_config_digest_tracks_the_configuration():
     assert small.digest() == CONFIGS["small"].digest()
     assert small.digest() != dataclasses.replace(small, base_steps=small.base_steps + 1).digest()
     assert small.digest() != CONFIGS["default"].digest()
+    # the storage fields enter the hash only when set, so older caches keep their hash
+    assert small.digest() == dataclasses.replace(small, storage_dtype="float32", merge_dtype="float32").digest()
+    assert small.digest() != dataclasses.replace(small, storage_dtype="bfloat16").digest()
+    assert small.digest() != dataclasses.replace(small, merge_dtype="bfloat16").digest()
+    realistic = CONFIGS["realistic"]
+    assert (realistic.storage_dtype, realistic.merge_dtype) == ("bfloat16", "bfloat16")
+    assert realistic.float32_twin() == CONFIGS["realistic-float32"]
+    assert realistic.float32_twin().digest() != realistic.digest()
+    assert dataclasses.replace(realistic, storage_dtype="float32", merge_dtype="float32", name="realistic-float32") \
+        == CONFIGS["realistic-float32"]
+    # down_proj of the real models: T d_out / d_in = 3 * 3072 / 8192 (Llama-3.2-3B), 3 * 4096 / 11008 (OLMo-3-7B)
+    assert 1.10 < 3 * realistic.hidden_size / realistic.intermediate_size < 1.13
+
+
+def test_bfloat16_storage_rounds_the_float32_twin(tmp_path):
+    """A bf16 configuration stores its float32 twin's weights rounded to bf16 (trained once,
+    reused), records the rounded task vectors, and its merges run with dtype bfloat16."""
+    import dataclasses
+
+    import torch
+
+    from mergekit_ace.demo import merges
+    from mergekit_ace.demo.train import CONFIGS, ensure_trained, load_weights
+
+    tiny = dataclasses.replace(
+        CONFIGS["small"], name="tiny", hidden_size=32, intermediate_size=64, tokenizer_corpus_per_skill=200,
+        base_steps=4, experts=tuple((n, dataclasses.replace(e, steps=3)) for n, e in CONFIGS["small"].experts),
+        batch_size=8, eval_examples=4, storage_dtype="bfloat16", merge_dtype="bfloat16",
+    )
+    messages = []
+    trained = ensure_trained(tiny, tmp_path, log=messages.append)
+    twin = ensure_trained(tiny.float32_twin(), tmp_path, log=messages.append)
+    assert any("Using cached models" in m and twin.root.name in m for m in messages)  # trained once
+    assert trained.root.name == f"tiny-{tiny.digest()}" and twin.root.name == f"tiny-float32-{twin.manifest['digest']}"
+    assert not list(tmp_path.glob("*.partial"))
+    for stored, source in [(trained.base, twin.base), *((trained.experts[s], twin.experts[s]) for s in S.SKILL_NAMES)]:
+        got, full = load_weights(stored), load_weights(source)
+        assert set(got) == set(full)
+        for name, w in full.items():
+            assert w.dtype == torch.float32 and got[name].dtype == torch.bfloat16
+            assert torch.equal(got[name], w.to(torch.bfloat16)), name
+    base = load_weights(trained.base)
+    expert = load_weights(trained.experts["rpn"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    energy = float((expert[name].double() - base[name].double()).square().sum())
+    assert trained.manifest["experts"]["rpn"]["task_vector_sq_norms"][name] == pytest.approx(energy, rel=1e-12)
+    assert trained.manifest["digest"] == tiny.digest() and trained.manifest["stored_from"]["dtype"] == "bfloat16"
+    # a second call reuses the stored copy
+    again = []
+    ensure_trained(tiny, tmp_path, log=again.append)
+    assert any("Using cached models" in m and trained.root.name in m for m in again)
+    # merged with dtype bfloat16, as real checkpoints are
+    ace = next(m for m in merges.METHODS if m[0] == "ace")
+    out = merges.run_all_merges(trained.base, trained.experts, tmp_path / "merges", [ace], log=lambda m: None,
+                                in_process=True, dtype=tiny.merge_dtype)
+    merged = load_weights(out["ace"]["path"])
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +188,12 @@ def test_small_demo_runs_end_to_end(small_demo):
     out, seconds = small_demo
     summary = json.loads((out / "summary.json").read_text())
     scores = summary["scores"]
-    merges = ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts")
-    expected_models = {"base", *(f"expert-{s}" for s in S.SKILL_NAMES), *merges}
+    merges = ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts", "ace-refine-none")
+    run = [m["label"] for m in summary["methods"]]
+    skipped = [label for label, _why in summary["skipped"]]
+    assert set(run) >= set(merges) and sorted(run + skipped) == sorted([*merges, "wudi"])
+    assert skipped in ([], ["wudi"])  # wudi runs where the method is installed, else is reported
+    expected_models = {"base", *(f"expert-{s}" for s in S.SKILL_NAMES), *run}
     assert set(scores) == expected_models
     # every expert clearly beats the base on its own skill
     for skill in S.SKILL_NAMES:
@@ -139,6 +205,8 @@ def test_small_demo_runs_end_to_end(small_demo):
             assert row[skill] == pytest.approx(100 * scores[label][skill] / scores[f"expert-{skill}"][skill])
     report = (out / "report.md").read_text()
     assert "Normalised to each task's expert" in report
+    assert "**Regime: small**" in report and "examples/study-realistic/RESULTS.md" in report
+    assert ("`wudi` (merge method 'wudi' is not installed)" in report) == (skipped == ["wudi"])
     for label in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts"):
         assert f"| {label} |" in report and f"`{label}`" in report
     assert (out / "chart.png").stat().st_size > 0
@@ -150,7 +218,7 @@ def test_small_demo_merged_models_load(small_demo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = small_demo
-    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"):
+    for label in ("linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts", "ace-refine-none"):
         path = out / "merges" / label
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -191,7 +259,21 @@ def test_study_variants_are_guarded():
     assert "no_such_parameter" in skipped[0][1] and len(logged) == 2
     # the shipped list: every ACE variant is the paper's defaults plus one override
     labels = [v[0] for v in study.VARIANTS]
-    assert labels[:8] == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts"]
+    assert labels[:10] == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts",
+                           "ace-refine-none", "wudi"]
+    assert len(set(labels)) == len(labels)
+    for label in ("wudi-adam", "ace-paper-scope", "actmat-paper-scope", "actmat-truncated"):
+        assert label in labels
+    # the paper scopes: ACE's code keeps embeddings and lm_head at the base, ACTMat's averages the
+    # weights with a vocabulary-sized dimension (every other dimension of the demo's models is smaller)
+    paper_ace = next(v for v in study.VARIANTS if v[0] == "ace-paper-scope")
+    assert paper_ace[2]["scope"][:2] == [{"filter": "embed_tokens", "value": "base"}, {"filter": "lm_head", "value": "base"}]
+    from mergekit_ace.demo.train import CONFIGS
+
+    paper_actmat = next(v for v in study.VARIANTS if v[0] == "actmat-paper-scope")
+    for config in CONFIGS.values():
+        assert paper_actmat[2]["average_from_dim"] == config.vocab_size
+        assert max(config.hidden_size, config.intermediate_size) < config.vocab_size
     for label, override in (("ace-homogeneous", {"tau": 1e9}), ("ace-no-refinement", {"k_frac": 0.0}),
                             ("ace-eps1e-2", {"epsilon": 1e-2}), ("ace-refine-rescale", {"refinement": "rescale"})):
         variant = next(v for v in study.VARIANTS if v[0] == label)
