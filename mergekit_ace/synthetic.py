@@ -110,9 +110,10 @@ def base_tensor(name: str, shape: Sequence[int], seed: int, device="cpu") -> tor
     return x
 
 
-def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, expert: int) -> torch.Tensor:
+def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, expert: int,
+                  low_rank_energy: float = LOW_RANK_ENERGY) -> torch.Tensor:
     r"""``D_t`` of one tensor (float32) with :math:`\|D_t\|_F = relative \cdot \|W_0\|_F` (see the
-    module docstring for its structure)."""
+    module docstring for its structure; ``low_rank_energy``: the low-rank part's share of the energy)."""
     dev = base.device
     g = _generator(seed, name, f"expert{expert}", dev)
     target = relative * float(torch.linalg.vector_norm(base))
@@ -131,8 +132,8 @@ def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, exp
     decay = 1.0 / torch.arange(1, r + 1, dtype=torch.float32, device=dev)
     low_rank = (left * decay) @ right
     noise = torch.randn(m, n, generator=g, device=dev)
-    low_rank *= math.sqrt(LOW_RANK_ENERGY) / float(torch.linalg.vector_norm(low_rank))
-    noise *= math.sqrt(1.0 - LOW_RANK_ENERGY) / float(torch.linalg.vector_norm(noise))
+    low_rank *= math.sqrt(low_rank_energy) / float(torch.linalg.vector_norm(low_rank))
+    noise *= math.sqrt(1.0 - low_rank_energy) / float(torch.linalg.vector_norm(noise))
     update = low_rank.add_(noise)
     update *= target / float(torch.linalg.vector_norm(update))
     if rows is None:
@@ -143,11 +144,13 @@ def expert_update(name: str, base: torch.Tensor, relative: float, seed: int, exp
 
 
 def layer_experts(shape: Sequence[int], relative: Sequence[float] = DEFAULT_RELATIVE_UPDATES, seed: int = 0,
-                  name: str = "layer.weight", dtype: torch.dtype = torch.bfloat16):
+                  name: str = "layer.weight", dtype: torch.dtype = torch.bfloat16,
+                  low_rank_energy: float = LOW_RANK_ENERGY):
     """One weight's base and experts as checkpoints store them (``dtype``): ``(W_0, [W_t])`` with the
     fine-tune-like updates of :func:`expert_update` (benchmarks and precision tests of single weights)."""
     base = base_tensor(name, shape, seed)
-    experts = [(base + expert_update(name, base, rel, seed, t)).to(dtype) for t, rel in enumerate(relative)]
+    experts = [(base + expert_update(name, base, rel, seed, t, low_rank_energy)).to(dtype)
+               for t, rel in enumerate(relative)]
     return base.to(dtype), experts
 
 
