@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -56,11 +57,19 @@ AUTO = "auto"
 
 
 _recomputed = 0
+_recomputed_lock = threading.Lock()
+_this_thread = threading.local()  # .recomputed: the same count for the calling thread only
 
 
 def float64_recompute_count() -> int:
     """How many weights this process recomputed with float64 products after a float32 attempt."""
     return _recomputed
+
+
+def thread_float64_recompute_count() -> int:
+    """:func:`float64_recompute_count` for the calling thread only: whether a call recomputed is
+    the change of this count around it, whatever other threads (``--multi-gpu``) do meanwhile."""
+    return getattr(_this_thread, "recomputed", 0)
 
 
 class NeedsFloat64(Exception):
@@ -94,7 +103,9 @@ def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, comp
         return rule(dtype, True)
     except NeedsFloat64 as why:
         global _recomputed
-        _recomputed += 1  # a statistic (benchmarks); an increment race only miscounts it
+        with _recomputed_lock:
+            _recomputed += 1
+        _this_thread.recomputed = thread_float64_recompute_count() + 1
         LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
         return rule(compute_dtype, False)
 
