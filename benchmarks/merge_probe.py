@@ -110,7 +110,6 @@ def main(argv):
     import mergekit.io.tasks as io_tasks
     import mergekit.merge_methods  # noqa: F401 - registers ace/actmat (the package's import hook)
     import mergekit_ace
-    import mergekit_ace.methods._shared as shared
     from mergekit.scripts.run_yaml import main as mergekit_yaml
     from mergekit_ace.execution import executor
     from mergekit_ace.rules import precision
@@ -120,7 +119,9 @@ def main(argv):
     io_tasks.SaveTensor.execute = timed("write", io_tasks.SaveTensor.execute)
     io_tasks.FinalizeModel.execute = timed("write", io_tasks.FinalizeModel.execute)
     per_weight = []  # [name, shape, seconds] of every weight the package's rules merged
-    shared.execute_rule = timed("rule", shared.execute_rule, lambda a, kw, seconds: per_weight.append(
+    # methods/_shared.py reaches the executor through execution/cache.py, which calls it as
+    # executor.execute_rule (weights taken from a resume cache are not rule calls)
+    executor.execute_rule = timed("rule", executor.execute_rule, lambda a, kw, seconds: per_weight.append(
         [kw.get("name"), list(a[2].shape), round(seconds, 4)]))
 
     def stop(signum, frame):  # a run stopped from outside still leaves its record (ok: false)

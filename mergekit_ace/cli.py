@@ -11,6 +11,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "eval": ("mergekit_ace.evaluation.cli", "score models with lm-eval and normalise merges to their experts"),
+    "merge": ("mergekit_ace.merge_cli", "mergekit-yaml, with --resume: a rerun after a kill computes only the missing weights"),
     "plan": ("mergekit_ace.execution.plan_cli", "dry-run a merge config: per-weight strategy, memory and time"),
     "inspect": ("mergekit_ace.inspect", "per-weight ACE/ACTMat diagnostics for a base and its experts"),
     "sweep": ("mergekit_ace.sweep_cli", "merge a config over a grid of method parameters, score each merge, keep the best"),

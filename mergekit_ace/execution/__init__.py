@@ -2,6 +2,7 @@
 
 * :mod:`.memory`   -- per-weight peak-memory and flop estimates of every (strategy, row chunk);
 * :mod:`.budget`   -- how much memory a device offers (``MERGEKIT_ACE_MEMORY_BUDGET``);
+* :mod:`.cache`    -- keep every merged rule weight on disk (``MERGEKIT_ACE_CACHE_DIR``): resume a killed merge;
 * :mod:`.executor` -- pick the cheapest plan that fits, run it, retry smaller on out-of-memory,
   then fall back to the CPU for that weight;
 * :mod:`.plan_cli` -- ``mergekit-ace plan CONFIG``: the same estimates from safetensors headers;

@@ -36,7 +36,13 @@ from mergekit_ace.execution.memory import (
     format_bytes,
 )
 from mergekit_ace.rules.common import describe
-from mergekit_ace.rules.precision import float64_recompute_count, precision_counts, record_precision
+from mergekit_ace.rules.precision import (
+    float32_products_can_serve,
+    float64_recompute_count,
+    precision_counts,
+    record_precision,
+    thread_float64_recompute_count,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ def matmul_dtype():
 
 
 _tf32_warned = False
+_tf32_lock = threading.Lock()
 
 
 def float32_products_are_ieee(device: torch.device) -> bool:
@@ -87,8 +94,10 @@ def float32_products_are_ieee(device: torch.device) -> bool:
     if device.type == "cuda":
         exact = exact and not torch.backends.cuda.matmul.allow_tf32
     global _tf32_warned
-    if not exact and not _tf32_warned:
-        _tf32_warned = True
+    with _tf32_lock:
+        warn = not exact and not _tf32_warned
+        _tf32_warned = _tf32_warned or warn
+    if warn:
         LOG.warning("float32 matmul precision is reduced (TF32/bfloat16 passes allowed); %s=auto uses "
                     "float64 products", MATMUL_DTYPE_ENV)
     return exact
@@ -189,11 +198,16 @@ def _count_retry() -> None:
 
 
 #: "auto" products: after this many consecutive weights of one kind (rule, shape, expert count,
-#: device type, parameters) needed float64, later weights of that kind skip the float32 attempt
+#: device, parameters) needed float64, later weights of that kind skip the float32 attempt
 #: (a model's layers repeat the same shapes: 28-32 weights of each kind in a 3B-7B model).
+#: The device is part of the kind: under ``--multi-gpu`` each GPU's worker thread keeps its own
+#: streaks, so a weight's decision depends only on the weights merged before it on that device
+#: (the same in every run), not on how the threads interleave.
 AUTO_SKIP_AFTER = 2
 _auto_lock = threading.Lock()
 _auto_float64_streak: dict = {}
+#: Per thread: ``.auto_outcome`` of the last :func:`execute_rule` call (:func:`last_auto_outcome`).
+_this_thread = threading.local()
 
 
 def refines(parameters: dict) -> bool:
@@ -205,7 +219,50 @@ def refines(parameters: dict) -> bool:
 def _auto_kind(rule_kind: str, base: torch.Tensor, n_experts: int, parameters: dict) -> tuple:
     params = tuple(sorted((k, v) for k, v in parameters.items()
                           if k not in ("ids", "scale") and isinstance(v, (int, float, str))))
-    return (rule_kind, tuple(base.shape), n_experts, base.device.type, str(parameters.get("output_dtype")), params)
+    return (rule_kind, tuple(base.shape), n_experts, str(base.device), str(parameters.get("output_dtype")),
+            params)
+
+
+def _resolved_matmul_dtype(rule_parameters: dict, device: torch.device):
+    """``matmul_dtype`` as :func:`execute_rule` will use it: the argument, else the environment;
+    "auto" becomes float64 where float32 products are not full float32, or cannot serve the output
+    dtype's precision contract (``output_dtype`` float32/float64, or none given)."""
+    mdt = rule_parameters.get("matmul_dtype") or matmul_dtype()
+    if mdt == "auto" and not float32_products_are_ieee(device):
+        mdt = torch.float64
+    if mdt == "auto" and not float32_products_can_serve(rule_parameters.get("output_dtype")):
+        mdt = torch.float64  # float32/float64 outputs: the contract leaves float32 products no room
+    return mdt
+
+
+def _note_auto(kind: tuple, outcome: str) -> None:
+    """Update a kind's float64 streak after a call whose "auto" ``outcome`` is "float32" (accepted)
+    or "float64" (recomputed); "skipped" leaves it (the streak already reached AUTO_SKIP_AFTER)."""
+    if outcome == "skipped":
+        return
+    with _auto_lock:
+        _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if outcome == "float64" else 0
+
+
+def last_auto_outcome() -> Optional[str]:
+    """What "auto" did in this thread's last :func:`execute_rule` call: ``"float32"`` (the float32
+    attempt was accepted), ``"float64"`` (recomputed with float64 products), ``"skipped"`` (float64
+    directly, :data:`AUTO_SKIP_AFTER`) or ``None`` (products were not "auto")."""
+    return getattr(_this_thread, "auto_outcome", None)
+
+
+def replay_auto_outcome(rule_kind: str, base: torch.Tensor, n_experts: int, outcome: Optional[str],
+                        **rule_parameters) -> None:
+    """Update "auto"'s bookkeeping as an :func:`execute_rule` call with these arguments and this
+    :func:`last_auto_outcome` did, without computing anything: a weight taken from the resume cache
+    (:mod:`.cache`) replays its outcome, so that the weights computed after it take the same
+    float32/float64 decisions as in an uninterrupted run."""
+    if outcome is None or rule_kind not in MATMUL_DTYPE_RULES:
+        return
+    if _resolved_matmul_dtype(rule_parameters, base.device) != "auto":
+        return
+    rule_parameters.pop("matmul_dtype", None)
+    _note_auto(_auto_kind(rule_kind, base, n_experts, rule_parameters), outcome)
 
 
 def execute_rule(
@@ -235,26 +292,28 @@ def execute_rule(
     _summary_at_exit()
     run = functools.partial(_execute, rule_kind, rule, base, experts, name=name, budget=budget,
                             fault_injector=fault_injector)
+    _this_thread.auto_outcome = None
     if rule_kind not in MATMUL_DTYPE_RULES:  # wudi's Adam solver: float32, as the official code
         rule_parameters.pop("output_dtype", None)
         out = run(**rule_parameters)
         record_precision(torch.float32)
         return out
-    mdt = rule_parameters.pop("matmul_dtype", None) or matmul_dtype()
-    if mdt == "auto" and not float32_products_are_ieee(base.device):
-        mdt = torch.float64
+    mdt = _resolved_matmul_dtype(rule_parameters, base.device)
+    rule_parameters.pop("matmul_dtype", None)
     if mdt != "auto":
         return run(matmul_dtype=mdt, **rule_parameters)
     kind = _auto_kind(rule_kind, base, len(experts), rule_parameters)
     with _auto_lock:
         skip = _auto_float64_streak.get(kind, 0) >= AUTO_SKIP_AFTER
     if skip:
-        return run(matmul_dtype=torch.float64, **rule_parameters)
-    before = float64_recompute_count()
+        out = run(matmul_dtype=torch.float64, **rule_parameters)
+        _this_thread.auto_outcome = "skipped"
+        return out
+    before = thread_float64_recompute_count()  # this thread's: other threads' do not count
     out = run(matmul_dtype=mdt, **rule_parameters)
-    with _auto_lock:  # another thread's recomputation may be counted here: it only costs speed
-        recomputed = float64_recompute_count() > before
-        _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if recomputed else 0
+    outcome = "float64" if thread_float64_recompute_count() > before else "float32"
+    _note_auto(kind, outcome)
+    _this_thread.auto_outcome = outcome
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 from mergekit.merge_methods import TensorGroup
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 
-from mergekit_ace.execution.executor import execute_rule
+from mergekit_ace.execution.cache import cached_execute_rule
 from mergekit_ace.rules.common import (
     MergeInputError,
     average_task_vectors,
@@ -64,16 +64,18 @@ def merge_group(
     if treatment == BASE:
         return base.to(out_dtype, copy=True)
     if treatment == RULE:
-        # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md).
-        merged = execute_rule(
+        # Memory planning, OOM retry and CPU fallback: mergekit_ace.execution (docs/execution.md);
+        # with MERGEKIT_ACE_CACHE_DIR set, kept for a rerun after a kill (execution/cache.py).
+        # out_dtype also sets the precision contract (docs/execution.md, "Precision").
+        merged = cached_execute_rule(
             rule_kind or rule_name.lower().replace("-", "_"),
             rule,
             base,
             experts,
             name=name,
+            out_dtype=out_dtype,
             ids=_labels(ids),
             compute_dtype=COMPUTE_DTYPE,
-            output_dtype=out_dtype,  # the precision contract (docs/execution.md, "Precision")
             **{scale_name: scale},
             **rule_parameters,
         )

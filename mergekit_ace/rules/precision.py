@@ -66,6 +66,8 @@ AUTO = "auto"
 
 
 _recomputed = 0
+_recomputed_lock = threading.Lock()
+_this_thread = threading.local()  # .recomputed: the same count for the calling thread only
 _counts_lock = threading.Lock()
 _precision_counts: Counter = Counter()
 
@@ -86,6 +88,12 @@ def precision_counts() -> dict:
     their products (with :func:`float64_recompute_count` of the float64 ones after an attempt)."""
     with _counts_lock:
         return dict(_precision_counts)
+
+
+def thread_float64_recompute_count() -> int:
+    """:func:`float64_recompute_count` for the calling thread only: whether a call recomputed is
+    the change of this count around it, whatever other threads (``--multi-gpu``) do meanwhile."""
+    return getattr(_this_thread, "recomputed", 0)
 
 
 class NeedsFloat64(Exception):
@@ -189,7 +197,9 @@ def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, comp
             return result
         except NeedsFloat64 as why:
             global _recomputed
-            _recomputed += 1  # a statistic (benchmarks); an increment race only miscounts it
+            with _recomputed_lock:
+                _recomputed += 1
+            _this_thread.recomputed = thread_float64_recompute_count() + 1
             LOG.debug("%s: %s; recomputing with float64 products", describe(name), why)
             dtype = compute_dtype
     result = rule(dtype, False)

@@ -185,14 +185,18 @@ def test_auto_uses_float64_products_when_float32_matmuls_are_reduced_precision()
     W0, experts = make_experts((64, 32), 2, [1.0, 0.5], seed=1)
     previous = torch.get_float32_matmul_precision()
     try:
-        execute_rule("ace", rule, W0, experts, matmul_dtype="auto")
+        bf16 = dict(output_dtype=torch.bfloat16)  # an output whose contract float32 products can serve
+        execute_rule("ace", rule, W0, experts, matmul_dtype="auto", **bf16)
         torch.set_float32_matmul_precision("high")
         assert not executor.float32_products_are_ieee(torch.device("cpu"))
-        execute_rule("ace", rule, W0, experts, matmul_dtype="auto")
-        execute_rule("ace", rule, W0, experts, matmul_dtype=torch.float32)  # asked for: kept
+        execute_rule("ace", rule, W0, experts, matmul_dtype="auto", **bf16)
+        execute_rule("ace", rule, W0, experts, matmul_dtype=torch.float32, **bf16)  # asked for: kept
     finally:
         torch.set_float32_matmul_precision(previous)
     assert seen == ["auto", torch.float64, torch.float32]
+    # without an output dtype (a float64 result) "auto" is float64 from the start
+    execute_rule("ace", rule, W0, experts, matmul_dtype="auto")
+    assert seen[-1] == torch.float64
     assert executor.float32_products_are_ieee(torch.device("cpu"))
 
 
