@@ -516,3 +516,30 @@ def test_wudi_closed_form_holds_the_bf16_contract(shape):
     assert_contract(out, ref)
     if shape == (384, 256):
         assert diag.precision == "float32"
+
+
+def test_output_gram_attempt_forms_no_product_before_the_condition_check(monkeypatch):
+    """ACTMat's output_gram strategy on a nearly square stacked system (T d_out just above d_in, as
+    the 3B/7B down_proj): the float32 attempt forms the Grams, finds kappa too large, and stops
+    before any product D_t C_t; the result is the float64 one, within the contract."""
+    from mergekit_ace.rules import actmat as actmat_module
+
+    W0, experts = bf16_experts((176, 512), spectrum=1.0)
+    products = []
+    original = actmat_module.add_left_product_
+    monkeypatch.setattr(actmat_module, "add_left_product_",
+                        lambda out, K, D, **kw: products.append(K.dtype) or original(out, K, D, **kw))
+    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, strategy="output_gram",
+                             return_diagnostics=True)
+    assert diag.precision == "float64" and torch.float32 not in products
+    assert torch.equal(out, actmat_merge(W0, experts, matmul_dtype=torch.float64, strategy="output_gram"))
+    assert_contract(out, actmat_reference(W0, experts))
+    # where the check passes, the deferred products give the float32 result of every other strategy
+    W1, experts1 = bf16_experts((96, 256))  # 3 x 96 = 288 > 256, well conditioned
+    products.clear()
+    a, d1 = actmat_merge(W1, experts1, matmul_dtype="auto", output_dtype=BF16, strategy="output_gram",
+                         return_diagnostics=True)
+    b = actmat_merge(W1, experts1, matmul_dtype="auto", output_dtype=BF16, strategy="row_chunked")
+    assert d1.precision == "float32" and products.count(torch.float32) == 3
+    assert_contract(a, actmat_reference(W1, experts1))
+    assert contract_ratio(a, b.double()) <= 0.3

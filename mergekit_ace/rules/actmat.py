@@ -292,6 +292,10 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         trace_bound, order, tolerance = math.inf, range(T), math.inf
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T, tolerance)
     A_upper = (A if mt == dt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
+    # output_gram's float32 attempt forms the products D_t C_t = K_t D_t only once A passed its
+    # condition check: a nearly square stacked system (T d_out just above d_in, the 3B/7B down_proj)
+    # then costs the Grams, not the whole float32 pass, before the float64 one.
+    grams_out: List[Optional[torch.Tensor]] = [None] * T
     for t in order:
         if gram_space:
             # No d_in x d_in C_t: its upper blocks go straight into A, and D_t C_t = (D_t D_t^T) D_t
@@ -303,7 +307,10 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             K = output_gram(D)
             kappa_bound.add(K)
             add_gram_(A_upper, D)
-            add_left_product_(N, K, D, alpha=1.0 / math.sqrt(ws[t]), row_chunk=row_chunk)
+            if check:  # the products wait for the condition check (below): K_t kept, T d_out^2 numbers
+                grams_out[t] = K
+            else:
+                add_left_product_(N, K, D, alpha=1.0 / math.sqrt(ws[t]), row_chunk=row_chunk)
             del D, K
             continue
         C = tv.gram(t)
@@ -327,6 +334,12 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     del A
     if check:
         budget.charge(solve_error_estimate(kappa), f"float32 products with sum_t C_t's condition number ~{kappa:.1e}")
+    if gram_space and check:
+        for t in order:
+            D = tv.whole(t)
+            add_left_product_(N, grams_out[t], D, row_chunk=row_chunk)  # K_t = w_t D_t D_t^T: N += w_t D_t C_t
+            grams_out[t] = None
+            del D
 
     # W = W0 (or W0 A A^+) + scale N A^+, one row block at a time (in N's place when streamed).
     # Tall weights with the C_t kept (d_out > T d_in): N A^+ = sum_t D_t (C_t A^+), solving for the
