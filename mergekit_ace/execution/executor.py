@@ -59,6 +59,11 @@ MATMUL_DTYPES = ("auto", "float32", "float64")
 #: Rules that take ``matmul_dtype`` and ``output_dtype`` (the precision contract): ace, actmat and
 #: wudi (float32 products), the SVD rules (the whole rule in float32 where the contract allows it).
 MATMUL_DTYPE_RULES = ("ace", "actmat", "wudi", "tsv_m", "iso_c", "iso_cts")
+#: Rules whose "auto" is float64 through the executor (mergekit): the SVD peers' float32 attempt
+#: is priced by error estimates that are far too pessimistic for their top-r/T and polar steps
+#: (rejected on 7 of 9 TinyLlama-shaped weights whose unchecked float32 error was <= 0.02 of the bf16
+#: rounding, costing 1.1-1.6x float64; benchmarks/RESULTS.md); called directly, they keep "auto".
+AUTO_IS_FLOAT64_RULES = ("tsv_m", "iso_c", "iso_cts")
 COMPUTE_DTYPE = torch.float64
 
 _fallback_lock = threading.Lock()
@@ -300,6 +305,8 @@ def execute_rule(
         return out
     mdt = _resolved_matmul_dtype(rule_parameters, base.device)
     rule_parameters.pop("matmul_dtype", None)
+    if mdt == "auto" and rule_kind in AUTO_IS_FLOAT64_RULES:
+        mdt = torch.float64
     if mdt != "auto":
         return run(matmul_dtype=mdt, **rule_parameters)
     kind = _auto_kind(rule_kind, base, len(experts), rule_parameters)
