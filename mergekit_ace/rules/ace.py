@@ -475,7 +475,8 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
     add = refine and refinement == "add"  # needs F = P + Res; "rescale" decomposes P itself
     if check and refine:
         # F's top-k subspace lies in its noise bulk for fine-tune-like updates: float32's error of F
-        # turns it by 9-11x the bf16 rounding of the result (docs/execution.md), so float64 at once.
+        # can turn it by more than the contract allows (0.35 to ~10x the bf16 rounding measured,
+        # docs/execution.md) and nothing before F tells which weights, so float64 at once.
         raise NeedsFloat64(f"the refinement's top-{k} singular subspace needs float64 products")
     # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
     budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,

@@ -29,7 +29,8 @@ Gram matrices; the merged update's norm once it exists); where they do not, the 
 recomputed in float64. A float32 or float64 output leaves no room for float32 products
 (:math:`0.3\rho` is below float32's own rounding): such weights use float64 from the start, and so
 does ACE's refinement (its top-k singular subspace lies in F's noise bulk for fine-tune-like
-updates: float32 moved it by 9-11x the bf16 rounding on every shape measured). The contract and its
+updates, where float32's error of F can move it by more than the contract allows: 0.35 and up to
+~10x the bf16 rounding measured, docs/execution.md). The contract and its
 derivation are in ``docs/execution.md``; the estimates are checked against float64 references in
 ``tests/test_precision.py``.
 """
