@@ -228,11 +228,14 @@ def _auto_kind(rule_kind: str, base: torch.Tensor, n_experts: int, parameters: d
             params)
 
 
-def _resolved_matmul_dtype(rule_parameters: dict, device: torch.device):
+def _resolved_matmul_dtype(rule_kind: str, rule_parameters: dict, device: torch.device):
     """``matmul_dtype`` as :func:`execute_rule` will use it: the argument, else the environment;
-    "auto" becomes float64 where float32 products are not full float32, or cannot serve the output
-    dtype's precision contract (``output_dtype`` float32/float64, or none given)."""
+    "auto" becomes float64 for :data:`AUTO_IS_FLOAT64_RULES`, where float32 products are not full
+    float32, or where they cannot serve the output dtype's precision contract (``output_dtype``
+    float32/float64, or none given)."""
     mdt = rule_parameters.get("matmul_dtype") or matmul_dtype()
+    if mdt == "auto" and rule_kind in AUTO_IS_FLOAT64_RULES:
+        mdt = torch.float64
     if mdt == "auto" and not float32_products_are_ieee(device):
         mdt = torch.float64
     if mdt == "auto" and not float32_products_can_serve(rule_parameters.get("output_dtype")):
@@ -264,7 +267,7 @@ def replay_auto_outcome(rule_kind: str, base: torch.Tensor, n_experts: int, outc
     float32/float64 decisions as in an uninterrupted run."""
     if outcome is None or rule_kind not in MATMUL_DTYPE_RULES:
         return
-    if _resolved_matmul_dtype(rule_parameters, base.device) != "auto":
+    if _resolved_matmul_dtype(rule_kind, rule_parameters, base.device) != "auto":
         return
     rule_parameters.pop("matmul_dtype", None)
     _note_auto(_auto_kind(rule_kind, base, n_experts, rule_parameters), outcome)
@@ -303,10 +306,8 @@ def execute_rule(
         out = run(**rule_parameters)
         record_precision(torch.float32)
         return out
-    mdt = _resolved_matmul_dtype(rule_parameters, base.device)
+    mdt = _resolved_matmul_dtype(rule_kind, rule_parameters, base.device)
     rule_parameters.pop("matmul_dtype", None)
-    if mdt == "auto" and rule_kind in AUTO_IS_FLOAT64_RULES:
-        mdt = torch.float64
     if mdt != "auto":
         return run(matmul_dtype=mdt, **rule_parameters)
     kind = _auto_kind(rule_kind, base, len(experts), rule_parameters)

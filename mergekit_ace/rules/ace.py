@@ -591,9 +591,8 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
         else:
             F_rows = lambda rows: F_from(rows, q_rows(rows))  # noqa: E731
         sigma_iso, route = _refine(P, F_rows, k, mt, row_chunk, budget.remaining, mode=refinement)
-        if route != precision:
-            what = "F" if add else "P"
-            precision = f"{precision} ({'SVD' if route == 'svd' else 'float64 Gram'} of {what})"
+        if route == "svd":
+            precision = f"{precision} (SVD of {'F' if add else 'P'})"
     F_all = S_tilde = S_bar = Q = None
 
     # Step 7: W = W0 + scale P (in place on P).

@@ -54,22 +54,20 @@ from mergekit_ace.rules.common import (
     SVD_STRATEGIES,
     WHOLE_MATRIX,
     TaskVectors,
-    check_finite_output,
     check_inputs,
     check_parameter,
     check_strategy,
     row_chunks,
     task_vector,
 )
-from mergekit_ace.rules.precision import run_with_fallback
 from mergekit_ace.rules.spectral import (
     AUTO,
     RANK_RTOL,
     Triplets,
     check_route,
     polar_factor_,
+    run_svd_rule,
     settle_svd_budget,
-    svd_budget,
     top_singular_triplets,
 )
 
@@ -146,12 +144,9 @@ def iso_c_merge(
     check_parameter(name, "alpha", alpha)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
-    W, diag = run_with_fallback(
-        lambda dt, check: _iso_c(base, experts, alpha, route, row_chunk, dt,
-                                 svd_budget(base, experts, alpha, output_dtype) if check else None),
-        matmul_dtype, compute_dtype, name, output_dtype)
-    check_finite_output(W, name, "Iso-C")
-    return (W, diag) if return_diagnostics else W
+    return run_svd_rule(lambda dt, budget: _iso_c(base, experts, alpha, route, row_chunk, dt, budget),
+                        base, experts, alpha, matmul_dtype=matmul_dtype, compute_dtype=compute_dtype,
+                        output_dtype=output_dtype, name=name, label="Iso-C", return_diagnostics=return_diagnostics)
 
 
 def _iso_c(base, experts, alpha, route, row_chunk, dt, budget):
@@ -227,12 +222,10 @@ def iso_cts_merge(
     check_parameter(name, "common_space_fraction", common_space_fraction, low=0.0, high=1.0)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
-    W, diag = run_with_fallback(
-        lambda dt, check: _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, dt,
-                                   svd_budget(base, experts, alpha, output_dtype) if check else None),
-        matmul_dtype, compute_dtype, name, output_dtype)
-    check_finite_output(W, name, "Iso-CTS")
-    return (W, diag) if return_diagnostics else W
+    return run_svd_rule(
+        lambda dt, budget: _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, dt, budget),
+        base, experts, alpha, matmul_dtype=matmul_dtype, compute_dtype=compute_dtype, output_dtype=output_dtype,
+        name=name, label="Iso-CTS", return_diagnostics=return_diagnostics)
 
 
 def _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, compute_dtype, budget):

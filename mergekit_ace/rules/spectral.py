@@ -40,8 +40,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import PINV_RTOL, TaskVectors, add_gram_, row_chunks, symmetrize_gram_
-from mergekit_ace.rules.precision import ErrorBudget, NeedsFloat64, extreme_eigenvalues, top_eigenpairs, unit_roundoff
+from mergekit_ace.rules.common import PINV_RTOL, TaskVectors, add_gram_, check_finite_output, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.precision import (
+    ErrorBudget,
+    extreme_eigenvalues,
+    run_with_fallback,
+    top_eigenpairs,
+    unit_roundoff,
+)
 
 #: Unit roundoff of float64.
 UNIT_ROUNDOFF_FLOAT64 = 2.0 ** -53
@@ -121,6 +127,18 @@ def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: Optional
     energies = TaskVectors(base, experts, torch.float32).energies_and_means(torch.float64, means=False)[0]
     return ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), alpha,
                        math.sqrt(sum(energies)))
+
+
+def run_svd_rule(step, base: torch.Tensor, experts, alpha: float, *, matmul_dtype, compute_dtype: torch.dtype,
+                 output_dtype: Optional[torch.dtype], name: Optional[str], label: str, return_diagnostics: bool):
+    """An SVD rule under the precision contract: ``step(dtype, budget) -> (W, diagnostics)`` run by
+    ``precision.run_with_fallback`` (a float32 attempt gets :func:`svd_budget`, the float64 pass
+    none), the result checked finite (``label`` names the rule in the message)."""
+    W, diag = run_with_fallback(
+        lambda dt, check: step(dt, svd_budget(base, experts, alpha, output_dtype) if check else None),
+        matmul_dtype, compute_dtype, name, output_dtype)
+    check_finite_output(W, name, label)
+    return (W, diag) if return_diagnostics else W
 
 
 def settle_svd_budget(budget: Optional[ErrorBudget], W: torch.Tensor, base: torch.Tensor, alpha: float) -> None:

@@ -44,21 +44,19 @@ import torch
 from mergekit_ace.rules.common import (
     WHOLE_MATRIX,
     SVD_STRATEGIES,
-    check_finite_output,
     check_inputs,
     check_parameter,
     check_strategy,
     row_chunks,
     task_vector,
 )
-from mergekit_ace.rules.precision import run_with_fallback
 from mergekit_ace.rules.spectral import (
     AUTO,
     Triplets,
     check_route,
     polar_factor_,
+    run_svd_rule,
     settle_svd_budget,
-    svd_budget,
     top_singular_triplets,
 )
 
@@ -128,12 +126,9 @@ def tsv_m_merge(
         check_parameter(name, "sv_reduction", sv_reduction, low=0.0, high=1.0)
     check_strategy(strategy, name, SVD_STRATEGIES)
     check_route(route)
-    W, diag = run_with_fallback(
-        lambda dt, check: _tsv_m(base, experts, sv_reduction, alpha, route, row_chunk, dt,
-                                 svd_budget(base, experts, alpha, output_dtype) if check else None),
-        matmul_dtype, compute_dtype, name, output_dtype)
-    check_finite_output(W, name, "TSV-M")
-    return (W, diag) if return_diagnostics else W
+    return run_svd_rule(lambda dt, budget: _tsv_m(base, experts, sv_reduction, alpha, route, row_chunk, dt, budget),
+                        base, experts, alpha, matmul_dtype=matmul_dtype, compute_dtype=compute_dtype,
+                        output_dtype=output_dtype, name=name, label="TSV-M", return_diagnostics=return_diagnostics)
 
 
 def _tsv_m(base, experts, sv_reduction, alpha, route, row_chunk, compute_dtype, budget):
