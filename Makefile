@@ -26,7 +26,7 @@ test: setup
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output
 
-# The demo's pipeline over the five seeds of the committed study (examples/study-realistic) in the
+# The demo's pipeline over the five seeds of the committed study (studies/realistic) in the
 # realistic regime (bf16 checkpoints merged in bf16), every merge variant, and the covariance
 # analysis; then the same models unrounded and merged in float32 (trained once for both; cached
 # training and finished seeds are reused).

@@ -12,7 +12,7 @@ This script times, on the same Gram:
 * ``torch eigh``: ``torch.linalg.eigh`` (MKL's ``syevd`` in the CPU wheel).
 
 Grams: ``ace`` = the Gram of F that ``ace_merge`` builds for a d x d weight of the synthetic
-checkpoints (``mergekit_ace.synthetic``: a rank-64 part with singular values ~ 1/i plus a noise
+checkpoints (``mergekit_ace.fixtures.synthetic``: a rank-64 part with singular values ~ 1/i plus a noise
 bulk; captured at the call), ``random`` = X^T X for a Gaussian 1.5d x d matrix (a
 Marchenko-Pastur spectrum). One call each, in one process, threads as torch has them.
 
@@ -29,7 +29,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from mergekit_ace.rules import ace as ace_module
-from mergekit_ace.synthetic import base_tensor, expert_update
+from mergekit_ace.fixtures.synthetic import base_tensor, expert_update
 
 NAME = "model.layers.2.self_attn.q_proj.weight"
 

@@ -1,6 +1,6 @@
 """Whole models at the mission's size merged through plain ``mergekit-yaml``: ace, actmat, ties and
 task_arithmetic on the same synthetic checkpoints (exact Llama-3.2-3B / OLMo-3-7B tensor names,
-shapes and configs; ``mergekit_ace/synthetic.py``), one ``mergekit-yaml`` process per method.
+shapes and configs; ``mergekit_ace/fixtures/synthetic.py``), one ``mergekit-yaml`` process per method.
 
     python benchmarks/bench_model.py --shape llama-3.2-3b                 # all 28 layers, CPU
     python benchmarks/bench_model.py --shape llama-3.2-3b --layers 2      # full-size layers, quick
@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mergekit_ace import synthetic  # noqa: E402
+from mergekit_ace.fixtures import synthetic  # noqa: E402
 from benchmarks.calibration import cpu_times, machine_speed, steal_between  # noqa: E402
 
 METHODS = ("ties", "task_arithmetic", "ace", "actmat")

@@ -1,5 +1,5 @@
 """The ``output_gram`` strategy against ``expert_streamed`` on one full-size wide weight (down_proj)
-of the synthetic checkpoints (``mergekit_ace/synthetic.py``: the same tensor, seed and relative
+of the synthetic checkpoints (``mergekit_ace/fixtures/synthetic.py``: the same tensor, seed and relative
 updates 1 / 2.5 / 5 % as ``bench_model.py``), float64 products as a whole-model merge runs them
 after its first layers: time and peak extra RSS of each rule call, and the relative difference of
 the merged task vectors.
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergekit_ace import synthetic  # noqa: E402
+from mergekit_ace.fixtures import synthetic  # noqa: E402
 from mergekit_ace.execution.memory import estimate  # noqa: E402
 from mergekit_ace.execution.peakmem import peak_extra_rss  # noqa: E402
 from mergekit_ace.rules.ace import ace_merge  # noqa: E402

@@ -4,7 +4,7 @@ output) and of unchecked float32 products against the exact float64 rule result,
 result's bf16 storage rounding ||bf16(W) - W||, the precision "auto" chose, and the time of
 "auto" against float64 products only.
 
-Experts from ``mergekit_ace.synthetic.layer_experts`` (as the issue describes them): W_0 ~ N(0, 0.02^2),
+Experts from ``mergekit_ace.fixtures.synthetic.layer_experts`` (as the issue describes them): W_0 ~ N(0, 0.02^2),
 each task vector a rank-64 part with singular values 1/i (80 % of its energy) plus isotropic noise,
 ||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x 2048), down (2048 x 5632);
 ``--scale 0.5`` halves every side.
@@ -30,7 +30,7 @@ import torch
 from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
-from mergekit_ace.synthetic import layer_experts
+from mergekit_ace.fixtures.synthetic import layer_experts
 
 SHAPES = {"q": (2048, 2048), "gate": (5632, 2048), "down": (2048, 5632)}
 METHODS = {

@@ -2,7 +2,7 @@
 
 Weights shaped like TinyLlama-1.1B's (q 2048x2048, gate 5632x2048, down 2048x5632), or a reduced
 version of them (``--scale 4``: 512x512, 1408x512, 512x1408, the same aspect ratios, so the same
-T d_out / d_in = 1.09 on down). Base and task vectors from ``mergekit_ace.synthetic`` (base
+T d_out / d_in = 1.09 on down). Base and task vectors from ``mergekit_ace.fixtures.synthetic`` (base
 ~ N(0, 0.02^2); D_t a rank-64 part with singular values 1/i plus 20 % noise, ||D_t|| / ||W_0||
 = 1 / 2.5 / 5 %), generated in float32 and taken as the exact inputs.
 
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, tsv_m_merge  # noqa: E402
 from mergekit_ace.rules.ace import heterogeneity  # noqa: E402
 from mergekit_ace.rules.sensitivity import expected_rounding_error, storage_sensitivity  # noqa: E402
-from mergekit_ace.synthetic import DEFAULT_RELATIVE_UPDATES, base_tensor, expert_update  # noqa: E402
+from mergekit_ace.fixtures.synthetic import DEFAULT_RELATIVE_UPDATES, base_tensor, expert_update  # noqa: E402
 
 SHAPES = {"q_proj": (2048, 2048), "gate_proj": (5632, 2048), "down_proj": (2048, 5632)}
 

@@ -1,11 +1,11 @@
-"""The covariance analysis (mergekit_ace.covariance) where the answers are known analytically."""
+"""The covariance analysis (mergekit_ace.analysis.covariance) where the answers are known analytically."""
 
 import math
 
 import pytest
 import torch
 
-from mergekit_ace import covariance as C
+from mergekit_ace.analysis import covariance as C
 
 
 def _psd(n, seed, rank=None):

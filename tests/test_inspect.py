@@ -102,7 +102,7 @@ def test_inspect_errors_are_clear(tmp_path, llama_family):
 def test_inspect_hands_hub_ids_to_mergekit(tmp_path, monkeypatch, capsys):
     """A Hub id (``org/name``, ``@revision``) is not a missing directory: it goes to mergekit's
     loader (which downloads it); only a path that is neither local nor a repo id is refused."""
-    from mergekit_ace import inspect as inspect_mod
+    from mergekit_ace.analysis import inspect as inspect_mod
 
     opened = []
 

@@ -27,7 +27,7 @@ from mergekit_ace.rules.precision import (
     top_eigenvalue_lower_bound,
     unit_roundoff,
 )
-from mergekit_ace.synthetic import layer_experts
+from mergekit_ace.fixtures.synthetic import layer_experts
 from tests.reference import ace_reference, actmat_reference, contract_ratio, rel_err, stored_ratio
 
 

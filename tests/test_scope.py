@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from mergekit_ace.rules.common import MergeInputError, weight_scope
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.common import weight_scope
 from tests.mergekit_run import config_for, run_mergekit_yaml
 from tests.test_end_to_end import assert_weights_equal, expected_weights, load_weights
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_ace import sweep
+from mergekit_ace.sweep import runner as sweep
 from mergekit_ace.errors import UserError
 from tests.mergekit_run import BIN
 

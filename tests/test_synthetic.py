@@ -1,4 +1,4 @@
-"""Synthetic full-size checkpoints (mergekit_ace/synthetic.py), at narrow widths, and the benchmark's
+"""Synthetic full-size checkpoints (mergekit_ace/fixtures/synthetic.py), at narrow widths, and the benchmark's
 merge probe on them (the whole-model benchmark's path, small)."""
 
 import importlib
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mergekit_ace import synthetic
+from mergekit_ace.fixtures import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NARROW = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_attention_heads=4,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_ace.toymodels import make_model, perturbed_copy, save_pretrained, tiny_config, train_tokenizer
+from mergekit_ace.fixtures.toymodels import make_model, perturbed_copy, save_pretrained, tiny_config, train_tokenizer
 
 
 def main(out: Path) -> None:

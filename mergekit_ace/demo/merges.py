@@ -82,7 +82,7 @@ def mergekit_yaml_executable() -> str:
     found = shutil.which("mergekit-yaml")
     if found:
         return found
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
 
     raise UserError("mergekit-yaml not found: install mergekit (pip install 'mergekit>=0.1.5') in this environment")
 
@@ -124,7 +124,7 @@ def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: 
     into ``<out_dir>/<label>`` (a subprocess, or mergekit's ``run_merge`` in this process with
     ``in_process``).
     Return the merged model's path and the wall time of the merge."""
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
 
     label = method[0]
     out_dir = Path(out_dir).resolve()

@@ -70,14 +70,14 @@ REGIMES = {
         "have (table below), base and experts are stored in bf16 and merged with `dtype: bfloat16`, and the "
         "MLP has the real models' width ratio. This is one seed: the ranking of close methods moves from seed "
         "to seed. The multi-seed study of this regime, and what it recommends, is "
-        "`examples/study-realistic/RESULTS.md` in the mergekit-ace repository (rerun it with `make study`). "
+        "`studies/realistic/RESULTS.md` in the mergekit-ace repository (rerun it with `make study`). "
         "The toy regime is `mergekit-ace demo --config default`.",
     ),
     "realistic-float32": (
         "realistic, float32 (the realistic models before their rounding to bf16, merged in float32)",
         "**Regime: realistic, float32.** The `realistic` configuration's models before their rounding to "
         "bf16, merged in float32 (the comparison for the bf16 run). Multi-seed study: "
-        "`examples/study-realistic/RESULTS.md` in the mergekit-ace repository.",
+        "`studies/realistic/RESULTS.md` in the mergekit-ace repository.",
     ),
     "default": (
         "toy (task vectors of 20-50 % of the base, far larger than real fine-tunes; the default "
@@ -85,13 +85,13 @@ REGIMES = {
         "**Regime: toy.** Task vectors are 20-50 % of the base's norm, far larger and more unequal than in "
         "real fine-tunes; methods rank differently here (ACE with the published refinement does worst). "
         "The realistic regime is the demo's default (`mergekit-ace demo`); the multi-seed studies of both "
-        "are `examples/study-realistic/RESULTS.md` and `examples/study-toy-default/RESULTS.md` in the "
+        "are `studies/realistic/RESULTS.md` and `studies/toy/RESULTS.md` in the "
         "mergekit-ace repository.",
     ),
     "small": (
         "small (a seconds-scale configuration for the tests; not a regime to draw conclusions from)",
         "**Regime: small**, the test suite's seconds-scale configuration: no conclusion about the methods "
-        "should be drawn from it. See `examples/study-realistic/RESULTS.md` in the mergekit-ace repository.",
+        "should be drawn from it. See `studies/realistic/RESULTS.md` in the mergekit-ace repository.",
     ),
 }
 
@@ -110,7 +110,7 @@ def offline_quiet_environment() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
     from mergekit_ace.demo import merges, scoring, study, train
     from mergekit_ace.demo.skills import build_skills
 

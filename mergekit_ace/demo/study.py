@@ -8,7 +8,7 @@ examples all change with it; trained models are cached under the configuration's
 2. measure every linear layer's real input second moments ``G_t = X_t^T X_t / n_t`` on each task's
    data: the first ``--gram-batches`` batches of the expert's own training stream (the very
    examples it was fine-tuned on first), through forward hooks on **the expert t** (the inputs
-   RegMean's objective is about; see :mod:`mergekit_ace.covariance`), and once more through the
+   RegMean's objective is about; see :mod:`mergekit_ace.analysis.covariance`), and once more through the
    base for a second cosine column;
 3. merge with every variant of :data:`VARIANTS` (mergekit's ``run_merge`` in this process, on the
    same YAML ``mergekit-yaml`` would read, in the configuration's ``merge_dtype``); a variant
@@ -162,7 +162,7 @@ def measure_grams(config, trained, batches: int, log=print):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ace.covariance import input_grams
+    from mergekit_ace.analysis.covariance import input_grams
 
     torch.set_num_threads(1)  # small products; on a shared machine a second thread mostly waits
     tokenizer = AutoTokenizer.from_pretrained(trained.base)
@@ -181,9 +181,9 @@ def measure_grams(config, trained, batches: int, log=print):
 
 
 def analyse_merges(trained, merged: Mapping[str, Path], expert_grams, base_grams):
-    """Per merged linear layer, :func:`mergekit_ace.covariance.analyse_layer` for every merge;
+    """Per merged linear layer, :func:`mergekit_ace.analysis.covariance.analyse_layer` for every merge;
     returns ``(rows, {weight: W*})``."""
-    from mergekit_ace.covariance import analyse_layer, layer_index, weight_kind
+    from mergekit_ace.analysis.covariance import analyse_layer, layer_index, weight_kind
     from mergekit_ace.demo.train import load_weights
     from mergekit_ace.rules.common import is_input_embedding
 
@@ -219,7 +219,7 @@ def write_reference_model(trained, solutions: Mapping[str, "torch.Tensor"], targ
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
     from mergekit_ace.demo.train import load_weights
 
     base = load_weights(trained.base)
@@ -248,7 +248,7 @@ def _finite(x):
 def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *, batch_size: int = 16,
              gram_batches: int = 4, force: bool = False, force_retrain: bool = False, log=print) -> dict:
     """The whole pipeline for one seed into ``output / f"seed-{seed}"``; returns its summary."""
-    from mergekit_ace.covariance import aggregate
+    from mergekit_ace.analysis.covariance import aggregate
     from mergekit_ace.demo import merges, pipeline, scoring, train
     from mergekit_ace.demo.skills import build_skills
 
@@ -611,7 +611,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
     from mergekit_ace.demo import train
     from mergekit_ace.demo.pipeline import _log, offline_quiet_environment
 

@@ -480,7 +480,7 @@ def _store_rounded(config: DemoConfig, twin: TrainedModels, paths: TrainedModels
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
 
     t0 = time.time()
     shutil.copytree(twin.tokenizer, paths.tokenizer)
@@ -509,7 +509,7 @@ def _train_expert(config: DemoConfig, index: int, name: str, base_path: str, out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -567,7 +567,7 @@ def _train_expert_subprocess(config: DemoConfig, index: int, name: str, base_pat
 def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], None], jobs: int = 1) -> dict:
     import torch
 
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
 
     torch.set_num_threads(1)  # see _train_expert
     torch.manual_seed(config.seed)

@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import Dict, List
 
-from mergekit_ace.cli import UserError
+from mergekit_ace.errors import UserError
 
 
 def _model_pair(text: str):

@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-from mergekit_ace.cli import UserError
+from mergekit_ace.errors import UserError
 from mergekit_ace.evaluation import record as records
 from mergekit_ace.evaluation.lm_calls import Stage, observe
 from mergekit_ace.evaluation.presets import expand_tasks, metric_keys

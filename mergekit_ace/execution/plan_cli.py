@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from mergekit_ace.cli import UserError
+from mergekit_ace.errors import UserError
 
 #: merge_method -> the execution layer's rule (every method this package adds).
 RULES = {name: name for name in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts", "wudi")}
@@ -183,7 +183,8 @@ def _treatment(name: str, shape, params: dict, merge_embeddings: bool) -> str:
     this tensor name by mergekit's own filter matching (rules/common.py ``weight_scope``)."""
     from mergekit.config import evaluate_setting
 
-    from mergekit_ace.rules.common import MergeInputError, weight_scope
+    from mergekit_ace.errors import MergeInputError
+    from mergekit_ace.rules.common import weight_scope
 
     def setting(key, default):
         if key not in params:

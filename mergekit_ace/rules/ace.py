@@ -84,7 +84,7 @@ REFINEMENTS = ("add", "rescale", "none")
 def check_refinement(name: Optional[str], refinement) -> str:
     """Refuse an unknown ``refinement``, naming the tensor."""
     if refinement not in REFINEMENTS:
-        from mergekit_ace.rules.common import MergeInputError
+        from mergekit_ace.errors import MergeInputError
 
         raise MergeInputError(f"{describe(name)}: parameter refinement={refinement!r} must be one of "
                               f"{', '.join(REFINEMENTS)}")

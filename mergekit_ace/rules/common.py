@@ -8,6 +8,8 @@ from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_ace.errors import MergeInputError  # noqa: F401  (raised here and by every rule)
+
 #: Constant added in several of ACE's denominators and logarithms (METHODS.md: part of the rule).
 TINY = 1e-12
 
@@ -16,13 +18,6 @@ TINY = 1e-12
 #: relative noise around 1e-13; 1e-10 stays well above that and far below any direction a
 #: merge could meaningfully use.
 PINV_RTOL = 1e-10
-
-
-class MergeInputError(ValueError):
-    """An input the rule cannot merge (non-finite values, mismatched shapes, zero task vector, ...).
-
-    The message always names the tensor, and the model where one is to blame.
-    """
 
 
 def describe(name: Optional[str]) -> str:

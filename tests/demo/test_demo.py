@@ -205,7 +205,7 @@ def test_small_demo_runs_end_to_end(small_demo):
             assert row[skill] == pytest.approx(100 * scores[label][skill] / scores[f"expert-{skill}"][skill])
     report = (out / "report.md").read_text()
     assert "Normalised to each task's expert" in report
-    assert "**Regime: small**" in report and "examples/study-realistic/RESULTS.md" in report
+    assert "**Regime: small**" in report and "studies/realistic/RESULTS.md" in report
     assert ("`wudi` (merge method 'wudi' is not installed)" in report) == (skipped == ["wudi"])
     for label in ("ace", "actmat", "tsv_m", "iso_c", "iso_cts"):
         assert f"| {label} |" in report and f"`{label}`" in report

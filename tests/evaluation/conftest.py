@@ -30,7 +30,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer, saved as a HF model directory."""
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
 
     tokenizer = toymodels.train_tokenizer()
     config = toymodels.tiny_config("llama", max_position_embeddings=2048)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mergekit_ace.cli import UserError, main
+from mergekit_ace.cli import main
+from mergekit_ace.errors import UserError
 from mergekit_ace.evaluation import runner
 from mergekit_ace.evaluation.squad_metrics import compute_f1
 

@@ -100,7 +100,7 @@ def test_presets_and_primary_metrics():
 
 
 def test_hub_ids_pass_the_model_check_and_missing_local_paths_do_not(tmp_path):
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
     from mergekit_ace.evaluation.runner import check_models
 
     checked = check_models({"base": "meta-llama/Llama-3.2-3B-Instruct"}, "hf", {})

@@ -105,7 +105,7 @@ def test_resume_keeps_same_settings_and_recomputes_changed_ones(standins, data_d
 
 def test_resume_refuses_a_directory_that_is_not_eval_output(standins, data_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
 
     with pytest.raises(UserError, match="not `mergekit-ace eval` results"):
         run({"m": standins["oracle"]}, ["xquad_zh"], tmp_path, data_dir, resume=True)
@@ -244,7 +244,7 @@ def test_fit_max_gen_toks():
 @pytest.fixture(scope="module")
 def tiny_model_512(tmp_path_factory):
     """A tiny random Llama whose context is 512 tokens."""
-    from mergekit_ace import toymodels
+    from mergekit_ace.fixtures import toymodels
 
     config = toymodels.tiny_config("llama", max_position_embeddings=512)
     return toymodels.save_pretrained(toymodels.make_model(config, seed=0), toymodels.train_tokenizer(),

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mergekit_ace.cli import UserError
+from mergekit_ace.errors import UserError
 from mergekit_ace.evaluation import evaluate_models
 
 BACKEND = "mergekit-ace-standin"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mergekit_ace import toymodels
+from mergekit_ace.fixtures import toymodels
 from mergekit_ace.cli import main
 
 

@@ -135,7 +135,7 @@ def inspect_models(
 
     ``output_dtype``: the dtype the merged weights would be stored in, for the sensitivity columns
     (None: each base tensor's dtype)."""
-    from mergekit_ace.cli import UserError
+    from mergekit_ace.errors import UserError
 
     from mergekit_ace.execution.hub_headers import is_hub_repo_id
 
