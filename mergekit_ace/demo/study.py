@@ -496,16 +496,34 @@ def render_report(study: Mapping) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
-def write_plots(study: Mapping, output: Path) -> List[str]:
-    import matplotlib
+def _weight_tick_labels(weights: Sequence[str]) -> List[str]:
+    """Short x tick labels: ``model.layers.3.self_attn.q_proj.weight`` -> ``L3.q_proj``."""
+    return [w.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
+            for w in weights]
 
-    matplotlib.use("Agg")
+
+def _mean_over_seeds(rows_by_seed: Sequence[Sequence[Mapping]], key: str, count: int) -> List[float]:
+    """Per layer i < count: the mean of ``rows[i][key]`` over the seeds that have it (NaN if none)."""
+    ys = []
+    for i in range(count):
+        vals = [rows[i][key] for rows in rows_by_seed if rows[i].get(key) is not None]
+        ys.append(sum(vals) / len(vals) if vals else float("nan"))
+    return ys
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(study: Mapping, path: Path) -> None:
+    """Normalised average per model, bars mean ± std over seeds, each seed a dot."""
     import matplotlib.pyplot as plt
 
     agg = study["aggregate"]
-    written = []
-
-    # 1. normalised average per model, mean ± std, seeds as dots
     order = sorted(agg["normalised"], key=lambda m: -(agg["normalised"][m]["avg"]["mean"] or -1e9))
     fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(order)), 4.5))
     means = [agg["normalised"][m]["avg"]["mean"] or 0 for m in order]
@@ -518,37 +536,36 @@ def write_plots(study: Mapping, output: Path) -> List[str]:
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("normalised average (% of experts)")
     ax.set_title(f"Scores over seeds {agg['seeds']} (bars: mean ± std; dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(output / "scores.png", dpi=110)
-    plt.close(fig)
-    written.append("scores.png")
+    _save(fig, path)
 
-    # 2. cosine per layer (mean over seeds), one panel per task
+
+def plot_covariance_cosine(study: Mapping, path: Path) -> None:
+    """Per layer, the Frobenius cosine of each proxy (D^T D, ACE's C^T C, the identity, D^T D against
+    the base's inputs) with the real X^T X, mean over seeds; one panel per task."""
+    import matplotlib.pyplot as plt
+
     rows_by_seed = [s["covariance_layers"] for s in study["seeds"]]
     weights = [r["weight"] for r in rows_by_seed[0]]
+    names = {"DtD": "D^T D", "CtC": "C^T C (ACE)", "I": "identity", "DtD_base_inputs": "D^T D vs base inputs"}
     fig, axes = plt.subplots(1, len(SKILL_NAMES), figsize=(15, 4.2), sharey=True)
     for ax, task in zip(axes, SKILL_NAMES):
         for proxy, style in (("DtD", "-o"), ("CtC", "-s"), ("I", "--"), ("DtD_base_inputs", ":")):
-            key = f"cos_{proxy}_{task}"
-            ys = []
-            for i in range(len(weights)):
-                vals = [rows[i].get(key) for rows in rows_by_seed if rows[i].get(key) is not None]
-                ys.append(sum(vals) / len(vals) if vals else float("nan"))
-            ax.plot(range(len(weights)), ys, style, ms=3, lw=1, label={"DtD": "D^T D", "CtC": "C^T C (ACE)",
-                                                                      "I": "identity", "DtD_base_inputs": "D^T D vs base inputs"}[proxy])
+            ys = _mean_over_seeds(rows_by_seed, f"cos_{proxy}_{task}", len(weights))
+            ax.plot(range(len(weights)), ys, style, ms=3, lw=1, label=names[proxy])
         ax.set_title(f"{task}: cosine with the real X^T X")
-        ax.set_xticks(range(len(weights)), [w.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "")
-                                             .replace("mlp.", "") for w in weights], rotation=90, fontsize=6)
+        ax.set_xticks(range(len(weights)), _weight_tick_labels(weights), rotation=90, fontsize=6)
         ax.set_ylim(0, 1.02)
     axes[0].set_ylabel("Frobenius cosine")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(output / "covariance_cosine.png", dpi=110)
-    plt.close(fig)
-    written.append("covariance_cosine.png")
+    _save(fig, path)
 
-    # 3. RegMean objective relative to averaging, per merge
-    objective = agg["objective"]
+
+def plot_regmean_objective(study: Mapping, path: Path) -> None:
+    """Each merge's RegMean objective summed over layers, relative to the experts' average
+    (mean ± std over seeds, log scale)."""
+    import matplotlib.pyplot as plt
+
+    objective = study["aggregate"]["objective"]
     labels = sorted(objective, key=lambda l: objective[l]["sum_ratio"]["mean"] or 1e9)
     fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(labels)), 4.5))
     means = [objective[l]["sum_ratio"]["mean"] for l in labels]
@@ -561,33 +578,47 @@ def write_plots(study: Mapping, output: Path) -> List[str]:
                   ha="right", fontsize=8)
     ax.set_ylabel("RegMean objective / average's (log)")
     ax.set_title("Layer-wise RegMean objective, sum over layers (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(output / "regmean_objective.png", dpi=110)
-    plt.close(fig)
-    written.append("regmean_objective.png")
+    _save(fig, path)
 
-    # 4. per-layer objective ratio for a few merges (mean over seeds)
+
+PER_LAYER_OBJECTIVE_LABELS = ("regmean", "ace", "ace-no-refinement", "ace-homogeneous", "actmat", "iso_c", "tsv_m",
+                              "task_arithmetic")
+
+
+def plot_regmean_objective_layers(study: Mapping, path: Path) -> None:
+    """Per layer, the RegMean objective of a few merges relative to the experts' average (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    objective = study["aggregate"]["objective"]
+    rows_by_seed = [s["covariance_layers"] for s in study["seeds"]]
+    weights = [r["weight"] for r in rows_by_seed[0]]
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    per_layer = [l for l in ("regmean", "ace", "ace-no-refinement", "ace-homogeneous", "actmat", "iso_c", "tsv_m",
-                             "task_arithmetic") if l in objective]
-    for label in per_layer:
-        key = f"rel_objective_{label}"
-        ys = []
-        for i in range(len(weights)):
-            vals = [rows[i][key] for rows in rows_by_seed if rows[i].get(key) is not None]
-            ys.append(sum(vals) / len(vals) if vals else float("nan"))
+    for label in (l for l in PER_LAYER_OBJECTIVE_LABELS if l in objective):
+        ys = _mean_over_seeds(rows_by_seed, f"rel_objective_{label}", len(weights))
         ax.plot(range(len(weights)), ys, "-o", ms=3, lw=1, label="RegMean W* (data)" if label == "regmean" else label)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(weights)), [w.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "")
-                                         .replace("mlp.", "") for w in weights], rotation=90, fontsize=6)
+    ax.set_xticks(range(len(weights)), _weight_tick_labels(weights), rotation=90, fontsize=6)
     ax.set_ylabel("objective / average's (log)")
     ax.set_title("RegMean objective per layer, relative to the experts' average (mean over seeds)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(output / "regmean_objective_layers.png", dpi=110)
-    plt.close(fig)
-    written.append("regmean_objective_layers.png")
+    _save(fig, path)
+
+
+PLOTS = (("scores.png", plot_scores), ("covariance_cosine.png", plot_covariance_cosine),
+         ("regmean_objective.png", plot_regmean_objective),
+         ("regmean_objective_layers.png", plot_regmean_objective_layers))
+
+
+def write_plots(study: Mapping, output: Path) -> List[str]:
+    """Write the study's four PNGs into ``output``; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    written = []
+    for name, plot in PLOTS:
+        plot(study, output / name)
+        written.append(name)
     return written
 
 
