@@ -36,7 +36,7 @@ import torch
 
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge, covariance_alignment
-from mergekit_ace.rules.common import is_input_embedding
+from mergekit_ace.rules.scope import is_input_embedding
 from mergekit_ace.rules.sensitivity import resolve_dtype, storage_sensitivity
 
 #: Perturbed merges per weight and rule for the sensitivity columns (``--sensitivity-samples``).

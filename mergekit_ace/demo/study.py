@@ -185,7 +185,7 @@ def analyse_merges(trained, merged: Mapping[str, Path], expert_grams, base_grams
     returns ``(rows, {weight: W*})``."""
     from mergekit_ace.analysis.covariance import analyse_layer, layer_index, weight_kind
     from mergekit_ace.demo.train import load_weights
-    from mergekit_ace.rules.common import is_input_embedding
+    from mergekit_ace.rules.scope import is_input_embedding
 
     base = load_weights(trained.base)
     experts = {s: load_weights(trained.experts[s]) for s in SKILL_NAMES}

@@ -34,28 +34,31 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import (
-    ACE_STRATEGIES,
-    EXPERT_STREAMED,
-    OUTPUT_GRAM,
-    PINV_RTOL,
-    ROW_CHUNKED,
-    ROW_RECOMPUTED,
-    TINY,
-    TaskVectors,
-    add_gram_,
-    add_left_product_,
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
-    check_strategy,
+    describe,
+)
+from mergekit_ace.rules.linalg import (
+    PINV_RTOL,
+    add_gram_,
+    add_left_product_,
     cholesky_right_solve,
     cholesky_solve,
-    describe,
     output_gram,
     row_chunks,
     symmetrize_gram_,
+)
+from mergekit_ace.rules.task_vectors import (
+    ACE_STRATEGIES,
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    ROW_RECOMPUTED,
+    TaskVectors,
+    check_strategy,
 )
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
@@ -72,6 +75,10 @@ from mergekit_ace.rules.precision import (
 )
 
 LOG = logging.getLogger(__name__)
+
+#: Constant added in several of ACE's denominators and logarithms (part of the rule as published:
+#: docs/methods.md, "ACE").
+TINY = 1e-12
 
 DEFAULTS = dict(epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, refinement="add")
 

@@ -38,25 +38,29 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
-    EXPERT_STREAMED,
-    MergeInputError,
-    OUTPUT_GRAM,
-    PINV_RTOL,
-    ROW_CHUNKED,
-    TaskVectors,
-    accumulate_gram,
-    add_gram_,
-    add_left_product_,
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
-    check_strategy,
-    cholesky_right_solve,
     describe,
+)
+from mergekit_ace.rules.linalg import (
+    PINV_RTOL,
+    accumulate_gram,
+    add_gram_,
+    add_left_product_,
+    cholesky_right_solve,
     output_gram,
     symmetrize_gram_,
+)
+from mergekit_ace.rules.task_vectors import (
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    TaskVectors,
+    check_strategy,
 )
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,

@@ -50,14 +50,13 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
+from mergekit_ace.rules.checks import check_inputs, check_parameter
+from mergekit_ace.rules.linalg import row_chunks
+from mergekit_ace.rules.task_vectors import (
     SVD_STRATEGIES,
-    WHOLE_MATRIX,
     TaskVectors,
-    check_inputs,
-    check_parameter,
+    WHOLE_MATRIX,
     check_strategy,
-    row_chunks,
     task_vector,
 )
 from mergekit_ace.rules.spectral import (

@@ -45,7 +45,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-from mergekit_ace.rules.common import cholesky_solve, describe
+from mergekit_ace.rules.checks import describe
+from mergekit_ace.rules.linalg import cholesky_solve
 
 LOG = logging.getLogger(__name__)
 R = TypeVar("R")

@@ -40,7 +40,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import PINV_RTOL, TaskVectors, add_gram_, check_finite_output, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.checks import check_finite_output
+from mergekit_ace.rules.linalg import PINV_RTOL, add_gram_, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.task_vectors import TaskVectors
 from mergekit_ace.rules.precision import (
     ErrorBudget,
     extreme_eigenvalues,
@@ -90,7 +92,7 @@ def check_route(route: str) -> str:
 
 def smaller_gram(X: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, bool]:
     r"""``(G, tall)``: :math:`G = X^TX` if X is tall (p >= q) else :math:`XX^T`, only the upper
-    block triangle computed (:func:`~mergekit_ace.rules.common.add_gram_`)."""
+    block triangle computed (:func:`~mergekit_ace.rules.linalg.add_gram_`)."""
     p, q = X.shape
     tall = p >= q
     gram = torch.zeros((q, q) if tall else (p, p), dtype=X.dtype, device=X.device)

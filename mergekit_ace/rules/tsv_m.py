@@ -41,15 +41,9 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
-    WHOLE_MATRIX,
-    SVD_STRATEGIES,
-    check_inputs,
-    check_parameter,
-    check_strategy,
-    row_chunks,
-    task_vector,
-)
+from mergekit_ace.rules.checks import check_inputs, check_parameter
+from mergekit_ace.rules.linalg import row_chunks
+from mergekit_ace.rules.task_vectors import SVD_STRATEGIES, WHOLE_MATRIX, check_strategy, task_vector
 from mergekit_ace.rules.spectral import (
     AUTO,
     Triplets,

@@ -49,16 +49,15 @@ from typing import Hashable, List, Optional, Sequence
 import torch
 
 from mergekit_ace.rules.actmat import EXACT, actmat_merge
-from mergekit_ace.rules.common import (
-    ROW_CHUNKED,
-    MergeInputError,
-    TaskVectors,
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
     describe,
 )
+from mergekit_ace.rules.task_vectors import ROW_CHUNKED, TaskVectors
 
 CLOSED_FORM, ADAM = "closed_form", "adam"
 SOLVERS = (CLOSED_FORM, ADAM)
