@@ -17,8 +17,9 @@ def traced(self, t, *a, **k):
 task_vectors.TaskVectors.gram = traced
 t0 = time.time()
 try:
-    ace._ace(base, experts, ace.DEFAULTS["epsilon"], ace.DEFAULTS["tau"], ace.DEFAULTS["k_frac"], 1.0, "add",
-             name, None, torch.float64, 8192, "row_chunked", torch.float32, check=True)
+    run = ace._Run(name, None, torch.float64, 8192, "row_chunked", torch.bfloat16, matmul_dtype=torch.float32,
+                   check=True)
+    ace._ace(base, experts, ace.ACEParameters(), run)
     print("  attempt ran to the end")
 except precision.NeedsFloat64 as e:
     print("  gave up:", e)
