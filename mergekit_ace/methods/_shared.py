@@ -14,7 +14,7 @@ from mergekit_ace.rules.checks import check_finite_output, check_inputs, check_p
 from mergekit_ace.rules.scope import BASE, RULE, weight_scope
 from mergekit_ace.rules.task_vectors import average_task_vectors
 
-#: Internal precision of the covariance algebra (METHODS.md, "Numerics").
+#: Internal precision of the covariance algebra (docs/methods.md, "Numerics").
 COMPUTE_DTYPE = torch.float64
 
 

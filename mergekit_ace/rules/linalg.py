@@ -24,14 +24,14 @@ def row_chunks(n_rows: int, chunk: Optional[int]):
 
 
 def cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    r""":math:`M^{-1}B` with :math:`M = LL^T` (two triangular solves; faster than
+    """M^-1B with M = LL^T (two triangular solves; faster than
     ``torch.cholesky_solve`` for few right-hand sides)."""
     return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
 def cholesky_right_solve(N: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    r""":math:`NM^{-1}` with :math:`M = LL^T`, for a block of rows N (two triangular solves from
-    the right: :math:`ZL^T = N`, then :math:`XL = Z`)."""
+    """NM^-1 with M = LL^T, for a block of rows N (two triangular solves from
+    the right: ZL^T = N, then XL = Z)."""
     Z = torch.linalg.solve_triangular(L.T, N, upper=True, left=False)
     return torch.linalg.solve_triangular(L, Z, upper=False, left=False)
 
@@ -46,7 +46,7 @@ def _gram_edges(n: int):
 
 
 def add_gram_(gram: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    r"""``gram += X^T X`` computing only the upper block triangle (the Gram is symmetric): ~40% fewer
+    """``gram += X^T X`` computing only the upper block triangle (the Gram is symmetric): ~40% fewer
     flops than ``X.T @ X`` for wide X. The strictly-lower blocks are left for
     :func:`symmetrize_gram_`, to be called once after the last block (several ``add_gram_`` calls
     may accumulate into one Gram before it)."""
@@ -60,7 +60,7 @@ def add_gram_(gram: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
 
 def output_gram(X: torch.Tensor) -> torch.Tensor:
-    r""":math:`XX^T` (rows x rows, symmetric), from the upper block triangle as :func:`add_gram_`."""
+    """XX^T (rows x rows, symmetric), from the upper block triangle as :func:`add_gram_`."""
     gram = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
     return symmetrize_gram_(add_gram_(gram, X.T))
 
@@ -91,7 +91,7 @@ def symmetrize_gram_(gram: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk: Optional[int] = None):
-    r"""Stream :math:`D^T D` and the column sums of D over row blocks, ``block_fn(rows) -> D[rows]``
+    """Stream D^T D and the column sums of D over row blocks, ``block_fn(rows) -> D[rows]``
     (D is never materialised whole). Returns ``(gram, col_sum)``."""
     gram = torch.zeros(n_cols, n_cols, dtype=dtype, device=device)
     col_sum = torch.zeros(n_cols, dtype=dtype, device=device)

@@ -51,9 +51,9 @@ ROW_CHUNKED = "row_chunked"
 #: Keep one proxy at a time and full-size numerator/residual accumulators (extra memory
 #: ~ d_out d_in + 2 d_in^2; best for wide matrices such as down_proj, where T d_in^2 > d_out d_in).
 EXPERT_STREAMED = "expert_streamed"
-#: Keep one whole task vector at a time and its d_out x d_out Gram :math:`K_t = D_tD_t^T`: the products
-#: :math:`D_tC_t = K_tD_t` (ACTMat) and :math:`D_t\tilde S_t` (ACE) run in the output space
-#: (:math:`4d_{out}^2d_{in}` instead of :math:`2d_{out}d_{in}^2` flops per expert; the d_in x d_in sum of
+#: Keep one whole task vector at a time and its d_out x d_out Gram K_t = D_tD_t^T: the products
+#: D_tC_t = K_tD_t (ACTMat) and D_t S~_t (ACE) run in the output space
+#: (4d_out^2d_in instead of 2d_outd_in^2 flops per expert; the d_in x d_in sum of
 #: the Grams is still formed, for the solve). Fewer flops where d_out < d_in / 2 (down_proj: 4096 x
 #: 11008); extra memory ~ 2 d_out d_in + d_out^2 + d_in^2, no per-expert d_in x d_in proxy.
 OUTPUT_GRAM = "output_gram"
@@ -72,7 +72,7 @@ def check_strategy(strategy: str, name: Optional[str], allowed: Sequence[str] = 
 
 
 class TaskVectors:
-    r"""The task vectors :math:`D_t = W_t - W_0` of one weight, formed on demand one row block at a
+    """The task vectors D_t = W_t - W_0 of one weight, formed on demand one row block at a
     time in ``dtype`` (the precision of the matrix products); never all at once.
 
     ``row_chunk`` rows per block (``None``: the whole matrix is one block)."""
@@ -96,15 +96,15 @@ class TaskVectors:
         return out
 
     def whole(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
-        r"""The whole :math:`D_t` (or :math:`C_t = D_t - \mathbf{1}\mu^T` with ``mu``) in ``dtype``."""
+        """The whole D_t (or C_t = D_t - 1 mu^T with ``mu``) in ``dtype``."""
         D = self.block(t, slice(0, self.d_out))
         if mu is not None:
             D -= mu.to(self.dtype)
         return D
 
     def energies_and_means(self, dtype: torch.dtype, means: bool = True) -> Tuple[list, Optional[list]]:
-        r"""One cheap pass: :math:`\|D_t\|_F^2` (python floats, accumulated in float64) and the row
-        means :math:`\mu_t` (d_in vectors in ``dtype``) of every expert; ``means=False``: the
+        """One cheap pass: ||D_t||_F^2 (python floats, accumulated in float64) and the row
+        means mu_t (d_in vectors in ``dtype``) of every expert; ``means=False``: the
         energies only (``None`` for the means)."""
         traces, mus = [], []
         for t in range(len(self.experts)):
@@ -122,9 +122,9 @@ class TaskVectors:
         return traces, (mus if means else None)
 
     def gram(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
-        r""":math:`C_t^T C_t` with :math:`C_t = D_t - \mathbf{1}\mu^T` (uncentred :math:`D_t^TD_t` if ``mu``
+        """C_t^T C_t with C_t = D_t - 1 mu^T (uncentred D_t^TD_t if ``mu``
         is None), accumulated over row blocks in ``dtype``. The blocks are centred before the
-        product, so no cancellation between :math:`D^TD` and :math:`d_{out}\mu\mu^T`."""
+        product, so no cancellation between D^TD and d_out mu mu^T."""
         gram = torch.zeros(self.d_in, self.d_in, dtype=self.dtype, device=self.device)
         mu = None if mu is None else mu.to(self.dtype)
         for rows in self.chunks():
@@ -137,7 +137,7 @@ class TaskVectors:
 
     def weighted_sum(self, rows: slice, weights: Sequence[float], dtype: torch.dtype,
                      mus: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        r""":math:`\sum_t w_t D_t[rows]` in ``dtype`` (centred rows :math:`D_t - \mu_t` if ``mus``)."""
+        """sum_t w_t D_t[rows] in ``dtype`` (centred rows D_t - mu_t if ``mus``)."""
         acc = torch.zeros(rows.stop - rows.start, self.d_in, dtype=dtype, device=self.device)
         for t, w in enumerate(weights):
             if w == 0.0:
@@ -166,7 +166,7 @@ class TaskVectors:
         return out
 
     def matmul_accumulate(self, out: torch.Tensor, rows: slice, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-        r"""``out += \sum_t D_t[rows] @ mats[t]``."""
+        """``out += sum_t D_t[rows] @ mats[t]``."""
         for t, mat in enumerate(mats):
             self.add_product(out, t, rows, mat)
         return out
