@@ -2,7 +2,7 @@
 updates 1 / 2.5 / 5 %), from the start of the rule to the early give-up; the Grams' order."""
 import sys, time, torch
 from mergekit_ace.fixtures import synthetic
-from mergekit_ace.rules import precision, ace, common
+from mergekit_ace.rules import precision, ace, task_vectors
 torch.set_num_threads(2)
 name, shape = "lm_head.weight", (100278, 4096)
 t0 = time.time()
@@ -10,15 +10,16 @@ base = synthetic.base_tensor(name, shape, 0).bfloat16()
 experts = [(base.float() + synthetic.expert_update(name, base.float(), r, 0, t)).bfloat16()
            for t, r in enumerate(synthetic.DEFAULT_RELATIVE_UPDATES)]
 print(sys.argv[1] if len(sys.argv) > 1 else "", name, "generated in %.1f s" % (time.time() - t0), flush=True)
-gram = common.TaskVectors.gram
+gram = task_vectors.TaskVectors.gram
 def traced(self, t, *a, **k):
     t1 = time.time(); out = gram(self, t, *a, **k)
     print("  Gram of expert %d (%s): %.1f s" % (t, self.dtype, time.time() - t1), flush=True); return out
-common.TaskVectors.gram = traced
+task_vectors.TaskVectors.gram = traced
 t0 = time.time()
 try:
-    ace._ace(base, experts, ace.DEFAULTS["epsilon"], ace.DEFAULTS["tau"], ace.DEFAULTS["k_frac"], 1.0, "add",
-             name, None, torch.float64, 8192, "row_chunked", torch.float32, check=True)
+    run = ace._Run(name, None, torch.float64, 8192, "row_chunked", torch.bfloat16, matmul_dtype=torch.float32,
+                   check=True)
+    ace._ace(base, experts, ace.ACEParameters(), run)
     print("  attempt ran to the end")
 except precision.NeedsFloat64 as e:
     print("  gave up:", e)

@@ -1,4 +1,4 @@
-"""Independent float64 references for the two rules, written from METHODS.md with the naive
+"""Independent float64 references for the two rules, written from docs/methods.md with the naive
 algebra (explicit centring, explicit inverse / pseudo-inverse, full SVD). A different code path
 from the package on purpose: no streaming, no Cholesky, no Sherman-Morrison, no Gram eigh."""
 
@@ -9,7 +9,7 @@ import torch
 
 def ace_reference(W0, experts, epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, force_pinv=False,
                   refinement="add", null_rtol=1e-10):
-    """ACE in float64 from METHODS.md. Step 6 by a full SVD: ``refinement="add"`` (Eq. 19: P +
+    """ACE in float64 from docs/methods.md. Step 6 by a full SVD: ``refinement="add"`` (Eq. 19: P +
     sigma_iso U_k V_k^T of F = P + Res), ``"rescale"`` (P's own top-k singular values replaced by
     their mean), ``"none"``. Singular pairs with sigma <= null_rtol * sigma_max are null: they add
     nothing to sigma_iso's sum (it still divides by k) and get no term."""

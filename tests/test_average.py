@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_ace.rules.common import average_task_vectors
+from mergekit_ace.rules.task_vectors import average_task_vectors
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (37, 5), (9, 4, 3)])

@@ -11,7 +11,8 @@ import torch
 from mergekit_ace.rules import actmat as actmat_rule
 from mergekit_ace.rules.ace import ace_merge, proxy_sum_trace_bound
 from mergekit_ace.rules.actmat import CholeskySolve, SymmetricPseudoInverse, actmat_merge, range_solver
-from mergekit_ace.rules.common import TaskVectors, add_gram_, symmetrize_gram_
+from mergekit_ace.rules.linalg import add_gram_, symmetrize_gram_
+from mergekit_ace.rules.task_vectors import TaskVectors
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
     UNIT_ROUNDOFF_FLOAT32,

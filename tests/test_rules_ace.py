@@ -119,7 +119,7 @@ def test_spectral_refinement_equals_full_svd(shape):
     torch.testing.assert_close(ace_rule.spectral_refinement(P, Res, 0.3), expected, rtol=1e-9, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- limits (METHODS.md)
+# ------------------------------------------------------------------- limits (docs/methods.md)
 def test_limit_large_epsilon_homogeneous_is_mean_of_centred_task_vectors():
     W0, experts = make_experts((40, 16), 3, [3.0, 3.6, 2.7], seed=7)
     out = ace_merge(W0, experts, epsilon=1e9, tau=1e9)  # homogeneous branch, ridge dominates

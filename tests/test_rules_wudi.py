@@ -7,7 +7,7 @@ import torch
 
 from mergekit_ace.rules import MergeInputError
 from mergekit_ace.rules.actmat import actmat_merge, truncated_rcond
-from mergekit_ace.rules.common import STRATEGIES
+from mergekit_ace.rules.task_vectors import STRATEGIES
 from mergekit_ace.rules.wudi import wudi_adam, wudi_merge
 from tests.reference import (
     actmat_truncated_reference,

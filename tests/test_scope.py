@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mergekit_ace.errors import MergeInputError
-from mergekit_ace.rules.common import weight_scope
+from mergekit_ace.rules.scope import weight_scope
 from tests.mergekit_run import config_for, run_mergekit_yaml
 from tests.test_end_to_end import assert_weights_equal, expected_weights, load_weights
 
@@ -22,7 +22,7 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 def exact_average(W0, Ws):
     """``W_0 + mean_t (W_t - W_0)`` in float64, cast to W_0's dtype (the order of operations of the
-    average in rules/common.py, so the cast rounds the same float64 value)."""
+    average in rules/task_vectors.py, so the cast rounds the same float64 value)."""
     acc = torch.zeros(W0.shape, dtype=torch.float64)
     for W in Ws:
         acc += W.double() - W0.double()

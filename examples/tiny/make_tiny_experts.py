@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from mergekit_ace.fixtures.toymodels import make_model, perturbed_copy, save_pretrained, tiny_config, train_tokenizer
+from mergekit_ace.rules.ace import DEFAULTS as ACE_DEFAULTS
 
 
 def main(out: Path) -> None:
@@ -24,7 +25,8 @@ def main(out: Path) -> None:
     # Updates of different sizes (0.003 to 0.1): ACE takes its heterogeneous branch on them.
     for i, (skill, scale) in enumerate([("multilingual", 0.003), ("math", 0.03), ("coding", 0.1)]):
         experts.append(save_pretrained(perturbed_copy(base, seed=i + 1, scale=scale), tokenizer, out / skill))
-    for method, parameters in (("ace", {"epsilon": 1e-5, "tau": 0.3, "k_frac": 0.3}), ("actmat", {"scale": 1.0})):
+    ace_parameters = {key: ACE_DEFAULTS[key] for key in ("epsilon", "tau", "k_frac")}  # the paper's
+    for method, parameters in (("ace", ace_parameters), ("actmat", {"scale": 1.0})):
         config = {
             "merge_method": method,
             "base_model": str(base_path),

@@ -63,7 +63,7 @@ def proxy_actmat(delta: torch.Tensor) -> torch.Tensor:
 
 
 def proxy_ace(delta: torch.Tensor) -> torch.Tensor:
-    """ACE's proxy ``C^T C`` with ``C = D - 1 mu^T`` (rows centred: METHODS.md step 2)."""
+    """ACE's proxy ``C^T C`` with ``C = D - 1 mu^T`` (rows centred: docs/methods.md, "ACE-Merging", step 2)."""
     c = delta.double()
     c = c - c.mean(dim=0, keepdim=True)
     return c.T @ c

@@ -5,8 +5,8 @@ through mergekit's loaders, so 7B checkpoints work on a CPU):
 
 - ``norm_<expert>``: the task vector's Frobenius norm ``||D_t||_F``;
 - ``gamma`` and ``branch``: ACE's heterogeneity statistic (Eq. 7) and the branch it selects;
-- ``eps_over_s_<expert>``: the ridge ``epsilon / s_t`` of the heterogeneous branch (METHODS.md warns
-  that a small ``s_t`` makes the refinement blow up, as a large epsilon does);
+- ``eps_over_s_<expert>``: the ridge ``epsilon / s_t`` of the heterogeneous branch (docs/methods.md,
+  "Limits the tests check": a small ``s_t`` makes the refinement blow up, as a large epsilon does);
 - ``top5_energy_pre`` / ``top5_energy_post``: share of squared singular values of ACE's merged task
   vector held by the top 5% of singular values, before and after the spectral refinement (the
   paper's Fig. 2 observation: > 99% before, flatter after);
@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.ace import DEFAULTS as ACE_DEFAULTS, ace_merge
 from mergekit_ace.rules.actmat import actmat_merge, covariance_alignment
-from mergekit_ace.rules.common import is_input_embedding
+from mergekit_ace.rules.scope import is_input_embedding
 from mergekit_ace.rules.sensitivity import resolve_dtype, storage_sensitivity
 
 #: Perturbed merges per weight and rule for the sensitivity columns (``--sensitivity-samples``).
@@ -58,9 +58,9 @@ def inspect_weight(
     experts: Sequence[torch.Tensor],
     labels: Sequence[str],
     *,
-    epsilon: float = 1e-5,
-    tau: float = 0.3,
-    k_frac: float = 0.3,
+    epsilon: float = ACE_DEFAULTS["epsilon"],
+    tau: float = ACE_DEFAULTS["tau"],
+    k_frac: float = ACE_DEFAULTS["k_frac"],
     spectra: bool = True,
     sensitivity: bool = True,
     output_dtype: Optional[torch.dtype] = None,
@@ -121,9 +121,9 @@ def inspect_models(
     experts: Sequence[str],
     output: Path,
     *,
-    epsilon: float = 1e-5,
-    tau: float = 0.3,
-    k_frac: float = 0.3,
+    epsilon: float = ACE_DEFAULTS["epsilon"],
+    tau: float = ACE_DEFAULTS["tau"],
+    k_frac: float = ACE_DEFAULTS["k_frac"],
     weights: Optional[str] = None,
     spectra: bool = True,
     spectrum_weight: Optional[str] = None,
@@ -284,9 +284,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--expert", action="append", required=True,
                         help="an expert, local directory or Hub id (repeat for each)")
     parser.add_argument("--output", default="inspect-output", help="directory for CSV/JSON/plots")
-    parser.add_argument("--epsilon", type=float, default=1e-5)
-    parser.add_argument("--tau", type=float, default=0.3)
-    parser.add_argument("--k-frac", type=float, default=0.3)
+    parser.add_argument("--epsilon", type=float, default=ACE_DEFAULTS["epsilon"])
+    parser.add_argument("--tau", type=float, default=ACE_DEFAULTS["tau"])
+    parser.add_argument("--k-frac", type=float, default=ACE_DEFAULTS["k_frac"])
     parser.add_argument("--weights", help="regex: inspect only matching weight names")
     parser.add_argument("--no-spectra", action="store_true",
                         help="skip the singular-value statistics (the expensive part on large models)")

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ace.demo.skills import SKILL_NAMES
+from mergekit_ace.rules.ace import DEFAULTS as ACE_RULE_DEFAULTS
 
 # ---------------------------------------------------------------------------------- variants
 #: ACE's paper defaults, which every ACE variant below starts from.
-ACE_DEFAULTS = {"epsilon": 1e-5, "tau": 0.3, "k_frac": 0.3, "scale": 1.0}
+ACE_DEFAULTS = {key: ACE_RULE_DEFAULTS[key] for key in ("epsilon", "tau", "k_frac", "scale")}
 
 
 def ace(label: str, **overrides) -> Tuple[str, str, Dict[str, object], Dict[str, object]]:
@@ -185,7 +186,7 @@ def analyse_merges(trained, merged: Mapping[str, Path], expert_grams, base_grams
     returns ``(rows, {weight: W*})``."""
     from mergekit_ace.analysis.covariance import analyse_layer, layer_index, weight_kind
     from mergekit_ace.demo.train import load_weights
-    from mergekit_ace.rules.common import is_input_embedding
+    from mergekit_ace.rules.scope import is_input_embedding
 
     base = load_weights(trained.base)
     experts = {s: load_weights(trained.experts[s]) for s in SKILL_NAMES}

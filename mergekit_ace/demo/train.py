@@ -379,7 +379,7 @@ def relative_task_vector_norms(base: Path, experts: Dict[str, Path]) -> Dict[str
     """Per expert: ``||D_t|| / ||W_0||`` over all parameters (``global``), and the median over the
     2-D weights the covariance rules merge (not the input embeddings) of the same ratio per weight
     (``median_matrix``). Real LLM fine-tunes sit at a few per cent."""
-    from mergekit_ace.rules.common import is_input_embedding
+    from mergekit_ace.rules.scope import is_input_embedding
 
     w0 = load_weights(base)
     base_sq = sum(float(w.double().square().sum()) for w in w0.values())

@@ -45,7 +45,7 @@ import torch
 
 import mergekit_ace
 from mergekit_ace.execution import executor
-from mergekit_ace.rules.common import describe
+from mergekit_ace.rules.checks import describe
 
 LOG = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from mergekit_ace.execution.memory import (
     estimate,
     format_bytes,
 )
-from mergekit_ace.rules.common import describe
+from mergekit_ace.rules.checks import describe
 from mergekit_ace.rules.precision import (
     float32_products_can_serve,
     float64_recompute_count,

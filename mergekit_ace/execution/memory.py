@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from mergekit_ace.rules.common import (
+from mergekit_ace.rules.task_vectors import (
     ACE_STRATEGIES,
     AVERAGE_BLOCK_ELEMENTS,
     EXPERT_STREAMED,
@@ -256,7 +256,7 @@ def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_ch
 
 def average_estimate(shape, n_experts: int, compute_bytes: int = 8, out_bytes: Optional[int] = None,
                      block_elements: int = AVERAGE_BLOCK_ELEMENTS) -> Estimate:
-    """The experts' average (non-2-D weights, embeddings; ``common.average_task_vectors``): the
+    """The experts' average (non-2-D weights, embeddings; ``task_vectors.average_task_vectors``): the
     result in the inputs' dtype (``out_bytes``, default ``compute_bytes``) plus one block of rows
     (about ``block_elements`` values) as base, accumulator and expert in ``compute_bytes``."""
     numel = math.prod(shape) if shape else 1

@@ -137,7 +137,7 @@ def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
 def build_plan(config, budget_bytes: float) -> dict:
     from mergekit_ace.execution.executor import choose_plan, refines
     from mergekit_ace.execution.memory import average_estimate
-    from mergekit_ace.rules.common import RULE
+    from mergekit_ace.rules.scope import RULE
 
     method = config.merge_method
     params = dict(config.parameters or {})
@@ -180,11 +180,11 @@ def build_plan(config, budget_bytes: float) -> dict:
 
 def _treatment(name: str, shape, params: dict, merge_embeddings: bool) -> str:
     """rule / average / base for one weight, with ``scope`` and ``average_from_dim`` resolved for
-    this tensor name by mergekit's own filter matching (rules/common.py ``weight_scope``)."""
+    this tensor name by mergekit's own filter matching (rules/scope.py ``weight_scope``)."""
     from mergekit.config import evaluate_setting
 
     from mergekit_ace.errors import MergeInputError
-    from mergekit_ace.rules.common import weight_scope
+    from mergekit_ace.rules.scope import weight_scope
 
     def setting(key, default):
         if key not in params:

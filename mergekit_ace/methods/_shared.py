@@ -9,19 +9,12 @@ from mergekit.merge_methods import TensorGroup
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 
 from mergekit_ace.execution.cache import cached_execute_rule
-from mergekit_ace.rules.common import (
-    MergeInputError,
-    average_task_vectors,
-    check_finite_output,
-    check_inputs,
-    check_parameter,
-    describe,
-    weight_scope,
-    BASE,
-    RULE,
-)
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.checks import check_finite_output, check_inputs, check_parameter, describe
+from mergekit_ace.rules.scope import BASE, RULE, weight_scope
+from mergekit_ace.rules.task_vectors import average_task_vectors
 
-#: Internal precision of the covariance algebra (METHODS.md, "Numerics").
+#: Internal precision of the covariance algebra (docs/methods.md, "Numerics").
 COMPUTE_DTYPE = torch.float64
 
 
@@ -41,7 +34,7 @@ def merge_group(
     """Apply ``rule`` to a 2-D weight, or the experts' average to anything else.
 
     Input token embeddings are averaged unless ``merge_embeddings``; ``scope`` (per tensor through
-    mergekit's filters) and ``average_from_dim`` override that choice: rules/common.py
+    mergekit's filters) and ``average_from_dim`` override that choice: rules/scope.py
     ``weight_scope``, docs/methods.md "Scope" (``base`` returns the base's values). The result is
     returned in the dtype mergekit handed the inputs in (mergekit casts to its ``out_dtype``
     afterwards). ``scale``

@@ -4,7 +4,7 @@ import torch
 from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
 
 from mergekit_ace.methods._shared import base_required, merge_group
-from mergekit_ace.rules.ace import ace_merge
+from mergekit_ace.rules.ace import DEFAULTS, ace_merge
 
 
 @base_required
@@ -16,11 +16,11 @@ from mergekit_ace.rules.ace import ace_merge
 )
 def ace(
     group: TensorGroup,
-    epsilon: float = 1e-5,
-    tau: float = 0.3,
-    k_frac: float = 0.3,
-    scale: float = 1.0,
-    refinement: str = "add",
+    epsilon: float = DEFAULTS["epsilon"],
+    tau: float = DEFAULTS["tau"],
+    k_frac: float = DEFAULTS["k_frac"],
+    scale: float = DEFAULTS["scale"],
+    refinement: str = DEFAULTS["refinement"],
     merge_embeddings: bool = False,
     scope: str = "default",
     average_from_dim: int = 0,

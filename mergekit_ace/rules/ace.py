@@ -1,20 +1,27 @@
-r"""ACE-Merging, one weight matrix at a time.
+"""ACE-Merging, one weight matrix at a time.
 
 Xu et al., "ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation", CVPR 2026,
-arXiv:2603.02945 (Algorithm 1, Eqs. 5-16). Notation follows ``METHODS.md``: base ``W_0``
-(d_out x d_in, rows are outputs), experts ``W_1..W_T``, task vectors ``D_t = W_t - W_0``.
+arXiv:2603.02945 (Algorithm 1, Eqs. 5-16). The method statement, with every detail where the code
+differs from the paper or the authors' code, is docs/methods.md, "ACE-Merging". Notation: base
+W_0 (d_out x d_in, rows are outputs), experts W_1..W_T, task vectors D_t = W_t - W_0; 1 is the
+all-ones column, so 1 c^T adds the row c to every row.
 
-1. heterogeneity      gamma = Var_t[l_t] / (E_t[l_t]^2 + 1e-12),  l_t = log(||D_t||_F^2 + 1e-12)
-2. centring           C_t = D_t - 1 mu_t^T,  mu_t = mean of D_t's rows
-3. proxies            S_t = C_t^T C_t, s_t = tr S_t + 1e-12;  het: S~_t = S_t/s_t, eps_t = eps/s_t;
-                      else S~_t = S_t, eps_t = eps;   R_t = S~_t + eps_t I
-4. collective prior   c = column-mean of sum_t S~_t  (het: / (mean_t ||D_t||^2 + 1e-12))
-5. closed form        P = N A^{-1},  A = sum_t R_t + 1 c^T,  N = sum_t C_t R_t
-6. refinement (het)   F = P + sum_t D_t (S~_t - Sbar),  Sbar = mean_t R_t;
-                      P += sigma_iso U_k V_k^T,  sigma_iso = mean(sigma_1..k),  k = floor(k_frac min(d))
+  step                  formula                                                  computed by
+1. heterogeneity      gamma = Var_t[l_t] / (E_t[l_t]^2 + 1e-12),               _branch_decision
+                      l_t = log(||D_t||_F^2 + 1e-12); het = gamma > tau
+2. centring           C_t = D_t - 1 mu_t^T,  mu_t = mean of D_t's rows          _proxies
+3. proxies            S_t = C_t^T C_t, s_t = tr S_t + 1e-12;                    _proxies
+                      het: S~_t = S_t/s_t, eps_t = eps/s_t; else S~_t = S_t, eps_t = eps;
+                      R_t = S~_t + eps_t I
+4. collective prior   c = column-mean of sum_t S~_t                             _prior_solver
+                      (het: / (mean_t ||D_t||^2 + 1e-12))
+5. closed form        P = N A^-1,  A = sum_t R_t + 1 c^T,  N = sum_t C_t R_t    _prior_solver, _solve
+6. refinement (het)   F = P + sum_t D_t (S~_t - Sbar),  Sbar = mean_t R_t;      _refine_step
+                      P += sigma_iso U_k V_k^T,  sigma_iso = mean(sigma_1..k),
+                      k = floor(k_frac min(d_out, d_in))
                       (``refinement="add"``, Eq. 19 as published; ``"rescale"``: P's own top-k
                       singular values set to their mean; ``"none"``: P as it is)
-7. result             W = W_0 + scale P
+7. result             W = W_0 + scale P                                         _result
 
 Null directions (singular value zero, e.g. low-rank / LoRA-like task vectors) get no refinement:
 an eigenvalue of the Gram counts as zero when it is at most ``max(d_out, d_in) * eps * lambda_max``
@@ -22,40 +29,45 @@ in the Gram's precision. The authors' code adds arbitrary unit vectors for them.
 
 Every function here is pure (inputs are never modified). :func:`ace_merge` is the whole rule; it
 streams over experts and row blocks so that its working memory is the experts' d_in x d_in
-proxies plus one block of rows (``row_chunk``), never T full-size float64 task vectors.
+proxies plus one block of rows (``row_chunk``), never T full-size float64 task vectors. The
+parameters and their defaults (the paper's) are :class:`ACEParameters`, the only place they are
+written.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import (
-    ACE_STRATEGIES,
-    EXPERT_STREAMED,
-    OUTPUT_GRAM,
-    PINV_RTOL,
-    ROW_CHUNKED,
-    ROW_RECOMPUTED,
-    TINY,
-    TaskVectors,
-    add_gram_,
-    add_left_product_,
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
-    check_strategy,
+    describe,
+)
+from mergekit_ace.rules.linalg import (
+    PINV_RTOL,
+    add_gram_,
+    add_left_product_,
     cholesky_right_solve,
     cholesky_solve,
-    describe,
     output_gram,
     row_chunks,
     symmetrize_gram_,
+)
+from mergekit_ace.rules.task_vectors import (
+    ACE_STRATEGIES,
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    ROW_RECOMPUTED,
+    TaskVectors,
+    check_strategy,
 )
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
@@ -73,7 +85,36 @@ from mergekit_ace.rules.precision import (
 
 LOG = logging.getLogger(__name__)
 
-DEFAULTS = dict(epsilon=1e-5, tau=0.3, k_frac=0.3, scale=1.0, refinement="add")
+#: Constant added in several of ACE's denominators and logarithms (part of the rule as published:
+#: docs/methods.md, "ACE").
+TINY = 1e-12
+
+@dataclass(frozen=True)
+class ACEParameters:
+    """ACE's parameters, with the paper's defaults (Xu et al., Table 9; docs/methods.md, "ACE").
+    This is the one place they are written: :data:`DEFAULTS`, the mergekit method, ``inspect`` and
+    the demo take theirs from here."""
+
+    epsilon: float = 1e-5  # the ridge of step 3
+    tau: float = 0.3  # the branch threshold of step 1
+    k_frac: float = 0.3  # step 6's rank: k = floor(k_frac min(d_out, d_in))
+    scale: float = 1.0  # step 7
+    refinement: str = "add"  # step 6's variant (REFINEMENTS)
+
+    def check(self, name: Optional[str], strategy: str) -> str:
+        """Refuse a parameter out of range, or an unknown ``strategy`` or ``refinement``, naming the
+        tensor; returns the strategy."""
+        check_parameter(name, "epsilon", self.epsilon, low=0.0)
+        check_parameter(name, "tau", self.tau, low=0.0)
+        check_parameter(name, "k_frac", self.k_frac, low=0.0, high=1.0)
+        check_parameter(name, "scale", self.scale)
+        strategy = check_strategy(strategy, name, ACE_STRATEGIES)
+        check_refinement(name, self.refinement)
+        return strategy
+
+
+#: ACE's defaults as keyword arguments (``ace_merge``, ``merge_method: ace``).
+DEFAULTS = asdict(ACEParameters())
 
 #: Step 6 variants: ``add`` (Eq. 19 as published: P + sigma_iso U_k V_k^T of F), ``rescale`` (the
 #: top-k singular values of P itself replaced by their mean, its singular vectors kept) and
@@ -93,10 +134,10 @@ def check_refinement(name: Optional[str], refinement) -> str:
 
 # --------------------------------------------------------------------------- step 1
 def heterogeneity(traces: Sequence[float] | torch.Tensor) -> float:
-    r"""Eq. 7: :math:`\gamma = \mathrm{Var}_t[l_t] / (\mathbb{E}_t[l_t]^2 + 10^{-12})` with
-    :math:`l_t = \log(\|D_t\|_F^2 + 10^{-12})` and the unbiased variance.
+    """Eq. 7: gamma = Var_t[l_t] / (E_t[l_t]^2 + 1e-12) with
+    l_t = log(||D_t||_F^2 + 1e-12) and the unbiased variance.
 
-    ``traces`` are the uncentred energies :math:`\|D_t\|_F^2`. Returns NaN for T = 1, where gamma
+    ``traces`` are the uncentred energies ||D_t||_F^2. Returns NaN for T = 1, where gamma
     is undefined (:func:`is_heterogeneous` then selects the homogeneous branch).
     """
     tr = torch.as_tensor(traces, dtype=torch.float64).flatten()
@@ -114,11 +155,11 @@ def is_heterogeneous(gamma: float, tau: float) -> bool:
 # --------------------------------------------------------------------------- steps 2-3
 def proxy_sum_trace_bound(traces: Sequence[float], mus: Sequence[torch.Tensor], d_out: int, d_in: int,
                           heterogeneous: bool, epsilon: float) -> float:
-    r"""An upper bound on :math:`\mathrm{tr}\,M = \sum_t \mathrm{tr}\,\tilde S_t + d_{in}\sum_t\epsilon_t`
+    """An upper bound on tr M = sum_t tr S~_t + d_in sum_t eps_t
     from step 1's energies, before any proxy exists (for :func:`precision.condition_lower_bound`).
-    :math:`\mathrm{tr}\,S_t = \|C_t\|^2 = \|D_t\|^2 - d_{out}\|\mu_t\|^2`; heterogeneous:
-    :math:`\mathrm{tr}\,\tilde S_t \le 1`, :math:`\epsilon_t = \epsilon/\|C_t\|^2`; else
-    :math:`\mathrm{tr}\,\tilde S_t \le \|D_t\|^2`, :math:`\epsilon_t = \epsilon`; with
+    tr S_t = ||C_t||^2 = ||D_t||^2 - d_out||mu_t||^2; heterogeneous:
+    tr S~_t <= 1, eps_t = eps/||C_t||^2; else
+    tr S~_t <= ||D_t||^2, eps_t = eps; with
     ``TRACE_SLACK`` for the Grams' rounding. Infinite (no bound) where centring cancels more than
     half of an energy (the difference would be inaccurate)."""
     T = len(traces)
@@ -132,9 +173,9 @@ def proxy_sum_trace_bound(traces: Sequence[float], mus: Sequence[torch.Tensor], 
 
 # --------------------------------------------------------------------------- step 4
 def collective_prior(S_tilde_sum: torch.Tensor, traces: Sequence[float], heterogeneous: bool) -> torch.Tensor:
-    r"""Step 4 (Eqs. 11-13): :math:`c` = the mean of the rows of :math:`\sum_t \tilde S_t`;
-    in the heterogeneous branch divided by :math:`\bar\tau + 10^{-12}`, the mean uncentred energy.
-    The prior itself is :math:`C_{agg} = \mathbf{1} c^T` (c added to every row)."""
+    """Step 4 (Eqs. 11-13): c = the mean of the rows of sum_t S~_t;
+    in the heterogeneous branch divided by taubar + 1e-12, the mean uncentred energy.
+    The prior itself is C_agg = 1 c^T (c added to every row)."""
     c = S_tilde_sum.mean(dim=0)
     if heterogeneous:
         c = c / (sum(float(t) for t in traces) / len(traces) + TINY)
@@ -144,12 +185,13 @@ def collective_prior(S_tilde_sum: torch.Tensor, traces: Sequence[float], heterog
 # --------------------------------------------------------------------------- step 5
 @dataclass
 class PriorSolver:
-    r"""Right-division by :math:`A = M + \mathbf{1}c^T` with :math:`M = \sum_t R_t` SPD.
+    """Right-division by A = M + 1 c^T with M = sum_t R_t SPD.
 
     Cholesky of M plus the Sherman-Morrison rank-one correction (exact, no explicit inverse):
-    :math:`N A^{-1} = X - (X\mathbf{1})\, z^T / (1 + c^T M^{-1}\mathbf{1})`,
-    :math:`X = N M^{-1}`, :math:`z = M^{-1}c`. If M is not positive definite (only possible with
-    epsilon = 0 and a rank-deficient proxy sum) A is pseudo-inverted instead (METHODS.md, step 5).
+    N A^-1 = X - (X 1) z^T / (1 + c^T M^-1 1),
+    X = N M^-1, z = M^-1c. If M is not positive definite (only possible with
+    epsilon = 0 and a rank-deficient proxy sum) A is pseudo-inverted instead
+    (docs/methods.md, "ACE-Merging", step 5).
     """
 
     M: torch.Tensor
@@ -186,7 +228,7 @@ class PriorSolver:
         self._pinv = torch.linalg.pinv(A, rtol=PINV_RTOL)
 
     def solve(self, N: torch.Tensor) -> torch.Tensor:
-        r""":math:`N A^{-1}` for a block of rows N (rows x d_in)."""
+        """N A^-1 for a block of rows N (rows x d_in)."""
         if self._pinv is not None:
             return N @ self._pinv
         N = N.to(self._chol.dtype)
@@ -198,8 +240,8 @@ class PriorSolver:
         return self._singular
 
     def sherman_morrison_amplification(self) -> float:
-        r"""How much the rank-one correction can magnify errors:
-        :math:`(1+|c^TM^{-1}\mathbf 1|)/|1+c^TM^{-1}\mathbf 1|`."""
+        """How much the rank-one correction can magnify errors:
+        (1+|c^TM^-1 1 |)/|1+c^TM^-1 1 |."""
         return (1.0 + abs(self._denom - 1.0)) / abs(self._denom)
 
 
@@ -213,16 +255,16 @@ def _well_conditioned(L: torch.Tensor) -> bool:
 def closed_form(
     N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: Optional[str] = None, ridge: float = 1.0
 ) -> torch.Tensor:
-    r"""Step 5: :math:`P = N (M + \mathbf{1}c^T)^{-1}`."""
+    """Step 5: P = N (M + 1 c^T)^-1."""
     return PriorSolver(M, c, name, ridge).solve(N)
 
 
 # --------------------------------------------------------------------------- step 6
 def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float,
                         allowed_error: float = 0.0) -> torch.Tensor:
-    r"""Step 6 (Eqs. 14-16, 19): :math:`P + \sigma_{iso} U_k V_k^T` where
-    :math:`F = P + Res = USV^T`, :math:`k = \lfloor k_{frac} \min(d_{out}, d_{in})\rfloor`,
-    :math:`\sigma_{iso}` = mean of the top-k singular values. Only the top-k pairs are computed
+    """Step 6 (Eqs. 14-16, 19): P + sigma_iso U_k V_k^T where
+    F = P + Res = USV^T, k = floor(k_frac min(d_out, d_in)),
+    sigma_iso = mean of the top-k singular values. Only the top-k pairs are computed
     (eigendecomposition of the smaller Gram of F where its estimated error is within
     ``allowed_error``, absolute; else a full SVD). Null directions (zero singular value) have no
     defined singular vectors and get no term (:func:`gram_null_mask`)."""
@@ -235,8 +277,8 @@ def spectral_refinement(P: torch.Tensor, residual: torch.Tensor, k_frac: float,
 
 
 def spectral_rescaling(P: torch.Tensor, k_frac: float, allowed_error: float = 0.0) -> torch.Tensor:
-    r"""Step 6, ``refinement="rescale"``: with :math:`P = USV^T`,
-    :math:`P - U_k S_k V_k^T + \bar\sigma_k U_k V_k^T`, :math:`\bar\sigma_k` = mean of P's top-k
+    """Step 6, ``refinement="rescale"``: with P = USV^T,
+    P - U_k S_k V_k^T + sigmabar_k U_k V_k^T, sigmabar_k = mean of P's top-k
     singular values (null ones count as zero and keep no term): the top-k singular values are
     replaced by their mean, the singular vectors kept (the step as the paper's text describes it).
     Pairs as in :func:`spectral_refinement`."""
@@ -248,12 +290,12 @@ def spectral_rescaling(P: torch.Tensor, k_frac: float, allowed_error: float = 0.
 
 
 def gram_null_mask(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    r"""Which eigenvalues of a Gram :math:`X^TX` (or :math:`XX^T`) belong to non-null directions:
-    :math:`\lambda > m\,\epsilon\,\lambda_{max}`, with m the Gram's inner dimension (the length of
-    the dot products) and :math:`\epsilon` the unit roundoff of the Gram's precision: below it an
+    """Which eigenvalues of a Gram X^TX (or XX^T) belong to non-null directions:
+    lambda > m eps lambda_max, with m the Gram's inner dimension (the length of
+    the dot products) and eps the unit roundoff of the Gram's precision: below it an
     eigenvalue is indistinguishable from the rounding of a zero one. Cutting on
-    :math:`\sigma = \sqrt\lambda` at :math:`n\epsilon\sigma_{max}` instead would keep the null
-    directions, whose computed :math:`\sigma` is about :math:`\sqrt{\epsilon}\,\sigma_{max}`."""
+    sigma = sqrt lambda at n eps sigma_max instead would keep the null
+    directions, whose computed sigma is about sqrt(eps) sigma_max."""
     cutoff = inner_dim * torch.finfo(dtype).eps * max(float(lambda_max), 0.0)
     return eigenvalues > cutoff
 
@@ -284,22 +326,22 @@ def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional
 
 def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: Optional[int] = None,
             allowed_error: float = 0.0, mode: str = "add") -> Tuple[float, str]:
-    r"""Step 6 in place on P, from the top-k singular triplets of a matrix X given by row blocks
+    """Step 6 in place on P, from the top-k singular triplets of a matrix X given by row blocks
     ``F_rows(rows)`` (it may read the unrefined ``P[rows]``: each block of P is refined only after
-    it was read), :math:`X = U S V^T`:
+    it was read), X = U S V^T:
 
-    * ``mode="add"`` (X = F): :math:`P \mathrel{+}= \sigma_{iso} U_k V_k^T`;
-    * ``mode="rescale"`` (X = P): :math:`P \mathrel{+}= U_k(\sigma_{iso} - S_k)V_k^T`.
+    * ``mode="add"`` (X = F): P += sigma_iso U_k V_k^T;
+    * ``mode="rescale"`` (X = P): P += U_k(sigma_iso - S_k)V_k^T.
 
-    Both are :math:`P \mathrel{+}= X V_k\,\mathrm{diag}(c)\,V_k^T` (tall X) or
-    :math:`U_k\,\mathrm{diag}(c)\,U_k^TX` (wide X) with :math:`c = \sigma_{iso}/\sigma` (add) or
-    :math:`\sigma_{iso}/\sigma - 1` (rescale), and c = 0 on null directions.
+    Both are P += X V_k diag(c) V_k^T (tall X) or
+    U_k diag(c) U_k^TX (wide X) with c = sigma_iso/sigma (add) or
+    sigma_iso/sigma - 1 (rescale), and c = 0 on null directions.
 
     The pairs come from the eigendecomposition of X's smaller Gram, in ``gram_dtype``; where the
     error that route adds (:func:`precision.refinement_error_estimate`) exceeds ``allowed_error``
     (absolute, Frobenius; what the precision contract leaves), from a full SVD of X instead, whose
-    singular vectors are accurate to :math:`u\sigma_1/\mathrm{gap}` rather than
-    :math:`u\sigma_1^2/(\sigma\,\mathrm{gap})`; also where a top-k eigenvalue is too close to the
+    singular vectors are accurate to u sigma_1/gap rather than
+    u sigma_1^2/(sigma gap); also where a top-k eigenvalue is too close to the
     Gram's null floor to tell a small direction from a null one
     (:func:`precision.null_decision_is_clear`). Returns ``(sigma_iso, route)``, route being the
     Gram's precision or ``"svd"``."""
@@ -330,9 +372,9 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
 
 
 def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: Optional[int], mode: str) -> float:
-    r""":func:`_refine` from a full SVD of X (in P's precision): :math:`P \mathrel{+}= U_k\,
-    \mathrm{diag}(S_k c)\,V_k^T`. A singular value counts as null at or below ``PINV_RTOL`` (1e-10)
-    :math:`\sigma_1`, the package's cutoff for rank decisions: X's own rounding (from the products
+    """:func:`_refine` from a full SVD of X (in P's precision): P += U_k
+    diag(S_k c) V_k^T. A singular value counts as null at or below ``PINV_RTOL`` (1e-10)
+    sigma_1, the package's cutoff for rank decisions: X's own rounding (from the products
     and the solve that formed it) puts its null singular values above the SVD's resolution."""
     d_out, d_in = P.shape
     X = torch.cat([F_rows(rows).to(P.dtype) for rows in row_chunks(d_out, row_chunk)])
@@ -351,14 +393,14 @@ def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: Optional[int], mo
 # --------------------------------------------------------------------------- the rule
 def _output_gram_step(tv, t: int, mu: torch.Tensor, het: bool, S_sum: torch.Tensor, w: torch.Tensor,
                       Q: torch.Tensor, kappa_bound: RunningConditionBound, row_chunk: Optional[int]) -> float:
-    r"""Steps 2-3 for expert t without its d_in x d_in proxy (strategy ``output_gram``, for wide
-    weights): with :math:`\tilde C = C_t/\sqrt{s_t}` (het; else :math:`C_t`), :math:`\tilde S_t =
-    \tilde C^T\tilde C` goes into the upper blocks of ``S_sum`` (symmetrised after the last expert),
-    :math:`\tilde S_t\mu_t = \tilde C^T(\tilde C\mu_t)` into ``w``, and
-    :math:`D_t\tilde S_t = C_t\tilde S_t + \mathbf 1(\tilde S_t\mu_t)^T` into ``Q``, its first term
-    from the d_out x d_out Gram as :math:`\sqrt{s_t}\,(\tilde C\tilde C^T)\tilde C`. The bound sees
-    :math:`\tilde C\tilde C^T`, whose nonzero eigenvalues are those of :math:`\tilde S_t`. Returns
-    :math:`s_t = \|C_t\|_F^2 + 10^{-12}` (the trace of :math:`S_t`)."""
+    """Steps 2-3 for expert t without its d_in x d_in proxy (strategy ``output_gram``, for wide
+    weights): with C~ = C_t/sqrt(s_t) (het; else C_t), S~_t =
+    C~^T C~ goes into the upper blocks of ``S_sum`` (symmetrised after the last expert),
+    S~_t mu_t = C~^T(C~ mu_t) into ``w``, and
+    D_t S~_t = C_t S~_t + 1 (S~_t mu_t)^T into ``Q``, its first term
+    from the d_out x d_out Gram as sqrt(s_t) (C~ C~^T) C~. The bound sees
+    C~ C~^T, whose nonzero eigenvalues are those of S~_t. Returns
+    s_t = ||C_t||_F^2 + 1e-12 (the trace of S_t)."""
     C = tv.whole(t, mu)
     s = float(torch.linalg.vector_norm(C, dtype=torch.float64) ** 2) + TINY
     root = math.sqrt(s) if het else 1.0
@@ -409,107 +451,192 @@ def ace_merge(
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
 ):
-    r"""Merge one 2-D weight by ACE-Merging; returns :math:`W_0 + scale\cdot P` in ``compute_dtype``.
+    """Merge one 2-D weight by ACE-Merging; returns W_0 + scale P in ``compute_dtype``.
 
     Memory, not the result, depends on ``row_chunk`` (rows of task vector processed at once) and
     ``strategy``:
 
-    * ``"row_chunked"``: the experts' proxies :math:`\tilde S_t` (T x d_in^2) are kept and the task
-      vectors stream through them block by block (for tall matrices);
+    * ``"row_chunked"``: the experts' proxies S~_t (T x d_in^2) are kept and the task vectors
+      stream through them block by block (for tall matrices);
     * ``"expert_streamed"``: one proxy at a time; the products are accumulated into one full-size
-      :math:`Q = \sum_t D_t \tilde S_t` (for wide matrices);
+      Q = sum_t D_t S~_t (for wide matrices);
     * ``"row_recomputed"``: as ``"row_chunked"``, but F is recomputed for the refinement instead of
       kept (least memory);
     * ``"output_gram"``: as ``"expert_streamed"``, but no proxy is formed whole: each centred task
-      vector's d_out x d_out Gram gives :math:`C_t\tilde S_t = (C_tC_t^T)C_t/s_t` (fewer flops for
-      wide matrices, d_out < d_in / 2), and its upper blocks go straight into :math:`\sum_t\tilde S_t`.
+      vector's d_out x d_out Gram gives C_t S~_t = (C_t C_t^T) C_t / s_t (fewer flops for wide
+      matrices, d_out < d_in / 2), and its upper blocks go straight into sum_t S~_t.
 
-    Both use :math:`N = \sum_t C_t R_t = Q - \mathbf{1}w^T + \sum_t \epsilon_t C_t` with
-    :math:`w = \sum_t \tilde S_t\mu_t`, and :math:`Res = Q - (\sum_t D_t)\bar S`.
+    All use N = sum_t C_t R_t = Q - 1 w^T + sum_t eps_t C_t with w = sum_t S~_t mu_t, and
+    Res = Q - (sum_t D_t) Sbar.
 
     ``refinement`` selects step 6 in the heterogeneous branch: ``"add"`` (default; Eq. 19 as
-    published and in the authors' code: :math:`P + \sigma_{iso}U_kV_k^T` with U, V of F),
-    ``"rescale"`` (:math:`P - U_kS_kV_k^T + \mathrm{mean}(S_k)U_kV_k^T` with U, S, V of P itself,
-    the rescaling the paper's text describes) or ``"none"`` (the preliminary solution P).
+    published and in the authors' code: P + sigma_iso U_k V_k^T with U, V of F), ``"rescale"``
+    (P - U_k S_k V_k^T + mean(S_k) U_k V_k^T with U, S, V of P itself, the rescaling the paper's
+    text describes) or ``"none"`` (the preliminary solution P).
 
-    ``matmul_dtype`` is the precision of the O(d_out d_in^2) products (proxies,
-    :math:`D_t\tilde S_t`, the Gram of F): ``None`` = ``compute_dtype``; ``"auto"`` = float32 where
-    the precision contract for ``output_dtype`` (the dtype the caller stores the result in; ``None``:
-    float64) holds, checked as the rule goes, float64 otherwise (:mod:`mergekit_ace.rules.precision`).
-    The same contract decides whether the refinement's pairs come from a Gram or a full SVD. The factorisations, the solve's factor and every
-    accumulation across experts stay in ``compute_dtype``. Inputs are never modified. With
-    ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
+    ``matmul_dtype`` is the precision of the O(d_out d_in^2) products (proxies, D_t S~_t, the Gram
+    of F): ``None`` = ``compute_dtype``; ``"auto"`` = float32 where the precision contract for
+    ``output_dtype`` (the dtype the caller stores the result in; ``None``: float64) holds, checked
+    as the rule goes, float64 otherwise (:mod:`mergekit_ace.rules.precision`). The same contract
+    decides whether the refinement's pairs come from a Gram or a full SVD. The factorisations, the
+    solve's factor and every accumulation across experts stay in ``compute_dtype``. Inputs are
+    never modified. With ``return_diagnostics`` returns ``(W, ACEDiagnostics)``.
     """
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="ACE")
-    check_parameter(name, "epsilon", epsilon, low=0.0)
-    check_parameter(name, "tau", tau, low=0.0)
-    check_parameter(name, "k_frac", k_frac, low=0.0, high=1.0)
-    check_parameter(name, "scale", scale)
-    strategy = check_strategy(strategy, name, ACE_STRATEGIES)
-    refinement = check_refinement(name, refinement)
-    args = (base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, compute_dtype, row_chunk, strategy,
-            output_dtype)
-    W, diag = run_with_fallback(lambda mt, check: _ace(*args, mt, check=check), matmul_dtype, compute_dtype, name,
-                                output_dtype)
+    params = ACEParameters(epsilon, tau, k_frac, scale, refinement)
+    strategy = params.check(name, strategy)
+    run = _Run(name, ids, compute_dtype, row_chunk, strategy, output_dtype)
+    attempt = lambda mt, check: _ace(base, experts, params, replace(run, matmul_dtype=mt, check=check))  # noqa: E731
+    W, diag = run_with_fallback(attempt, matmul_dtype, compute_dtype, name, output_dtype)
     return (W, diag) if return_diagnostics else W
 
 
-def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, row_chunk, strategy, output_dtype,
-         mt, check):
-    """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough."""
-    gram_space = strategy == OUTPUT_GRAM
-    streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
-    keep_F = strategy != ROW_RECOMPUTED
-    T = len(experts)
-    d_out, d_in = base.shape
-    dev = base.device
-    tv = TaskVectors(base, experts, mt, row_chunk)
+@dataclass(frozen=True)
+class _Run:
+    """How one attempt of the rule runs (everything but the method's parameters)."""
 
-    # Step 1 (a cheap first pass): uncentred energies, row means and the branch.
-    traces, mus = tv.energies_and_means(dt)
-    check_nonzero_task_vectors(traces, name, ids)
+    name: Optional[str]
+    ids: Optional[Sequence[Hashable]]
+    compute_dtype: torch.dtype  # the solve, the accumulators across experts, P
+    row_chunk: Optional[int]
+    strategy: str
+    output_dtype: Optional[torch.dtype]  # what the caller stores W in: sets the precision contract
+    matmul_dtype: Optional[torch.dtype] = None  # the O(d_out d_in^2) products (run_with_fallback's choice)
+    check: bool = False  # raise NeedsFloat64 where float32 products would break the contract
+
+    @property
+    def streamed(self) -> bool:
+        """One proxy at a time, products summed into a full-size Q."""
+        return self.strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
+
+    @property
+    def gram_space(self) -> bool:
+        return self.strategy == OUTPUT_GRAM
+
+    @property
+    def keep_F(self) -> bool:
+        """F = P + Res kept for the refinement (else recomputed row block by row block)."""
+        return self.strategy != ROW_RECOMPUTED
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The d_in x d_in algebra (sums, M, its Cholesky factor) and the row-block accumulators:
+        float64, or float32 while float32 products are being checked (their rounding, the factor's
+        backward error u ||M||, is of the order of the float32 Grams', which the estimates cover)."""
+        return self.matmul_dtype if self.check else self.compute_dtype
+
+
+def _ace(base: torch.Tensor, experts: Sequence[torch.Tensor], params: ACEParameters, run: _Run):
+    """The rule with products in ``run.matmul_dtype``, step by step; with ``run.check`` it raises
+    NeedsFloat64 where those products are not accurate enough. Returns ``(W, ACEDiagnostics)``."""
+    tv = TaskVectors(base, experts, run.matmul_dtype, run.row_chunk)
+    branch = _branch_decision(tv, params, run)
+    # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
+    budget = ErrorBudget(run.output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), params.scale,
+                         math.sqrt(sum(branch.traces)))
+    proxies = _proxies(tv, branch, params.epsilon, run, budget)
+    solver, S_bar = _prior_solver(proxies, branch, run, budget)
+    rows = _RowProducts(tv, proxies, S_bar, run)
+    P, F_all = _solve(tv, rows, proxies, solver, branch, run)
+    del solver
+    if run.keep_F or not branch.add:
+        rows.release()
+    sigma_iso, precision = _refine_step(P, F_all, rows, branch, run, budget)
+    F_all = None
+    rows.release()
+    W = _result(P, base, params.scale, run, budget)
+    diag = ACEDiagnostics(
+        traces=branch.traces,
+        gamma=branch.gamma,
+        heterogeneous=branch.heterogeneous,
+        eps_over_s=[params.epsilon / s for s in proxies.s_vals],
+        k=branch.k,
+        sigma_iso=sigma_iso,
+        precision=precision,
+        refinement=branch.refinement,
+    )
+    return W, diag
+
+
+# --------------------------------------------------------------------------- the rule's steps
+@dataclass(frozen=True)
+class _Branch:
+    """Step 1's outcome: the experts' energies ||D_t||_F^2 and row means mu_t, and the branch."""
+
+    traces: List[float]
+    mus: List[torch.Tensor]
+    gamma: float
+    heterogeneous: bool
+    k: int  # the refinement's rank (0 in the homogeneous branch)
+    refinement: str  # the step-6 variant that runs: "add", "rescale" or "none"
+
+    @property
+    def refine(self) -> bool:
+        return self.refinement != "none"
+
+    @property
+    def add(self) -> bool:
+        """Step 6 needs F = P + Res ("rescale" decomposes P itself)."""
+        return self.refinement == "add"
+
+
+def _branch_decision(tv: TaskVectors, params: ACEParameters, run: _Run) -> _Branch:
+    """Step 1 (a cheap first pass): uncentred energies, row means, gamma and the branch."""
+    traces, mus = tv.energies_and_means(run.compute_dtype)
+    check_nonzero_task_vectors(traces, run.name, run.ids)
     gamma = heterogeneity(traces)
-    het = is_heterogeneous(gamma, tau)
-    k = int(math.floor(k_frac * min(d_out, d_in))) if het else 0
-    refine = het and k > 0 and refinement != "none"
-    add = refine and refinement == "add"  # needs F = P + Res; "rescale" decomposes P itself
-    if check and refine:
+    het = is_heterogeneous(gamma, params.tau)
+    k = int(math.floor(params.k_frac * min(tv.d_out, tv.d_in))) if het else 0
+    refine = het and k > 0 and params.refinement != "none"
+    if run.check and refine:
         # F's top-k subspace lies in its noise bulk for fine-tune-like updates: float32's error of F
         # can turn it by more than the contract allows (0.35 to ~10x the bf16 rounding measured,
         # docs/execution.md) and nothing before F tells which weights, so float64 at once.
         raise NeedsFloat64(f"the refinement's top-{k} singular subspace needs float64 products")
-    # The precision contract: ||W|| ~ ||W_0||, ||P|| ~ sqrt(sum_t ||D_t||^2) until they are known.
-    budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,
-                         math.sqrt(sum(traces)))
+    return _Branch(traces, mus, gamma, het, k, params.refinement if refine else "none")
 
-    # Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t, w.
-    # The d_in x d_in algebra (sums, M, its Cholesky factor) and the row-block accumulators run in
-    # float64, or in float32 while float32 products are being checked: their rounding (the
-    # factor's backward error u ||M||) is of the order of the float32 Grams', which the estimates
-    # cover.
-    wd = mt if check else dt
+
+@dataclass
+class _Proxies:
+    """Steps 2-3's sums over experts. ``S_sum`` (sum_t S~_t) is handed on to the solver; the
+    per-expert proxies ``S_tilde`` (row_chunked, row_recomputed) or ``Q`` = sum_t D_t S~_t
+    (streamed strategies) are released once nothing reads them."""
+
+    S_sum: Optional[torch.Tensor]
+    w: torch.Tensor  # sum_t S~_t mu_t
+    S_tilde: Optional[List[Optional[torch.Tensor]]]
+    Q: Optional[torch.Tensor]
+    eps_t: List[float]  # the ridges eps_t
+    s_vals: List[float]  # s_t = tr S_t + 1e-12
+
+
+def _proxies(tv: TaskVectors, branch: _Branch, epsilon: float, run: _Run, budget: ErrorBudget) -> _Proxies:
+    """Steps 2-3, expert by expert: S~_t (kept, or folded into Q and dropped), sum_t S~_t and w.
+
+    Float32 attempt: kappa(M) >= lambda_max(S~_t) / (tr M / d_in) is known after the first proxy,
+    before its products; a weight it already rules out goes to float64 without the rest. The
+    largest update goes first: its proxy, the least flattened by bf16 rounding noise, tends to give
+    the largest lambda_max (float64 keeps the experts' order)."""
+    T, d_out, d_in, dev = len(tv), tv.d_out, tv.d_in, tv.device
+    mt, wd, het, mus = run.matmul_dtype, run.work_dtype, branch.heterogeneous, branch.mus
     S_sum = torch.zeros(d_in, d_in, dtype=wd, device=dev)
     w = torch.zeros(d_in, dtype=wd, device=dev)
-    S_tilde: List[torch.Tensor] = [] if streamed else [None] * T
+    S_tilde: List[Optional[torch.Tensor]] = [] if run.streamed else [None] * T
     eps_t: List[float] = [0.0] * T
     s_vals: List[float] = [0.0] * T
-    Q = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
-    # float32 attempt: kappa(M) >= lambda_max(S~_t) / (tr M / d_in) is known after the first proxy,
-    # before its products; a weight it already rules out goes to float64 without the rest. The
-    # largest update goes first: its proxy, the least flattened by bf16 rounding noise, tends to
-    # give the largest lambda_max (float64 keeps the experts' order).
-    if check:
-        trace_bound = proxy_sum_trace_bound(traces, mus, d_out, d_in, het, epsilon)
-        order = expert_order(traces)
+    Q = torch.zeros(d_out, d_in, dtype=run.compute_dtype, device=dev) if run.streamed else None
+    if run.check:
+        trace_bound = proxy_sum_trace_bound(branch.traces, mus, d_out, d_in, het, epsilon)
+        order = expert_order(branch.traces)
     else:
         trace_bound, order = math.inf, range(T)
     kappa_bound = RunningConditionBound(trace_bound, d_in, "the covariance sum", T, budget.relative())
     # output_gram: the Grams' upper blocks are summed in the products' precision (S_sum's own dtype
     # except with unchecked float32 products), then symmetrised once.
-    S_upper = (S_sum if wd == mt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if gram_space else None
+    S_upper = (S_sum if wd == mt else torch.zeros(d_in, d_in, dtype=mt, device=dev)) if run.gram_space else None
     for t in order:
-        if gram_space:
-            s = _output_gram_step(tv, t, mus[t], het, S_upper, w, Q, kappa_bound, row_chunk)
+        if run.gram_space:
+            s = _output_gram_step(tv, t, mus[t], het, S_upper, w, Q, kappa_bound, run.row_chunk)
         else:
             S = tv.gram(t, mus[t])  # S_t = C_t^T C_t
             s = float(torch.trace(S)) + TINY
@@ -518,98 +645,120 @@ def _ace(base, experts, epsilon, tau, k_frac, scale, refinement, name, ids, dt, 
             kappa_bound.add(S)
             S_sum += S
             w += (S @ mus[t].to(mt)).to(wd)
-            if streamed:
+            if run.streamed:
                 tv.add_products(Q, t, S)
                 del S
             else:
                 S_tilde[t] = S
         eps_t[t] = epsilon / s if het else epsilon
         s_vals[t] = s
-    if gram_space:
+    if run.gram_space:
         symmetrize_gram_(S_upper)
         if S_upper is not S_sum:
             S_sum += S_upper
         del S_upper
+    return _Proxies(S_sum, w, S_tilde, Q, eps_t, s_vals)
 
-    # Step 4: collective structural prior; step 5: the solver for A = M + 1 c^T, M = sum_t R_t.
-    c = collective_prior(S_sum, traces, het)
-    M = S_sum
-    M.diagonal().add_(sum(eps_t))
-    del S_sum
-    solver = PriorSolver(M, c, name, ridge=sum(eps_t), solve_dtype=mt, pseudo_inverse_fallback=not check)
-    if check:
+
+def _prior_solver(proxies: _Proxies, branch: _Branch, run: _Run,
+                  budget: ErrorBudget) -> Tuple[PriorSolver, Optional[torch.Tensor]]:
+    """Step 4, the collective structural prior c, and step 5's solver for A = M + 1 c^T with
+    M = sum_t R_t (formed in place of sum_t S~_t, which ``proxies`` gives up). Float32 attempt: a
+    singular M, or one whose condition number breaks the contract, raises NeedsFloat64. Returns
+    the solver and Sbar = M / T in the products' precision (only where step 6 needs F)."""
+    c = collective_prior(proxies.S_sum, branch.traces, branch.heterogeneous)
+    M = proxies.S_sum
+    proxies.S_sum = None
+    ridge = sum(proxies.eps_t)
+    M.diagonal().add_(ridge)
+    solver = PriorSolver(M, c, run.name, ridge=ridge, solve_dtype=run.matmul_dtype,
+                         pseudo_inverse_fallback=not run.check)
+    if run.check:
         if solver.singular:
             raise NeedsFloat64("the covariance sum is singular or not positive definite in float32")
         kappa = condition_number(M, solver.cholesky_factor)
         budget.charge(solve_error_estimate(kappa, solver.sherman_morrison_amplification()),
                       f"float32 products with the covariance sum's condition number ~{kappa:.1e}")
     # Sbar = M / T; the product (sum_t D_t) Sbar runs in matmul precision.
-    S_bar = (M / T).to(mt) if add else None
+    S_bar = (M / len(proxies.eps_t)).to(run.matmul_dtype) if branch.add else None
+    return solver, S_bar
 
-    def q_rows(rows: slice) -> torch.Tensor:
+
+class _RowProducts:
+    """Row blocks of Q = sum_t D_t S~_t and of F = P + Res, as steps 5 and 6 read them."""
+
+    def __init__(self, tv: TaskVectors, proxies: _Proxies, S_bar: Optional[torch.Tensor], run: _Run):
+        self.tv, self.proxies, self.S_bar, self.run = tv, proxies, S_bar, run
+
+    def q(self, rows: slice) -> torch.Tensor:
         """Q[rows] = sum_t D_t[rows] S~_t."""
-        if streamed:
-            return Q[rows]
-        out = torch.zeros(rows.stop - rows.start, d_in, dtype=wd, device=dev)
-        return tv.matmul_accumulate(out, rows, S_tilde)
+        if self.run.streamed:
+            return self.proxies.Q[rows]
+        out = torch.zeros(rows.stop - rows.start, self.tv.d_in, dtype=self.run.work_dtype, device=self.tv.device)
+        return self.tv.matmul_accumulate(out, rows, self.proxies.S_tilde)
 
-    def F_from(rows: slice, q: torch.Tensor) -> torch.Tensor:
+    def F(self, rows: slice, q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
         """F[rows] = P[rows] + Q[rows] - (sum_t D_t[rows]) Sbar  (uncentred D_t)."""
-        F = q.clone() if streamed else q
-        F -= tv.weighted_sum(rows, [1.0] * T, mt) @ S_bar
+        F = q.clone() if self.run.streamed else q
+        F -= self.tv.weighted_sum(rows, [1.0] * len(self.tv), self.run.matmul_dtype) @ self.S_bar
         F += P[rows]
         return F
 
-    # Step 5 over row blocks: P = N A^{-1}; F = P + Res kept for step 6 (in Q's place when streamed,
-    # else in its own buffer in the products' precision), unless it is to be recomputed.
-    P = torch.empty(d_out, d_in, dtype=dt, device=dev)
+    def release(self) -> None:
+        """Drop the proxies, Q and Sbar (F, where kept in Q's place, stays with its holder)."""
+        self.proxies.S_tilde = self.proxies.Q = self.S_bar = None
+
+
+def _solve(tv: TaskVectors, products: _RowProducts, proxies: _Proxies, solver: PriorSolver, branch: _Branch,
+           run: _Run) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Step 5 over row blocks: P = N A^{-1} with N = Q - 1 w^T + sum_t eps_t C_t. F = P + Res is
+    kept for step 6 (in Q's place when streamed, else in its own buffer in the products'
+    precision), unless it is to be recomputed or not needed. Returns ``(P, F or None)``."""
+    P = torch.empty(tv.d_out, tv.d_in, dtype=run.compute_dtype, device=tv.device)
     F_all = None
-    if add and keep_F:
-        F_all = Q if streamed else torch.empty(d_out, d_in, dtype=mt, device=dev)
+    if branch.add and run.keep_F:
+        F_all = proxies.Q if run.streamed else torch.empty(tv.d_out, tv.d_in, dtype=run.matmul_dtype,
+                                                           device=tv.device)
     for rows in tv.chunks():
-        q = q_rows(rows)
-        N = q - w
-        N += tv.weighted_sum(rows, eps_t, wd, mus)
+        q = products.q(rows)
+        N = q - proxies.w
+        N += tv.weighted_sum(rows, proxies.eps_t, run.work_dtype, branch.mus)
         P[rows] = solver.solve(N)
         del N
         if F_all is not None:
-            F_all[rows] = F_from(rows, q)
+            F_all[rows] = products.F(rows, q, P)
         del q
-    del solver, M
-    if keep_F or not add:
-        S_tilde = S_bar = Q = None
+    return P, F_all
 
-    sigma_iso = None
-    precision = str(mt).replace("torch.", "")
-    if refine:
-        # Step 6 from the top-k pairs of F (add) or of P (rescale): eigh of the smaller Gram, or
-        # the SVD where the Gram's error would break the contract.
-        if not add:
-            F_rows = lambda rows: P[rows]  # noqa: E731
-        elif keep_F:
-            F_rows = lambda rows: F_all[rows]  # noqa: E731
-        else:
-            F_rows = lambda rows: F_from(rows, q_rows(rows))  # noqa: E731
-        sigma_iso, route = _refine(P, F_rows, k, mt, row_chunk, budget.remaining, mode=refinement)
-        if route == "svd":
-            precision = f"{precision} (SVD of {'F' if add else 'P'})"
-    F_all = S_tilde = S_bar = Q = None
 
-    # Step 7: W = W0 + scale P (in place on P).
-    update_norm = float(torch.linalg.vector_norm(P, dtype=torch.float64)) if check else 0.0
+def _refine_step(P: torch.Tensor, F_all: Optional[torch.Tensor], products: _RowProducts, branch: _Branch,
+                 run: _Run, budget: ErrorBudget) -> Tuple[Optional[float], str]:
+    """Step 6 in place on P, from the top-k pairs of F (add) or of P (rescale): eigh of the smaller
+    Gram, or the SVD where the Gram's error would break the contract. Returns ``(sigma_iso or
+    None, the precision label for the diagnostics)``."""
+    precision = str(run.matmul_dtype).replace("torch.", "")
+    if not branch.refine:
+        return None, precision
+    if not branch.add:
+        F_rows = lambda rows: P[rows]  # noqa: E731
+    elif run.keep_F:
+        F_rows = lambda rows: F_all[rows]  # noqa: E731
+    else:
+        F_rows = lambda rows: products.F(rows, products.q(rows), P)  # noqa: E731
+    sigma_iso, route = _refine(P, F_rows, branch.k, run.matmul_dtype, run.row_chunk, budget.remaining,
+                               mode=branch.refinement)
+    if route == "svd":
+        precision = f"{precision} (SVD of {'F' if branch.add else 'P'})"
+    return sigma_iso, precision
+
+
+def _result(P: torch.Tensor, base: torch.Tensor, scale: float, run: _Run, budget: ErrorBudget) -> torch.Tensor:
+    """Step 7: W = W_0 + scale P (in place on P); the float32 attempt's estimates are charged at the
+    true ||W|| and ||P||."""
+    update_norm = float(torch.linalg.vector_norm(P, dtype=torch.float64)) if run.check else 0.0
     W = P.mul_(scale)
     W += base
-    check_finite_output(W, name, "ACE")
-    if check:  # the estimates, charged at the true ||W|| and ||P||
+    check_finite_output(W, run.name, "ACE")
+    if run.check:
         budget.settle(float(torch.linalg.vector_norm(W, dtype=torch.float64)), update_norm, "float32 products")
-    diag = ACEDiagnostics(
-        traces=traces,
-        gamma=gamma,
-        heterogeneous=het,
-        eps_over_s=[epsilon / s for s in s_vals],
-        k=k,
-        sigma_iso=sigma_iso,
-        precision=precision,
-        refinement=refinement if refine else "none",
-    )
-    return W, diag
+    return W

@@ -1,32 +1,32 @@
-r"""ACTMat: data-free RegMean with task-vector covariances, one weight matrix at a time.
+"""ACTMat: data-free RegMean with task-vector covariances, one weight matrix at a time.
 
 Abdel Hameed, Tam, Notsawo, Raffel, Rabusseau (preprint). RegMean's layer-wise objective
-:math:`\min_W \sum_t \mathbb{E}\|Wz - W_t z\|^2` has the closed form
-:math:`W^* = (\sum_t W_t C_t)(\sum_t C_t)^+` with :math:`C_t = \mathbb{E}[zz^T]`. ACTMat replaces the
-input covariance by the task vector's Gram matrix :math:`C_t \approx D_t^T D_t` (Thm. 3.1: under
-(S)GD fine-tuning :math:`D_t^T D_t = \eta^2 G_t^T G_t`, aligned with the data covariance):
+min_W sum_t E||Wz - W_t z||^2 has the closed form
+W^* = (sum_t W_t C_t)(sum_t C_t)^+ with C_t = E[zz^T]. ACTMat replaces the
+input covariance by the task vector's Gram matrix C_t ~ D_t^T D_t (Thm. 3.1: under
+(S)GD fine-tuning D_t^T D_t = eta^2 G_t^T G_t, aligned with the data covariance):
 
-.. math::  W = W_0 A A^+ + \mathrm{scale}\cdot \Big(\sum_t D_t C_t\Big) A^+, \qquad A = \sum_t C_t
+    W = W_0 A A^+ + scale * (sum_t D_t C_t) A^+, A = sum_t C_t
 
-(using :math:`\sum_t W_t C_t = W_0 A + \sum_t D_t C_t`). Where A is invertible this is
-:math:`W_0 + \sum_t D_t C_t A^{-1}`. Where A is singular, the literal minimum-norm solution keeps only
-:math:`W_0 A A^+`, zeroing the base outside A's range; the default (``keep_base=True``) keeps
-:math:`W_0` there: :math:`W = W_0 + \mathrm{scale}\cdot(\sum_t D_t C_t) A^+`.
+(using sum_t W_t C_t = W_0 A + sum_t D_t C_t). Where A is invertible this is
+W_0 + sum_t D_t C_t A^-1. Where A is singular, the literal minimum-norm solution keeps only
+W_0 A A^+, zeroing the base outside A's range; the default (``keep_base=True``) keeps
+W_0 there: W = W_0 + scale*(sum_t D_t C_t) A^+.
 
 The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutoff
-:math:`\lambda_i > \mathrm{rcond}\cdot\lambda_{max}`, ``rcond`` defaulting to ``PINV_RTOL`` = 1e-10
+lambda_i > rcond * lambda_max, ``rcond`` defaulting to ``PINV_RTOL`` = 1e-10
 (float64 Gram noise is ~1e-13 relative; directions below the cutoff count as outside A's range).
-Where every eigenvalue clears the cutoff by a margin (A is invertible, :math:`A^+ = A^{-1}`) a
+Where every eigenvalue clears the cutoff by a margin (A is invertible, A^+ = A^-1) a
 Cholesky solve gives the same result for a fraction of the cost (:func:`range_solver`).
 
 ``solve="truncated"`` replaces that cutoff by what the ACTMat authors' code ran, a float32
 ``torch.linalg.pinv(A)`` at its default tolerance: eigenvalues at or below
-:math:`\max(m, n)\,\epsilon_{32}\,\lambda_{max}` are dropped, with m = n = d_in for the d_in x d_in
+max(m, n) eps_32 lambda_max are dropped, with m = n = d_in for the d_in x d_in
 A (:func:`truncated_rcond`, about 1e-3 for d_in = 8192); the arithmetic stays float64
 (docs/methods.md, "The papers' solve").
 
-Per-expert weights (``weights``, :math:`w_t > 0`) turn the sums into :math:`A = \sum_t w_t C_t` and
-:math:`N = \sum_t w_t D_t C_t`; WUDI-Merging is this kernel with :math:`w_t = 1/\|D_t\|_F^2`
+Per-expert weights (``weights``, w_t > 0) turn the sums into A = sum_t w_t C_t and
+N = sum_t w_t D_t C_t; WUDI-Merging is this kernel with w_t = 1/||D_t||_F^2
 (:mod:`mergekit_ace.rules.wudi`).
 """
 
@@ -38,25 +38,29 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
-    EXPERT_STREAMED,
-    MergeInputError,
-    OUTPUT_GRAM,
-    PINV_RTOL,
-    ROW_CHUNKED,
-    TaskVectors,
-    accumulate_gram,
-    add_gram_,
-    add_left_product_,
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
-    check_strategy,
-    cholesky_right_solve,
     describe,
+)
+from mergekit_ace.rules.linalg import (
+    PINV_RTOL,
+    accumulate_gram,
+    add_gram_,
+    add_left_product_,
+    cholesky_right_solve,
     output_gram,
     symmetrize_gram_,
+)
+from mergekit_ace.rules.task_vectors import (
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    TaskVectors,
+    check_strategy,
 )
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
@@ -79,8 +83,8 @@ SOLVES = (EXACT, TRUNCATED)
 
 
 def truncated_rcond(d_in: int) -> float:
-    r"""Relative eigenvalue cutoff of ``torch.linalg.pinv`` on a float32 d_in x d_in matrix at its
-    default tolerance: :math:`\max(m, n)\,\epsilon_{32} = d_{in}\cdot 2^{-23}`."""
+    """Relative eigenvalue cutoff of ``torch.linalg.pinv`` on a float32 d_in x d_in matrix at its
+    default tolerance: max(m, n) eps_32 = d_in * 2^-23."""
     return d_in * torch.finfo(torch.float32).eps
 
 
@@ -98,13 +102,13 @@ def solve_cutoff(solve: str, rcond: Optional[float], d_in: int, name: Optional[s
 
 
 def task_covariance(delta: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
-    r""":math:`C_t = D_t^T D_t` (d_in x d_in), accumulated over row blocks."""
+    """C_t = D_t^T D_t (d_in x d_in), accumulated over row blocks."""
     d_out, d_in = delta.shape
     return accumulate_gram(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)[0]
 
 
 def _above_cutoff(evals: torch.Tensor, rcond: Optional[float]) -> torch.Tensor:
-    r"""Mask of the eigenvalues kept by the pseudo-inverse: :math:`\lambda_i > \mathrm{rcond}\,\lambda_{max}`."""
+    """Mask of the eigenvalues kept by the pseudo-inverse: lambda_i > rcond lambda_max."""
     rcond = PINV_RTOL if rcond is None else rcond
     top = float(evals.max()) if evals.numel() else 0.0
     return evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
@@ -112,8 +116,8 @@ def _above_cutoff(evals: torch.Tensor, rcond: Optional[float]) -> torch.Tensor:
 
 @dataclass
 class SymmetricPseudoInverse:
-    r""":math:`A^+ = Q_r \Lambda_r^{-1} Q_r^T` from ``eigh(A)``, keeping
-    :math:`\lambda_i > \mathrm{rcond}\,\lambda_{max}`; also the range projector :math:`AA^+ = Q_rQ_r^T`."""
+    """A^+ = Q_r Lambda_r^-1 Q_r^T from ``eigh(A)``, keeping
+    lambda_i > rcond lambda_max; also the range projector AA^+ = Q_rQ_r^T."""
 
     Q: torch.Tensor  # kept eigenvectors (d_in x r)
     inv_eigvals: torch.Tensor  # (r,)
@@ -127,27 +131,27 @@ class SymmetricPseudoInverse:
 
     @classmethod
     def of_gram(cls, X: torch.Tensor, K: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
-        r"""The same for :math:`A = X^TX` from the small Gram :math:`K = XX^T` (rows of X fewer than
-        its columns): :math:`Au = \lambda u` with :math:`u = X^Tv/\sqrt\lambda` for each eigenpair
-        :math:`Kv = \lambda v`, so only K is decomposed; same cutoff."""
+        """The same for A = X^TX from the small Gram K = XX^T (rows of X fewer than
+        its columns): Au = lambda u with u = X^Tv/sqrt lambda for each eigenpair
+        Kv = lambda v, so only K is decomposed; same cutoff."""
         evals, evecs = torch.linalg.eigh(K)
         keep = _above_cutoff(evals, rcond)
         lam = evals[keep]
         return cls(Q=(X.T @ evecs[:, keep]) / lam.sqrt(), inv_eigvals=1.0 / lam, rank=int(keep.sum()))
 
     def apply(self, N: torch.Tensor) -> torch.Tensor:
-        r""":math:`N A^+` for a block of rows."""
+        """N A^+ for a block of rows."""
         return ((N @ self.Q) * self.inv_eigvals) @ self.Q.T
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
-        r""":math:`W A A^+` (W's rows projected on A's range)."""
+        """W A A^+ (W's rows projected on A's range)."""
         return (W @ self.Q) @ self.Q.T
 
 
 @dataclass
 class CholeskySolve:
-    r""":math:`N A^{-1}` for an SPD A through its Cholesky factor (``solve_dtype`` for the triangular
-    solves); :math:`AA^{-1} = I`, so :meth:`project` is the identity."""
+    """N A^-1 for an SPD A through its Cholesky factor (``solve_dtype`` for the triangular
+    solves); AA^-1 = I, so :meth:`project` is the identity."""
 
     factor: torch.Tensor
     rank: int
@@ -170,8 +174,8 @@ CHOLESKY_MARGIN = 10.0
 
 def range_solver(A: torch.Tensor, rcond: Optional[float] = None, solve_dtype: Optional[torch.dtype] = None,
                  require_invertible: bool = False):
-    r"""``(solver, kappa)`` for :math:`N \mapsto NA^+`: a :class:`CholeskySolve` when A is clearly
-    invertible at the cutoff (estimated :math:`\lambda_{min} > 10\,\mathrm{rcond}\,\lambda_{max}`),
+    """``(solver, kappa)`` for N -> NA^+: a :class:`CholeskySolve` when A is clearly
+    invertible at the cutoff (estimated lambda_min > 10 rcond lambda_max),
     else the :class:`SymmetricPseudoInverse` (kappa = inf), or :class:`NeedsFloat64` with
     ``require_invertible`` (before the costly eigendecomposition)."""
     rcond = PINV_RTOL if rcond is None else rcond
@@ -213,22 +217,22 @@ def actmat_merge(
     weights: Optional[Sequence[float]] = None,
     keep_start: bool = False,
 ):
-    r"""Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
+    """Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
 
     ``solve="truncated"``: the ACTMat code's pseudo-inverse cutoff (:func:`truncated_rcond`) instead
-    of the exact solve. ``weights``: per-expert :math:`w_t > 0` in A and N (default all 1).
-    ``keep_start``: add :math:`\mathrm{scale}\cdot S(I - AA^+)` with :math:`S = \sum_t D_t`, the part
+    of the exact solve. ``weights``: per-expert w_t > 0 in A and N (default all 1).
+    ``keep_start``: add scale * S(I - AA^+) with S = sum_t D_t, the part
     of the task vectors' sum outside A's (kept) range, which an iterative solver started from S
     leaves unchanged (zero in exact arithmetic unless a cutoff drops directions; used by WUDI).
 
     ``keep_base=False`` gives the paper-literal minimum-norm solution
-    :math:`(\sum_t W_t C_t)(\sum_t C_t)^+` (with ``scale`` on the task-vector term).
+    (sum_t W_t C_t)(sum_t C_t)^+ (with ``scale`` on the task-vector term).
 
     Memory, not the result, depends on ``row_chunk`` and ``strategy``: ``"row_chunked"`` keeps the T
-    Gram matrices :math:`C_t` and forms the numerator :math:`N = \sum_t D_t C_t` one row block at a
-    time (tall matrices); ``"expert_streamed"`` keeps one :math:`C_t` at a time and accumulates N
-    full-size (wide matrices); ``"output_gram"`` forms no :math:`C_t`: A gets each task vector's Gram
-    directly and :math:`D_tC_t = (D_tD_t^T)D_t` comes from the d_out x d_out Gram (fewer flops where
+    Gram matrices C_t and forms the numerator N = sum_t D_t C_t one row block at a
+    time (tall matrices); ``"expert_streamed"`` keeps one C_t at a time and accumulates N
+    full-size (wide matrices); ``"output_gram"`` forms no C_t: A gets each task vector's Gram
+    directly and D_tC_t = (D_tD_t^T)D_t comes from the d_out x d_out Gram (fewer flops where
     d_out < d_in / 2). ``matmul_dtype`` is the precision of the Gram and numerator
     products: ``None`` = ``compute_dtype``; ``"auto"`` = float32 when A is invertible and well
     conditioned enough for the precision contract of ``output_dtype`` (the dtype the caller stores
@@ -373,17 +377,17 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
 
 
 def _start_outside_range(tv, rows: slice, pinv, dt) -> torch.Tensor:
-    r""":math:`S(I - AA^+)` for a block of rows, :math:`S = \sum_t D_t`."""
+    """S(I - AA^+) for a block of rows, S = sum_t D_t."""
     S = tv.weighted_sum(rows, [1.0] * len(tv), dt)
     S -= pinv.project(S)
     return S
 
 
 def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt, ws=None, keep_start=False):
-    r"""ACTMat for a weight with :math:`T d_{out} \le d_{in}` (A is singular, or nearly so when
-    equal): everything in the space of the stacked task vectors :math:`X = [D_1; ...; D_T]`
-    (T d_out x d_in), whose Gram :math:`K = XX^T` is no larger than A. :math:`A^+` from K (:meth:`SymmetricPseudoInverse.of_gram`), and
-    :math:`D_tC_t = (D_tD_t^T)D_t` with :math:`D_tD_t^T` the t-th diagonal block of K. Same result
+    """ACTMat for a weight with T d_out <= d_in (A is singular, or nearly so when
+    equal): everything in the space of the stacked task vectors X = [D_1; ...; D_T]
+    (T d_out x d_in), whose Gram K = XX^T is no larger than A. A^+ from K (:meth:`SymmetricPseudoInverse.of_gram`), and
+    D_tC_t = (D_tD_t^T)D_t with D_tD_t^T the t-th diagonal block of K. Same result
     as the d_in x d_in route; (d_in / T d_out)^3 less eigendecomposition work, and d_out/d_in of
     the numerator's."""
     T = len(tv)
@@ -417,8 +421,8 @@ def _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt, ws=None, keep
 
 
 def covariance_alignment(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    r"""Pairwise cosine :math:`\langle C_s, C_t\rangle_F / (\|C_s\|_F\|C_t\|_F)` of the experts'
-    covariance estimates :math:`C_t = D_t^T D_t` (T x T); ACTMat assumes they are nearly aligned
+    """Pairwise cosine <C_s, C_t>_F / (||C_s||_F||C_t||_F) of the experts'
+    covariance estimates C_t = D_t^T D_t (T x T); ACTMat assumes they are nearly aligned
     up to scale."""
     covs = [task_covariance(d) for d in deltas]
     flat = torch.stack([c.flatten() for c in covs])

@@ -1,46 +1,46 @@
-r"""Iso-C and Iso-CTS (isotropic merging), one weight matrix at a time.
+"""Iso-C and Iso-CTS (isotropic merging), one weight matrix at a time.
 
 Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind: Isotropic
 Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv:2502.04959; authors' code
 https://github.com/danielm1405/iso-merging (``src/utils/iso.py``: ``iso_c``, ``iso_cts``; the same
 functions are ported to fusion-bench, ``fusion_bench/method/isotropic_merging/iso_utils.py``).
-Task vectors :math:`D_t = W_t - W_0` (d_out x d_in, rows are outputs), :math:`r = \min(d_{out}, d_{in})`.
+Task vectors D_t = W_t - W_0 (d_out x d_in, rows are outputs), r = min(d_out, d_in).
 
 **Iso-C** (isotropic merging in the common subspace)
 
-1. task arithmetic          :math:`\Delta = \sum_t D_t = U S V^T`
-2. isotropic spectrum       :math:`\bar\sigma = \frac1r \sum_i \sigma_i` (the mean over all r values)
-3. merge                    :math:`W = W_0 + \alpha\,\bar\sigma\, U V^T`
+1. task arithmetic          Delta = sum_t D_t = U S V^T
+2. isotropic spectrum       sigmabar = (1/r) sum_i sigma_i (the mean over all r values)
+3. merge                    W = W_0 + alpha sigmabar U V^T
 
 **Iso-CTS** (common and task-specific subspaces)
 
-1. common subspace          the top :math:`k` triplets :math:`(U_c, S_c, V_c)` of :math:`\Delta`,
-                            :math:`k` from ``common_space_fraction`` (default 0.8), adjusted so
-                            that :math:`r - k` splits evenly over the T tasks
+1. common subspace          the top k triplets (U_c, S_c, V_c) of Delta,
+                            k from ``common_space_fraction`` (default 0.8), adjusted so
+                            that r - k splits evenly over the T tasks
                             (:func:`common_space_size`)
-2. task-specific subspaces  :math:`\bar D_t = D_t - U_cU_c^T D_t` (the common subspace projected
-                            out of the output side); its top :math:`s = (r-k)/T` triplets
-                            :math:`(u_t, s_t, v_t)`
-3. orthogonalisation        :math:`U_\perp = \mathrm{polar}([U_c, u_1 \dots u_T])`,
-                            :math:`V_\perp = \mathrm{polar}([V_c, v_1 \dots v_T])`
-4. isotropic spectrum       :math:`\bar\sigma` = the mean of the r values :math:`S_c, s_1 \dots s_T`
-5. merge                    :math:`W = W_0 + \alpha\,\bar\sigma\, U_\perp V_\perp^T`
+2. task-specific subspaces  Dbar_t = D_t - U_cU_c^T D_t (the common subspace projected
+                            out of the output side); its top s = (r-k)/T triplets
+                            (u_t, s_t, v_t)
+3. orthogonalisation        U_perp = polar([U_c, u_1 ... u_T]),
+                            V_perp = polar([V_c, v_1 ... v_T])
+4. isotropic spectrum       sigmabar = the mean of the r values S_c, s_1 ... s_T
+5. merge                    W = W_0 + alpha sigmabar U_perp V_perp^T
 
-Weights that are not 2-D and input embeddings get :math:`W_0 + \alpha\,\mathrm{mean}_t D_t`
+Weights that are not 2-D and input embeddings get W_0 + alpha mean_t D_t
 (``methods/_shared.py``; the authors' code averages every non-matrix parameter the same way).
 
 Paper and code. The code the paper's numbers come from (``danielm1405/iso-merging``) sums the
 task vectors (``new_vector *= len(tvs)`` after the mean); a port in the TSV repository
 (``AntoAndGar/task_singular_vectors``, ``compute_iso_c_task_vector``) decomposes their *mean*,
-which makes :math:`\bar\sigma` T times smaller (the same as alpha/T): this follows the sum. The common-subspace size is
+which makes sigmabar T times smaller (the same as alpha/T): this follows the sum. The common-subspace size is
 the code's, ``int(r * fraction)`` then rounded so that the task-specific part divides by T
 (Python's ``round``); where that rounding would need more than r dimensions the per-task size is
 rounded down instead (the code would slice with a negative index). Alpha: the authors select it
 on validation data (their ``config/config.yaml``: ``specify_lambda: None``, a 31-point search
 with early stopping); there is no data-free value, and 1.0 is fusion-bench's default and this
 package's. As in :mod:`.tsv_m`, directions with a zero singular value (rank-deficient
-:math:`\Delta` or :math:`\bar D_t`) are left out instead of keeping LAPACK's arbitrary null-space
-vectors; :math:`\bar\sigma` still divides by r, as the code's ``S.mean()`` does.
+Delta or Dbar_t) are left out instead of keeping LAPACK's arbitrary null-space
+vectors; sigmabar still divides by r, as the code's ``S.mean()`` does.
 """
 
 from __future__ import annotations
@@ -50,14 +50,13 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
+from mergekit_ace.rules.checks import check_inputs, check_parameter
+from mergekit_ace.rules.linalg import row_chunks
+from mergekit_ace.rules.task_vectors import (
     SVD_STRATEGIES,
-    WHOLE_MATRIX,
     TaskVectors,
-    check_inputs,
-    check_parameter,
+    WHOLE_MATRIX,
     check_strategy,
-    row_chunks,
     task_vector,
 )
 from mergekit_ace.rules.spectral import (
@@ -78,7 +77,7 @@ DEFAULTS_CTS = dict(alpha=1.0, common_space_fraction=0.8)
 # --------------------------------------------------------------------------- shared steps
 def task_arithmetic_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype,
                         row_chunk: Optional[int] = None) -> torch.Tensor:
-    r""":math:`\Delta = \sum_t D_t` (a new d_out x d_in tensor in ``dtype``)."""
+    """Delta = sum_t D_t (a new d_out x d_in tensor in ``dtype``)."""
     tv = TaskVectors(base, experts, dtype, row_chunk)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     for rows in tv.chunks():
@@ -87,13 +86,13 @@ def task_arithmetic_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], dty
 
 
 def isotropic_value(singular_values: torch.Tensor, r: int) -> float:
-    r""":math:`\bar\sigma = \frac1r\sum_i\sigma_i`: the mean over all r = min(d_out, d_in) singular
+    """sigmabar = (1/r) sum_i sigma_i: the mean over all r = min(d_out, d_in) singular
     values (those left out as zero count as zero, as in the code's ``S.mean()``)."""
     return float(singular_values.sum()) / r if r > 0 else 0.0
 
 
 def _isotropic_merge(base, P_left, right, sigma_bar, alpha, dt, row_chunk):
-    r""":math:`W_0 + \alpha\bar\sigma P_{left}\,\cdot\,right` one row block at a time (``right`` is
+    """W_0 + alpha sigmabar P_left * right one row block at a time (``right`` is
     None when ``P_left`` already is the whole product, as in Iso-C)."""
     d_out, d_in = base.shape
     W = torch.empty(d_out, d_in, dtype=dt, device=base.device)
@@ -136,7 +135,7 @@ def iso_c_merge(
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
 ):
-    r"""Merge one 2-D weight by Iso-C; returns :math:`W_0 + \alpha\bar\sigma UV^T` in ``compute_dtype``
+    """Merge one 2-D weight by Iso-C; returns W_0 + alpha sigmabar UV^T in ``compute_dtype``
     (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
     ``matmul_dtype="auto"``: the whole rule in float32 where the precision contract for
     ``output_dtype`` allows it, else in ``compute_dtype`` (as :func:`.tsv_m.tsv_m_merge`)."""
@@ -164,7 +163,7 @@ def _iso_c(base, experts, alpha, route, row_chunk, dt, budget):
 
 # --------------------------------------------------------------------------- Iso-CTS
 def common_space_size(r: int, n_tasks: int, fraction: float) -> int:
-    r"""Size k of the common subspace: the authors' ``int(r * fraction)``, then
+    """Size k of the common subspace: the authors' ``int(r * fraction)``, then
     ``r - round((r - k) / T) * T`` so that the task-specific remainder splits evenly over the
     tasks; if that remainder would exceed r (possible for tiny r), one dimension per task fewer."""
     k = int(r * fraction)
@@ -176,12 +175,12 @@ def common_space_size(r: int, n_tasks: int, fraction: float) -> int:
 
 def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: Optional[int] = None,
                     budget=None) -> Triplets:
-    r"""Step 1: the top-k singular triplets of :math:`\Delta = \sum_t D_t`."""
+    """Step 1: the top-k singular triplets of Delta = sum_t D_t."""
     return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
 def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
-    r"""Step 2 (in place): :math:`D_t \leftarrow D_t - U_c (U_c^T D_t)`, one row block at a time."""
+    """Step 2 (in place): D_t <- D_t - U_c (U_c^T D_t), one row block at a time."""
     if U_c.shape[1]:
         coefficients = U_c.T @ delta_t
         for rows in row_chunks(delta_t.shape[0], row_chunk):
@@ -191,7 +190,7 @@ def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[i
 
 def task_specific_subspace(delta_t: torch.Tensor, U_c: torch.Tensor, s: int, zero_below: float,
                            route: str = AUTO, row_chunk: Optional[int] = None, budget=None) -> Triplets:
-    r"""Step 2: the top-s triplets of :math:`(I - U_cU_c^T) D_t` (``delta_t`` is overwritten);
+    """Step 2: the top-s triplets of (I - U_cU_c^T) D_t (``delta_t`` is overwritten);
     singular values at or below ``zero_below`` (noise of a task vector that lies in the common
     subspace) are left out."""
     return top_singular_triplets(project_out_(delta_t, U_c, row_chunk), s, zero_below=zero_below, route=route,
@@ -214,7 +213,7 @@ def iso_cts_merge(
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
 ):
-    r"""Merge one 2-D weight by Iso-CTS; returns :math:`W_0 + \alpha\bar\sigma U_\perp V_\perp^T` in
+    """Merge one 2-D weight by Iso-CTS; returns W_0 + alpha sigmabar U_perp V_perp^T in
     ``compute_dtype`` (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
     ``matmul_dtype``, ``output_dtype``: as for :func:`iso_c_merge`."""
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="Iso-CTS")

@@ -1,33 +1,33 @@
-r"""Which precision the O(d_out d_in^2) products may use, decided from the conditioning.
+"""Which precision the O(d_out d_in^2) products may use, decided from the conditioning.
 
-The rules' results are float64. Their matrix products (Gram matrices, :math:`D_t\tilde S_t`,
-:math:`D_t C_t`, the Gram of F) are 2x cheaper in float32 on a CPU (and 30-60x on consumer GPUs),
-but a float32 product carries a relative error of about :math:`u = 2^{-24}` that the rest of the
+The rules' results are float64. Their matrix products (Gram matrices, D_t S~_t,
+D_t C_t, the Gram of F) are 2x cheaper in float32 on a CPU (and 30-60x on consumer GPUs),
+but a float32 product carries a relative error of about u = 2^-24 that the rest of the
 rule can amplify:
 
-* the solve with :math:`M` (ACE, :math:`M=\sum_t R_t`) or :math:`A=\sum_t C_t` (ACTMat) by up to
-  its condition number :math:`\kappa`; measured on 128-2048 wide synthetic layers, the error of
-  float32 Grams and products stays below :math:`u\max(\kappa, 10\sqrt\kappa)`;
+* the solve with M (ACE, M= sum_t R_t) or A= sum_t C_t (ACTMat) by up to
+  its condition number kappa; measured on 128-2048 wide synthetic layers, the error of
+  float32 Grams and products stays below u max(kappa, 10sqrt kappa);
 * ACE's refinement, wherever its products ran: the top-k pairs come from an eigendecomposition of
-  F's smaller Gram, whose rounding :math:`E` (:math:`\|E\|\approx u\lambda_1`) turns the pairs by
-  :math:`E_{ij}/(\lambda_i-\lambda_j)`; only pairs with different refinement coefficients matter,
-  so the term moves by about :math:`\|E\|\sqrt{k}\max(\sigma_{iso}/2\sigma_{min}^2,\;
-  \sigma_i|c_i|/(\lambda_i-\lambda_{out}))` (:func:`refinement_error_estimate`); where that exceeds
+  F's smaller Gram, whose rounding E (||E||~ u lambda_1) turns the pairs by
+  E_ij/(lambda_i- lambda_j); only pairs with different refinement coefficients matter,
+  so the term moves by about ||E||sqrt(k) max(sigma_iso/2 sigma_min^2,
+  sigma_i|c_i|/(lambda_i- lambda_out)) (:func:`refinement_error_estimate`); where that exceeds
   what the contract leaves, F's full SVD is taken instead.
 
 ``matmul_dtype="auto"`` (the executor's default) holds the merge to a contract stated from the
 output: the merged weight, stored in ``output_dtype`` (bf16 for most checkpoints), is as close to
 the exact merge of its inputs as storing it allows. Storing W in a dtype of unit roundoff
-:math:`u_{out}` moves it by :math:`\rho = 0.4247\,u_{out}\|W\|_F` (:func:`storage_rounding_error`);
+u_out moves it by rho = 0.4247 u_out||W||_F (:func:`storage_rounding_error`);
 the computation may add at most :data:`CONTRACT_FRACTION` = 0.3 of that, so the error of the stored
-result grows by at most :math:`\sqrt{1 + 0.3^2} - 1 < 5\%` (:class:`ErrorBudget`). Products run in
+result grows by at most sqrt(1 + 0.3^2) - 1 < 5% (:class:`ErrorBudget`). Products run in
 float32 (and, in ACE, the d_in x d_in sums and the Cholesky factor, whose backward error is of the
-same order) where the estimates above, in units of :math:`\|W\|` and the output dtype, stay within
+same order) where the estimates above, in units of ||W|| and the output dtype, stay within
 that budget, checked as soon as the quantities they need exist (a lower bound of
-:math:`\kappa` after the first Gram, :func:`condition_lower_bound`; :math:`\kappa` right after the
+kappa after the first Gram, :func:`condition_lower_bound`; kappa right after the
 Gram matrices; the merged update's norm once it exists); where they do not, the weight is
 recomputed in float64. A float32 or float64 output leaves no room for float32 products
-(:math:`0.3\rho` is below float32's own rounding): such weights use float64 from the start, and so
+(0.3 rho is below float32's own rounding): such weights use float64 from the start, and so
 does ACE's refinement (its top-k singular subspace lies in F's noise bulk for fine-tune-like
 updates, where float32's error of F can move it by more than the contract allows: 0.35 and up to
 ~10x the bf16 rounding measured, docs/execution.md). The contract and its
@@ -45,7 +45,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-from mergekit_ace.rules.common import cholesky_solve, describe
+from mergekit_ace.rules.checks import describe
+from mergekit_ace.rules.linalg import cholesky_solve
 
 LOG = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -108,8 +109,8 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def storage_rounding_error(norm: float, dtype: torch.dtype) -> float:
-    r"""Expected :math:`\|\mathrm{fl}(W) - W\|_F` of storing a matrix of Frobenius norm ``norm`` in
-    ``dtype``: :math:`0.4247\,u\,\|W\|_F` (:data:`ROUNDING_RMS_FACTOR`)."""
+    """Expected ||fl(W) - W||_F of storing a matrix of Frobenius norm ``norm`` in
+    ``dtype``: 0.4247 u ||W||_F (:data:`ROUNDING_RMS_FACTOR`)."""
     return ROUNDING_RMS_FACTOR * unit_roundoff(dtype) * norm
 
 
@@ -120,12 +121,12 @@ def float32_products_can_serve(output_dtype: Optional[torch.dtype]) -> bool:
 
 
 class ErrorBudget:
-    r"""The contract for one weight: the absolute (Frobenius) error the computation may add to the
-    merged update P of :math:`W = W_0 + \mathrm{scale}\cdot P`,
-    :math:`0.3\,\rho(W) / |\mathrm{scale}|` with :math:`\rho` the storage rounding of W in
-    ``output_dtype`` (``None``: float64). ``base_norm`` stands for :math:`\|W\|` and
-    ``update_norm`` for :math:`\|P\|` until the rule knows them (:meth:`settle`); relative error
-    estimates are charged at :math:`\|P\|`."""
+    """The contract for one weight: the absolute (Frobenius) error the computation may add to the
+    merged update P of W = W_0 + scale * P,
+    0.3 rho(W) / |scale| with rho the storage rounding of W in
+    ``output_dtype`` (``None``: float64). ``base_norm`` stands for ||W|| and
+    ``update_norm`` for ||P|| until the rule knows them (:meth:`settle`); relative error
+    estimates are charged at ||P||."""
 
     def __init__(self, output_dtype: Optional[torch.dtype], base_norm: float, scale: float, update_norm: float):
         self.output_dtype = output_dtype if output_dtype is not None else torch.float64
@@ -212,14 +213,14 @@ def extreme_eigenvalues(
     M: torch.Tensor, cholesky_factor: torch.Tensor, iterations: int = 20, probes: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> Tuple[float, float]:
-    r"""Estimates of :math:`(\lambda_{min}, \lambda_{max})` of an SPD matrix M, by block power
-    iteration on M and on :math:`M^{-1}` (through its Cholesky factor) with a Rayleigh-Ritz step,
+    """Estimates of (lambda_min, lambda_max) of an SPD matrix M, by block power
+    iteration on M and on M^-1 (through its Cholesky factor) with a Rayleigh-Ritz step,
     in ``dtype``: float32 is enough to estimate condition numbers up to ~1e6 (far above any that
     float32 products are accepted for); rank decisions at a 1e-10 cutoff need float64.
 
     Costs about ``3 * iterations * probes * n^2`` multiply-adds. The estimates err towards a
-    smaller condition number (:math:`\hat\lambda_{max} \le \lambda_{max}`,
-    :math:`\hat\lambda_{min} \ge \lambda_{min}`), by little after 20 iterations from random starts."""
+    smaller condition number (lambda_max_est <= lambda_max,
+    lambda_min_est >= lambda_min), by little after 20 iterations from random starts."""
     n = M.shape[0]
     p = min(probes, n)
     Mf, Lf = M.to(dtype), cholesky_factor.to(dtype)
@@ -235,8 +236,8 @@ def extreme_eigenvalues(
 
 
 def solve_error_estimate(kappa: float, amplification: float = 1.0) -> float:
-    r"""Relative error of a solve whose right-hand side and matrix come from float32 products:
-    :math:`u \max(\kappa, 10\sqrt\kappa)` times any further ``amplification`` (Sherman-Morrison)."""
+    """Relative error of a solve whose right-hand side and matrix come from float32 products:
+    u max(kappa, 10sqrt kappa) times any further ``amplification`` (Sherman-Morrison)."""
     if not math.isfinite(kappa) or kappa <= 0:
         return math.inf
     return UNIT_ROUNDOFF_FLOAT32 * max(kappa, 10.0 * math.sqrt(kappa)) * amplification
@@ -244,19 +245,19 @@ def solve_error_estimate(kappa: float, amplification: float = 1.0) -> float:
 
 def refinement_error_estimate(eigenvalues: torch.Tensor, kept: int, sigma_iso: float, coefficients: torch.Tensor,
                               gram_dtype: torch.dtype) -> float:
-    r"""Absolute (Frobenius) error that the Gram route adds to ACE's refinement term
-    :math:`X f(G)`, :math:`G = X^TX` (or :math:`XX^T`), :math:`f(\lambda_i) = c_i` on the ``kept``
-    non-null top-k directions and 0 elsewhere (:math:`c_i = \sigma_{iso}/\sigma_i`, minus 1 for
+    """Absolute (Frobenius) error that the Gram route adds to ACE's refinement term
+    X f(G), G = X^TX (or XX^T), f(lambda_i) = c_i on the ``kept``
+    non-null top-k directions and 0 elsewhere (c_i = sigma_iso/sigma_i, minus 1 for
     ``rescale``). ``eigenvalues``: the Gram's top eigenvalues, largest first (at least ``kept``;
     one more where it exists).
 
-    A perturbation E of G changes :math:`f(G)` by :math:`[(c_i - c_j)/(\lambda_i - \lambda_j)]
-    \circ (V^TEV)` in its eigenbasis (Daleckii-Krein), and :math:`X` multiplies row i by
-    :math:`\sigma_i`: two kept directions give :math:`\sigma_{iso}/(\sigma_j(\sigma_i+\sigma_j))`
-    (largest for the smallest kept :math:`\sigma`: :math:`\sigma_{iso}/2\sigma_{min}^2`), a kept and
-    the first direction left out (the (k+1)-th, or a null one) :math:`\sigma_i|c_i|/(\lambda_i -
-    \lambda_{out})`. With :math:`\|E\| = u\lambda_1` (the Gram's rounding) the estimate is
-    :math:`3\sqrt{k}\,\|E\|` times the larger of the two. Measured against a float64 SVD on
+    A perturbation E of G changes f(G) by the elementwise product of
+    [(c_i - c_j)/(lambda_i - lambda_j)] and V^TEV in its eigenbasis (Daleckii-Krein), and X multiplies row i by
+    sigma_i: two kept directions give sigma_iso/(sigma_j(sigma_i + sigma_j))
+    (largest for the smallest kept sigma: sigma_iso/2 sigma_min^2), a kept and
+    the first direction left out (the (k+1)-th, or a null one) sigma_i|c_i|/(lambda_i -
+    lambda_out). With ||E|| = u lambda_1 (the Gram's rounding) the estimate is
+    3sqrt(k) ||E|| times the larger of the two. Measured against a float64 SVD on
     noise-bulk and rank-8 matrices (tall, wide, square): the unscaled product was 0.5-27x the true
     error, hence the factor 3 (``tests/test_rules_ace_refinement.py``)."""
     if kept <= 0:
@@ -282,11 +283,11 @@ NULL_MARGIN = 10.0
 
 
 def null_decision_is_clear(eigenvalues: torch.Tensor, k: int, inner_dim: int, gram_dtype: torch.dtype) -> bool:
-    r"""Whether a Gram's null cut of its top-k directions is beyond doubt: no eigenvalue within
-    :data:`NULL_MARGIN` of the floor :math:`m\epsilon\lambda_1` (eigenvalues largest first, m =
-    ``inner_dim``, :math:`\epsilon` the machine epsilon of ``gram_dtype``). A float32 Gram's floor
-    is ~1e-3 of :math:`\lambda_1` on LLM-sized weights: a real direction there may be cut, a
-    whole :math:`\sigma_{iso}` term, which no error estimate of the kept pairs sees."""
+    """Whether a Gram's null cut of its top-k directions is beyond doubt: no eigenvalue within
+    :data:`NULL_MARGIN` of the floor m eps lambda_1 (eigenvalues largest first, m =
+    ``inner_dim``, eps the machine epsilon of ``gram_dtype``). A float32 Gram's floor
+    is ~1e-3 of lambda_1 on LLM-sized weights: a real direction there may be cut, a
+    whole sigma_iso term, which no error estimate of the kept pairs sees."""
     if k <= 0 or eigenvalues.numel() == 0:
         return True
     floor = inner_dim * torch.finfo(gram_dtype).eps * max(float(eigenvalues[0]), 0.0)
@@ -306,7 +307,7 @@ FULL_DECOMPOSITION_FRACTION = 0.25
 
 
 def top_eigenpairs(gram: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""The ``count`` largest eigenvalues (descending) and their eigenvectors of a symmetric matrix.
+    """The ``count`` largest eigenvalues (descending) and their eigenvectors of a symmetric matrix.
 
     On the CPU through SciPy's LAPACK: for fewer than ``FULL_DECOMPOSITION_FRACTION`` of the
     pairs only those (``syevr``: tridiagonalisation, MRRR for the wanted pairs and their
@@ -354,9 +355,9 @@ TRACE_SLACK = 1.05
 
 
 def top_eigenvalue_lower_bound(S: torch.Tensor, iterations: int = 6, probes: int = 4) -> float:
-    r"""A lower bound on :math:`\lambda_{max}` of a symmetric PSD matrix: the largest Rayleigh
-    quotient :math:`x^TSx/x^Tx` of a few block-power-iteration vectors (every vector's is at most
-    :math:`\lambda_{max}`; a dominant direction is found in a few steps). ~``2 iterations probes n^2``
+    """A lower bound on lambda_max of a symmetric PSD matrix: the largest Rayleigh
+    quotient x^TSx/x^Tx of a few block-power-iteration vectors (every vector's is at most
+    lambda_max; a dominant direction is found in a few steps). ~``2 iterations probes n^2``
     multiply-adds, in S's dtype (rounding: ~u relative)."""
     n = S.shape[0]
     g = torch.Generator(device=S.device).manual_seed(0)
@@ -369,12 +370,12 @@ def top_eigenvalue_lower_bound(S: torch.Tensor, iterations: int = 6, probes: int
 
 
 def condition_lower_bound(lambda_max_lower: float, trace_upper: float, n: int) -> float:
-    r""":math:`\kappa(M) \ge \lambda_{max}/(\mathrm{tr}\,M/n)` for an n x n SPD M: its smallest eigenvalue
-    is at most the mean one. Known before M is summed: :math:`\lambda_{max}(M) \ge
-    \lambda_{max}(S_t)` for each PSD term :math:`S_t`, and the trace is bounded from the task
+    """kappa(M) >= lambda_max/(tr M/n) for an n x n SPD M: its smallest eigenvalue
+    is at most the mean one. Known before M is summed: lambda_max(M) >=
+    lambda_max(S_t) for each PSD term S_t, and the trace is bounded from the task
     vectors' energies (computed before any Gram). The rules use it to give up float32 products
     after the first proxy instead of after all of them and their products. :func:`condition_number`'s
-    :math:`\hat\kappa`, checked once M exists, also errs low, so in a rare case the bound may exceed
+    kappa_est, checked once M exists, also errs low, so in a rare case the bound may exceed
     it and send to float64 a weight the later check would have let through: that costs speed only."""
     if not (trace_upper > 0 and math.isfinite(trace_upper)):
         return 0.0
@@ -399,9 +400,9 @@ def expert_order(energies: Sequence[float]) -> List[int]:
 
 
 class RunningConditionBound:
-    r"""The float32 give-up test of a sum :math:`M = \sum_t S_t (+ \epsilon I)` of n x n PSD terms,
-    fed one term at a time: after each, :math:`\kappa(M) \ge \max_t \lambda_{max}(S_t) \cdot
-    n / \mathrm{tr}\,M` (:func:`condition_lower_bound`) is checked, and :class:`NeedsFloat64` is
+    """The float32 give-up test of a sum M = sum_t S_t (+ eps I) of n x n PSD terms,
+    fed one term at a time: after each, kappa(M) >= max_t lambda_max(S_t) *
+   n / tr M (:func:`condition_lower_bound`) is checked, and :class:`NeedsFloat64` is
     raised as soon as it rules float32 products out. ``trace_upper``: a bound on tr M known before
     any term (``math.inf``: nothing to check, as in float64 runs); ``what``: the sum, for the message;
     ``tolerance``: the relative error of the merged update allowed (:meth:`ErrorBudget.relative`)."""
@@ -417,7 +418,7 @@ class RunningConditionBound:
         return math.isfinite(self.trace_upper)
 
     def add(self, S: torch.Tensor) -> None:
-        """Take term :math:`S_t` (before it is summed or used) into the bound and check it."""
+        """Take term S_t (before it is summed or used) into the bound and check it."""
         self.seen += 1
         if not self.active:
             return
@@ -427,6 +428,6 @@ class RunningConditionBound:
 
 
 def condition_number(M: torch.Tensor, cholesky_factor: torch.Tensor) -> float:
-    r""":math:`\hat\kappa(M) = \hat\lambda_{max}/\hat\lambda_{min}` from :func:`extreme_eigenvalues`."""
+    """kappa_est(M) = lambda_max_est/lambda_min_est from :func:`extreme_eigenvalues`."""
     lam_min, lam_max = extreme_eigenvalues(M, cholesky_factor)
     return lam_max / lam_min if lam_min > 0 else math.inf

@@ -1,4 +1,4 @@
-r"""How far a merge's exact result moves when its inputs move by their storage rounding.
+"""How far a merge's exact result moves when its inputs move by their storage rounding.
 
 A checkpoint stored in bfloat16 is the fine-tuned weight rounded to 8 significant bits. The exact
 (float64) merge of those stored inputs differs from the exact merge of the weights before their
@@ -71,8 +71,8 @@ def unit_roundoff(dtype: DTypeLike) -> float:
 
 
 def half_ulp(x: torch.Tensor, dtype: DTypeLike) -> torch.Tensor:
-    r"""Largest rounding error of each element of ``x`` stored in ``dtype`` (float64):
-    :math:`u\,2^{\lfloor\log_2|x|\rfloor}`, with the subnormal spacing below the smallest normal
+    """Largest rounding error of each element of ``x`` stored in ``dtype`` (float64):
+    u 2^floor(log_2|x|), with the subnormal spacing below the smallest normal
     number and 0 where x = 0 (an exact zero stays zero)."""
     dtype = resolve_dtype(dtype)
     u = precision.unit_roundoff(dtype)
@@ -91,7 +91,7 @@ def _row_blocks(x: torch.Tensor):
 
 
 def expected_rounding_error(W: torch.Tensor, dtype: DTypeLike) -> float:
-    r""":math:`\rho(W) = \sqrt{\sum_{ij} \mathrm{half\_ulp}(W_{ij})^2 / 3}`: the expected Frobenius
+    """rho(W) = sqrt sum_ij half_ulp(W_ij)^2 / 3: the expected Frobenius
     norm of ``W.to(dtype) - W`` when each element's error is uniform within half an ulp."""
     if W.ndim == 0:
         return float(half_ulp(W, dtype)) / math.sqrt(3.0)
@@ -100,17 +100,17 @@ def expected_rounding_error(W: torch.Tensor, dtype: DTypeLike) -> float:
 
 
 def rounding_perturbation(x: torch.Tensor, dtype: DTypeLike, generator: torch.Generator) -> torch.Tensor:
-    r"""A random perturbation with the statistics of storing ``x`` in ``dtype``:
-    :math:`E_{ij} = \mathrm{half\_ulp}(x_{ij})\,U(-1, 1)` (float64, independent elements)."""
+    """A random perturbation with the statistics of storing ``x`` in ``dtype``:
+    E_ij = half_ulp(x_ij) U(-1, 1) (float64, independent elements)."""
     h = half_ulp(x, dtype)
     noise = torch.rand(h.shape, generator=generator, dtype=torch.float64, device=h.device)
     return h.mul_(noise.mul_(2.0).sub_(1.0))
 
 
 def perturbed_copy(x: torch.Tensor, dtype: DTypeLike, generator: torch.Generator) -> torch.Tensor:
-    r""":math:`x + E`, E from :func:`rounding_perturbation`, one block of rows at a time. Held in
+    """x + E, E from :func:`rounding_perturbation`, one block of rows at a time. Held in
     float32 where the storage format has at most 11 significant bits (bf16, fp16: float32 keeps
-    the perturbation to :math:`2^{-13}` of its size, at half the memory of float64), else float64."""
+    the perturbation to 2^-13 of its size, at half the memory of float64), else float64."""
     dtype = resolve_dtype(dtype)
     hold = torch.float32 if precision.unit_roundoff(dtype) >= 2.0 ** -11 else torch.float64
     out = torch.empty(x.shape, dtype=hold, device=x.device)
@@ -149,7 +149,7 @@ def storage_sensitivity(
     merged: Optional[torch.Tensor] = None,
     **rule_params,
 ) -> StorageSensitivity:
-    r"""Estimate :math:`\kappa_{store} = E\|merge(X+E) - merge(X)\|_F / \rho_{out}(merge(X))` (module
+    """Estimate kappa_store = E||merge(X+E) - merge(X)||_F / rho_out(merge(X)) (module
     docstring) for one weight.
 
     ``rule(base, experts, **rule_params)`` is a public rule function (``ace_merge``,

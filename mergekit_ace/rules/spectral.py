@@ -1,26 +1,26 @@
-r"""Singular-value building blocks of the SVD-based rules (TSV-M, Iso-C, Iso-CTS).
+"""Singular-value building blocks of the SVD-based rules (TSV-M, Iso-C, Iso-CTS).
 
 Two operations, each with an exact cheap route and a full-SVD route:
 
-* :func:`top_singular_triplets` -- the k largest singular triplets :math:`(U_k, S_k, V_k)` of X;
-* :func:`polar_factor_` -- the orthogonal polar factor :math:`UV^T` of :math:`X = USV^T` (the
+* :func:`top_singular_triplets` -- the k largest singular triplets (U_k, S_k, V_k) of X;
+* :func:`polar_factor_` -- the orthogonal polar factor UV^T of X = USV^T (the
   closest matrix with orthonormal columns/rows, "Procrustes orthogonalisation") and X's singular
   values.
 
 **Gram route.** Both follow from the eigendecomposition of X's smaller Gram matrix
-(:math:`X^TX` for tall X, :math:`XX^T` for wide): :math:`X^TX = V S^2 V^T`, :math:`U = XVS^{-1}`,
-:math:`UV^T = X (X^TX)^{-1/2}`. That is mathematically exact and costs a Gram matrix, one
+(X^TX for tall X, XX^T for wide): X^TX = V S^2 V^T, U = XVS^-1,
+UV^T = X (X^TX)^-1/2. That is mathematically exact and costs a Gram matrix, one
 symmetric eigendecomposition (on the CPU ``precision.top_eigenpairs``: LAPACK ``syevr`` for few pairs,
 ``syevd`` for a quarter or more) and one product,
 against a Householder bidiagonalisation for the SVD (about 2-4x the flops). But forming the Gram
 squares the condition number: in float64 its eigenvalues carry an absolute error of about
-:math:`\sqrt{d}\,u\,\lambda_{max}` (u = 2^-53, d the summed dimension), so a direction with a small
+sqrt(d) u lambda_max (u = 2^-53, d the summed dimension), so a direction with a small
 singular value, or a top-k boundary with a small gap, is resolved less accurately than by the SVD.
 
 **The check** (``route="auto"``, the default). After the eigendecomposition the error the Gram
-route adds is estimated -- :math:`\sqrt{d}\,u\,\lambda_1/(\lambda_k-\lambda_{k+1})` for the top-k
-subspace (Davis-Kahan), :math:`\sqrt{d}\,u\,\lambda_{max}/\lambda_{min}` for the polar factor
-(the inverse square root of the Gram amplifies its error by :math:`\kappa(X)^2`) -- and if it
+route adds is estimated -- sqrt(d) u lambda_1/(lambda_k- lambda_k+1) for the top-k
+subspace (Davis-Kahan), sqrt(d) u lambda_max/lambda_min for the polar factor
+(the inverse square root of the Gram amplifies its error by kappa(X)^2) -- and if it
 exceeds :data:`GRAM_TOLERANCE` the full SVD is computed instead (``torch.linalg.svd``). Rank-
 deficient or nearly rank-deficient inputs always take the SVD. ``route="svd"`` skips the Gram
 route (the authors' code path; tests and benchmarks use it to compare).
@@ -28,7 +28,7 @@ route (the authors' code path; tests and benchmarks use it to compare).
 **Zero singular values.** Singular vectors of a zero singular value are an arbitrary completion
 (LAPACK returns some orthonormal basis of the null space). The authors' code keeps them, which
 makes TSV-M and Iso-C/Iso-CTS results on rank-deficient task matrices depend on LAPACK's choice.
-Here directions with :math:`\sigma \le` ``zero_below`` (default :data:`RANK_RTOL` times the
+Here directions with sigma <= ``zero_below`` (default :data:`RANK_RTOL` times the
 largest singular value) are left out; for full-rank inputs (every real fine-tune) nothing changes.
 """
 
@@ -40,7 +40,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergekit_ace.rules.common import PINV_RTOL, TaskVectors, add_gram_, check_finite_output, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.checks import check_finite_output
+from mergekit_ace.rules.linalg import PINV_RTOL, add_gram_, row_chunks, symmetrize_gram_
+from mergekit_ace.rules.task_vectors import TaskVectors
 from mergekit_ace.rules.precision import (
     ErrorBudget,
     extreme_eigenvalues,
@@ -69,7 +71,7 @@ BLOCK = 2048
 
 @dataclass
 class Triplets:
-    r"""Singular triplets :math:`X \approx U\,\mathrm{diag}(S)\,V^T`, largest first (U: p x r, S: r,
+    """Singular triplets X ~ U diag(S) V^T, largest first (U: p x r, S: r,
     V: q x r); ``route`` says which route computed them ("gram" or "svd")."""
 
     U: torch.Tensor
@@ -89,8 +91,8 @@ def check_route(route: str) -> str:
 
 
 def smaller_gram(X: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, bool]:
-    r"""``(G, tall)``: :math:`G = X^TX` if X is tall (p >= q) else :math:`XX^T`, only the upper
-    block triangle computed (:func:`~mergekit_ace.rules.common.add_gram_`)."""
+    """``(G, tall)``: G = X^TX if X is tall (p >= q) else XX^T, only the upper
+    block triangle computed (:func:`~mergekit_ace.rules.linalg.add_gram_`)."""
     p, q = X.shape
     tall = p >= q
     gram = torch.zeros((q, q) if tall else (p, p), dtype=X.dtype, device=X.device)
@@ -103,7 +105,7 @@ def smaller_gram(X: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torc
 
 
 def gram_error(lam_top: float, denominator: float, summed_dim: int, unit: float = UNIT_ROUNDOFF_FLOAT64) -> float:
-    r""":math:`\sqrt{d}\,u\,\lambda_1 / \text{denominator}`: the estimated relative error of a
+    """sqrt(d) u lambda_1 / denominator: the estimated relative error of a
     quantity that the Gram route resolves against ``denominator`` (a gap or the smallest
     eigenvalue); infinite when the denominator is not positive. ``unit``: the Gram's unit roundoff."""
     if not denominator > 0 or not lam_top > 0:
@@ -112,17 +114,17 @@ def gram_error(lam_top: float, denominator: float, summed_dim: int, unit: float 
 
 
 def svd_error(sigma_top: float, denominator: float, summed_dim: int, unit: float) -> float:
-    r""":math:`\sqrt{d}\,u\,\sigma_1 / \text{denominator}`: the same for the SVD route (a singular
+    """sqrt(d) u sigma_1 / denominator: the same for the SVD route (a singular
     subspace turns by its backward error over the singular-value gap, Wedin; a polar factor by
-    :math:`u\,\sigma_1/\sigma_{min}`)."""
+    u sigma_1/sigma_min)."""
     if not denominator > 0 or not sigma_top > 0:
         return math.inf
     return math.sqrt(summed_dim) * unit * sigma_top / denominator
 
 
 def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: Optional[torch.dtype]) -> ErrorBudget:
-    r"""The precision contract of a checked float32 attempt of an SVD rule: ``||W||`` taken as
-    :math:`\|W_0\|` and the merged update's norm as :math:`\sqrt{\sum_t\|D_t\|^2}` until
+    """The precision contract of a checked float32 attempt of an SVD rule: ``||W||`` taken as
+    ||W_0|| and the merged update's norm as sqrt(sum_t||D_t||^2) until
     :func:`settle_svd_budget` knows them."""
     energies = TaskVectors(base, experts, torch.float32).energies_and_means(torch.float64, means=False)[0]
     return ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), alpha,
@@ -158,11 +160,11 @@ def _charge(budget: Optional[ErrorBudget], error: float, what: str) -> None:
 
 def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float] = None, route: str = AUTO,
                           row_chunk: Optional[int] = None, budget: Optional[ErrorBudget] = None) -> Triplets:
-    r"""The k largest singular triplets of X, leaving out those with :math:`\sigma \le` ``zero_below``
-    (default: :data:`RANK_RTOL` times :math:`\sigma_1`). X is not modified.
+    """The k largest singular triplets of X, leaving out those with sigma <= ``zero_below``
+    (default: :data:`RANK_RTOL` times sigma_1). X is not modified.
 
     Gram route: the top k+1 eigenpairs of the smaller Gram (k+1: the gap after the k-th, which
-    the check needs), then :math:`U_k = XV_kS_k^{-1}` (or :math:`V_k = X^TU_kS_k^{-1}`).
+    the check needs), then U_k = XV_kS_k^-1 (or V_k = X^TU_kS_k^-1).
 
     ``budget`` (a checked float32 attempt, X in float32): each route's estimated error is charged
     to the precision contract, the Gram route taken where it is within what remains, and
@@ -204,10 +206,10 @@ def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float
 def polar_factor_(X: torch.Tensor, *, zero_below: Optional[float] = None, route: str = AUTO,
                   row_chunk: Optional[int] = None,
                   budget: Optional[ErrorBudget] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    r"""``(P, S, route)``: the orthogonal polar factor :math:`P = U_rV_r^T` of :math:`X = USV^T`
-    over the directions with :math:`\sigma >` ``zero_below`` (default :data:`RANK_RTOL`
-    :math:`\sigma_1`), and those singular values (largest first). **Overwrites X** with P where
-    the Gram route is taken (:math:`P = X(X^TX)^{-1/2}` formed block by block in X's storage);
+    """``(P, S, route)``: the orthogonal polar factor P = U_rV_r^T of X = USV^T
+    over the directions with sigma > ``zero_below`` (default :data:`RANK_RTOL`
+    sigma_1), and those singular values (largest first). **Overwrites X** with P where
+    the Gram route is taken (P = X(X^TX)^-1/2 formed block by block in X's storage);
     otherwise P is a new tensor and X is left as it was. ``budget``: as for
     :func:`top_singular_triplets`."""
     p, q = X.shape
@@ -250,7 +252,7 @@ def _polar_by_svd(X: torch.Tensor, zero_below: Optional[float], budget: Optional
 
 def _clearly_ill_conditioned(gram: torch.Tensor, summed_dim: int, unit: float = UNIT_ROUNDOFF_FLOAT64,
                              tolerance: float = GRAM_TOLERANCE) -> bool:
-    r"""Whether the Gram route of the polar factor is bound to fail its check, decided before the
+    """Whether the Gram route of the polar factor is bound to fail its check, decided before the
     eigendecomposition: the Cholesky factorisation fails (singular), or the condition number
     estimated by a few power iterations (:func:`~mergekit_ace.rules.precision.extreme_eigenvalues`,
     ~0.1 s for 2048; it errs towards a smaller condition number) already gives too large an error."""

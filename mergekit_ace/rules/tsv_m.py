@@ -1,26 +1,26 @@
-r"""TSV-M (Task Singular Vectors: Merge), one weight matrix at a time.
+"""TSV-M (Task Singular Vectors: Merge), one weight matrix at a time.
 
 Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular Vectors: Reducing
 Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081; authors' code
 https://github.com/AntoAndGar/task_singular_vectors (``src/utils/TSVM_utils.py``,
 ``compute_and_sum_svd_mem_reduction``, the method ``TSVM`` the paper's tables come from).
-Task vectors :math:`D_t = W_t - W_0` (d_out x d_in), T experts, :math:`r = \min(d_{out}, d_{in})`:
+Task vectors D_t = W_t - W_0 (d_out x d_in), T experts, r = min(d_out, d_in):
 
-1. task singular vectors (TSV-C)   :math:`D_t \approx U_t S_t V_t^T`, the top
-                                    :math:`k = \lfloor r \cdot \text{sv\_reduction}\rfloor` triplets,
+1. task singular vectors (TSV-C)   D_t ~ U_t S_t V_t^T, the top
+                                    k = floor(r * sv_reduction) triplets,
                                     sv_reduction = 1/T by default (the per-task rank budget)
-2. concatenation                    :math:`\hat U = [U_1 \dots U_T]`, :math:`\hat S = \mathrm{diag}(S_1 \dots S_T)`,
-                                    :math:`\hat V = [V_1 \dots V_T]`
-3. interference removal             :math:`U_\perp = \mathrm{polar}(\hat U)`, :math:`V_\perp = \mathrm{polar}(\hat V)`
-                                    (Procrustes: :math:`\hat U = PDQ^T \Rightarrow U_\perp = PQ^T`, the
+2. concatenation                    U^ = [U_1 ... U_T], S^ = diag(S_1 ... S_T),
+                                    V^ = [V_1 ... V_T]
+3. interference removal             U_perp = polar(U^), V_perp = polar(V^)
+                                    (Procrustes: U^ = PDQ^T => U_perp = PQ^T, the
                                     closest matrix with orthonormal columns)
-4. merge                            :math:`W = W_0 + \alpha\, U_\perp \hat S V_\perp^T`
+4. merge                            W = W_0 + alpha U_perp S^ V_perp^T
 
-Weights that are not 2-D and input embeddings get :math:`W_0 + \alpha\,\mathrm{mean}_t D_t`
+Weights that are not 2-D and input embeddings get W_0 + alpha mean_t D_t
 (``methods/_shared.py``; the authors' code averages every non-matrix parameter the same way).
 
 Paper and code. Step 3 is the orthogonal polar factor: the code computes it by the SVD
-(Procrustes, :math:`\hat U = PDQ^T \Rightarrow PQ^T`); whitening :math:`\hat U(\hat U^T\hat U)^{-1/2}`
+(Procrustes, U^ = PDQ^T => PQ^T); whitening U^(U^^T U^)^-1/2
 is the same matrix, computed here through the Gram matrix where that is exact (:mod:`.spectral`).
 The code's ``k = int(s.shape[0] * (1 / T))`` is kept literally (with
 ``sv_reduction`` given: ``int(r * sv_reduction)``). The repository also has ``TSVM_2``, an
@@ -30,7 +30,7 @@ Alpha: the authors' evaluation selects it on validation data (``specify_lambda: 
 ``config/config.yaml``), so the paper has no data-free value; fusion-bench's TSV-M defaults to
 1.0, as does this package. One deliberate difference: where a task matrix has
 rank below k, the code keeps the zero singular values' arbitrary singular vectors in
-:math:`\hat U, \hat V` (they change the orthogonalisation of everything else); here they are left
+U^, V^ (they change the orthogonalisation of everything else); here they are left
 out (:mod:`.spectral`, "Zero singular values"). For full-rank task matrices the two agree.
 """
 
@@ -41,15 +41,9 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.common import (
-    WHOLE_MATRIX,
-    SVD_STRATEGIES,
-    check_inputs,
-    check_parameter,
-    check_strategy,
-    row_chunks,
-    task_vector,
-)
+from mergekit_ace.rules.checks import check_inputs, check_parameter
+from mergekit_ace.rules.linalg import row_chunks
+from mergekit_ace.rules.task_vectors import SVD_STRATEGIES, WHOLE_MATRIX, check_strategy, task_vector
 from mergekit_ace.rules.spectral import (
     AUTO,
     Triplets,
@@ -65,7 +59,7 @@ DEFAULTS = dict(sv_reduction=None, alpha=1.0)
 
 # --------------------------------------------------------------------------- step 1
 def per_task_rank(r: int, n_tasks: int, sv_reduction: Optional[float] = None) -> int:
-    r"""The per-task rank budget :math:`k`: ``int(r * sv_reduction)`` with ``sv_reduction = 1/T`` by
+    """The per-task rank budget k: ``int(r * sv_reduction)`` with ``sv_reduction = 1/T`` by
     default (the authors' ``int(s.shape[0] * (1 / len(task_vectors)))``, floating point as written)."""
     fraction = 1.0 / n_tasks if sv_reduction is None else float(sv_reduction)
     return int(r * fraction)
@@ -73,13 +67,13 @@ def per_task_rank(r: int, n_tasks: int, sv_reduction: Optional[float] = None) ->
 
 def task_singular_vectors(delta: torch.Tensor, k: int, route: str = AUTO,
                           row_chunk: Optional[int] = None, budget=None) -> Triplets:
-    r"""Step 1 (TSV-C): the top-k singular triplets of one task matrix (zero singular values left out)."""
+    """Step 1 (TSV-C): the top-k singular triplets of one task matrix (zero singular values left out)."""
     return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
 # --------------------------------------------------------------------------- steps 2-3
 def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: Optional[int] = None, budget=None):
-    r"""Step 3: :math:`\mathrm{polar}(\hat U)`, the orthonormal matrix closest to the concatenated
+    """Step 3: polar(U^), the orthonormal matrix closest to the concatenated
     singular vectors. Overwrites ``stacked`` where the Gram route is taken; returns ``(P, route)``."""
     P, _, used = polar_factor_(stacked, route=route, row_chunk=row_chunk, budget=budget)
     return P, used
@@ -113,7 +107,7 @@ def tsv_m_merge(
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
 ):
-    r"""Merge one 2-D weight by TSV-M; returns :math:`W_0 + \alpha U_\perp \hat S V_\perp^T` in
+    """Merge one 2-D weight by TSV-M; returns W_0 + alpha U_perp S^ V_perp^T in
     ``compute_dtype`` (module docstring). ``route`` = "auto" (Gram route where exact, else SVD) or
     "svd"; ``row_chunk`` = rows per block of the products (memory, not the result). Inputs are
     never modified; an expert identical to the base contributes nothing (no error).

@@ -1,41 +1,41 @@
-r"""WUDI-Merging (Cheng et al., ICML 2025, arXiv 2503.08099), one weight matrix at a time.
+"""WUDI-Merging (Cheng et al., ICML 2025, arXiv 2503.08099), one weight matrix at a time.
 
-Per linear layer WUDI minimises, over the merged task vector :math:`\tau`,
+Per linear layer WUDI minimises, over the merged task vector tau,
 
-.. math::  L(\tau) = \sum_t \frac{\|(\tau - D_t) D_t^T\|_F^2}{\|D_t\|_F^2}
+    L(tau) = sum_t (||(tau - D_t) D_t^T||_F^2) / (||D_t||_F^2)
 
-(the rows of each task vector :math:`D_t = W_t - W_0` stand in for that task's inputs) and returns
-:math:`W = W_0 + \mathrm{scale}\cdot\tau`. With :math:`C_t = D_t^TD_t` and :math:`w_t = 1/\|D_t\|_F^2`,
-:math:`\nabla L = 2\sum_t w_t(\tau - D_t)C_t = 2(\tau A_w - N_w)`, :math:`A_w = \sum_t w_tC_t`,
-:math:`N_w = \sum_t w_tD_tC_t`: ACTMat's normal equations with per-expert weights, so the closed
+(the rows of each task vector D_t = W_t - W_0 stand in for that task's inputs) and returns
+W = W_0 + scale * tau. With C_t = D_t^TD_t and w_t = 1/||D_t||_F^2,
+grad L = 2 sum_t w_t(tau - D_t)C_t = 2(tau A_w - N_w), A_w = sum_t w_tC_t,
+N_w = sum_t w_tD_tC_t: ACTMat's normal equations with per-expert weights, so the closed
 form runs ACTMat's kernel (:func:`mergekit_ace.rules.actmat.actmat_merge` with ``weights``: its
 strategies, its wide route and its "auto" float32 products).
 
-Singular :math:`A_w` (wide weights, low-rank updates): every minimiser is
-:math:`N_wA_w^+ + Z` with :math:`ZA_w = 0`. Gradient steps from the official start
-:math:`S = \sum_t D_t` only move :math:`\tau` inside :math:`\mathrm{range}(A_w)` (the gradient's
+Singular A_w (wide weights, low-rank updates): every minimiser is
+N_wA_w^+ + Z with ZA_w = 0. Gradient steps from the official start
+S = sum_t D_t only move tau inside range(A_w) (the gradient's
 rows lie there), so gradient descent converges to
 
-.. math::  \tau^* = N_wA_w^+ + S(I - A_wA_w^+),
+    tau^* = N_wA_w^+ + S(I - A_wA_w^+),
 
-the minimiser nearest the start. Every row of every :math:`D_t` lies in :math:`\mathrm{range}(A_w)`,
-so :math:`S(I - A_wA_w^+) = 0` in exact arithmetic; it is computed all the same (``keep_start``),
+the minimiser nearest the start. Every row of every D_t lies in range(A_w),
+so S(I - A_wA_w^+) = 0 in exact arithmetic; it is computed all the same (``keep_start``),
 so that the statement holds where the pseudo-inverse's cutoff drops small directions
-(``solve="truncated"``, or eigenvalues below ``rcond``): there :math:`\tau^*` keeps the start.
+(``solve="truncated"``, or eigenvalues below ``rcond``): there tau^* keeps the start.
 Adam's per-coordinate step is not a gradient step: its iterates do leave the range, by up to
-about ``lr`` per element and step, so where :math:`A_w` is singular the official solver's limit
-differs from :math:`\tau^*` outside the range (docs/methods.md, "WUDI-Merging").
+about ``lr`` per element and step, so where A_w is singular the official solver's limit
+differs from tau^* outside the range (docs/methods.md, "WUDI-Merging").
 
 ``solver="adam"`` runs the official optimiser instead (:func:`wudi_adam`): ``torch.optim.Adam``
-(lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay) for 300 iterations from :math:`S`, in
-float32, on the tensors' device. Each iteration costs :math:`4Tm^2n` multiply-adds (wide weights,
-the official association :math:`((\tau - D_t)D_t^T)D_t`) or :math:`2Tmn^2` (tall ones,
-:math:`(\tau - D_t)C_t` with the :math:`C_t` formed once): made for GPUs.
+(lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay) for 300 iterations from S, in
+float32, on the tensors' device. Each iteration costs 4Tm^2n multiply-adds (wide weights,
+the official association ((tau - D_t)D_t^T)D_t) or 2Tmn^2 (tall ones,
+(tau - D_t)C_t with the C_t formed once): made for GPUs.
 
 Official code (nathanielyvo/WUDI-Merging ``vit/wudi_main.py``, fusion_bench
 ``fusion_bench/method/wudi/wudi.py``; details and differences in docs/methods.md): the loss above
 summed over tasks without a mean or factor, Adam at lr 1e-5 (2e-5 in the RoBERTa script), 300
-iterations (fusion_bench's config: 400), start :math:`\sum_t D_t`, the tensors' own dtype,
+iterations (fusion_bench's config: 400), start sum_t D_t, the tensors' own dtype,
 result added to the base with coefficient 1. The ViT script merges the attention and MLP linear
 weights only and keeps the base elsewhere; fusion_bench merges every 2-D tensor and averages the
 task vectors of the rest.
@@ -49,16 +49,15 @@ from typing import Hashable, List, Optional, Sequence
 import torch
 
 from mergekit_ace.rules.actmat import EXACT, actmat_merge
-from mergekit_ace.rules.common import (
-    ROW_CHUNKED,
-    MergeInputError,
-    TaskVectors,
+from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
     check_nonzero_task_vectors,
     check_parameter,
     describe,
 )
+from mergekit_ace.rules.task_vectors import ROW_CHUNKED, TaskVectors
 
 CLOSED_FORM, ADAM = "closed_form", "adam"
 SOLVERS = (CLOSED_FORM, ADAM)
@@ -80,7 +79,7 @@ class AdamDiagnostics:
 
 def wudi_weights(base: torch.Tensor, experts: Sequence[torch.Tensor], name: Optional[str] = None,
                  ids: Optional[Sequence[Hashable]] = None, row_chunk: Optional[int] = None) -> list:
-    r""":math:`w_t = 1/\|D_t\|_F^2` (accumulated in float64, one row block at a time); an all-zero
+    """w_t = 1/||D_t||_F^2 (accumulated in float64, one row block at a time); an all-zero
     task vector is refused naming the expert."""
     energies = TaskVectors(base, experts, torch.float64, row_chunk).energies_and_means(torch.float64, means=False)[0]
     check_nonzero_task_vectors(energies, name, ids)
@@ -106,7 +105,7 @@ def wudi_merge(
     output_dtype: Optional[torch.dtype] = None,
     return_diagnostics: bool = False,
 ):
-    r"""Merge one 2-D weight by WUDI: :math:`W_0 + \mathrm{scale}\cdot\tau` (module docstring).
+    """Merge one 2-D weight by WUDI: W_0 + scale * tau (module docstring).
 
     ``solver="closed_form"`` (default): the exact minimiser in ``compute_dtype`` through ACTMat's
     kernel; ``solve``, ``rcond``, ``strategy``, ``row_chunk``, ``matmul_dtype`` and ``output_dtype``
@@ -144,16 +143,16 @@ def wudi_adam(
     iterations: int = ADAM_ITERATIONS,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    r"""The official WUDI solver: ``torch.optim.Adam([tau], lr)`` (betas (0.9, 0.999), eps 1e-8, no
-    weight decay) for ``iterations`` steps on :math:`L(\tau)` from :math:`\tau_0 = \sum_t D_t`, in
+    """The official WUDI solver: ``torch.optim.Adam([tau], lr)`` (betas (0.9, 0.999), eps 1e-8, no
+    weight decay) for ``iterations`` steps on L(tau) from tau_0 = sum_t D_t, in
     ``dtype`` (float32, as the official code on float32 checkpoints) on the tensors' device.
-    Returns the merged task vector :math:`\tau` (d_out x d_in, ``dtype``).
+    Returns the merged task vector tau (d_out x d_in, ``dtype``).
 
-    The gradient is the analytic one, :math:`2\sum_t w_t(\tau - D_t)C_t`, in the official code's
-    association :math:`((\tau - D_t)D_t^T)D_t` (the m x m inner products, as autograd computes it)
-    when d_out <= d_in; for tall weights :math:`(\tau - D_t)C_t` with :math:`C_t` formed once (the
-    d_out x d_out products would be larger). Memory: the T task vectors, :math:`\tau`, its
-    gradient, Adam's two moments, and one m x m (or the T n x n :math:`C_t`) plus m x n temporary
+    The gradient is the analytic one, 2 sum_t w_t(tau - D_t)C_t, in the official code's
+    association ((tau - D_t)D_t^T)D_t (the m x m inner products, as autograd computes it)
+    when d_out <= d_in; for tall weights (tau - D_t)C_t with C_t formed once (the
+    d_out x d_out products would be larger). Memory: the T task vectors, tau, its
+    gradient, Adam's two moments, and one m x m (or the T n x n C_t) plus m x n temporary
     (``mergekit_ace.execution.memory``)."""
     T, (m, n) = len(experts), base.shape
     D = torch.empty(T, m, n, dtype=dtype, device=base.device)  # the stacked task vectors, filled in place

@@ -107,7 +107,7 @@ AVERAGE_SCRIPT = textwrap.dedent("""
     import json, torch
     torch.set_num_threads(1)
     from mergekit_ace.execution.peakmem import peak_extra_rss
-    from mergekit_ace.rules.common import average_task_vectors
+    from mergekit_ace.rules.task_vectors import average_task_vectors
     g = torch.Generator().manual_seed(0)
     base = torch.randn(40000, 768, generator=g).bfloat16()   # an embedding-like 30.7M-value weight
     experts = [(base.float() + 0.01 * torch.randn(40000, 768, generator=g)).bfloat16() for _ in range(3)]
