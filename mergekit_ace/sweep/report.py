@@ -289,14 +289,7 @@ def write_chart(content: Mapping[str, Any], path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = content["grid"]
-    keys = list(grid)
-    x_key = next((k for k in keys if len(grid[k]) > 1), keys[0])
-    others = [k for k in keys if k != x_key]
-    values = grid[x_key]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    log_x = numeric and all(v > 0 for v in values) and max(values) / min(values) > 10
-    position = {format_value(v): (v if numeric else i) for i, v in enumerate(values)}
+    axis = _chart_axis(content["grid"])
     normalised = content["metric"] == "normalised"
     panels = [("metric", content["metric_description"])] + (
         [("tasks", "normalised to each task's expert (%)" if normalised else "raw primary metric")]
@@ -304,40 +297,64 @@ def write_chart(content: Mapping[str, Any], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for row in rows:
-        label = ", ".join(f"{k}={format_value(row['parameters'][k])}" for k in others)
+        label = ", ".join(f"{k}={format_value(row['parameters'][k])}" for k in axis["others"])
         groups.setdefault(label, []).append(row)
     for (kind, title), ax in zip(panels, axes[0]):
-        for g, (label, members) in enumerate(groups.items()):
-            members = sorted(members, key=lambda r: position[format_value(r["parameters"][x_key])])
-            xs = [position[format_value(r["parameters"][x_key])] for r in members]
-            if kind == "metric":
-                ax.plot(xs, [r["metric"] for r in members], marker="o", color=f"C{g % 10}",
-                        label=label or None)
-                for r in members:
-                    if r["best"]:
-                        ax.plot([position[format_value(r["parameters"][x_key])]], [r["metric"]],
-                                marker="*", markersize=16, color="gold", markeredgecolor="black",
-                                linestyle="none", label="best")
-            else:
-                for t_i, task in enumerate(content["tasks"]):
-                    source = "normalised" if normalised else "raw"
-                    ys = [(r.get(source) or {}).get(task) for r in members]
-                    ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
-                            linestyle=["-", "--", ":", "-."][g % 4], color=f"C{t_i % 10}",
-                            label=f"{task}" + (f" ({label})" if label else ""))
-        if log_x:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(values)), [format_value(v) for v in values])
-        ax.set_xlabel(x_key)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if handles:
-            ax.legend(fontsize=7)
+        _plot_panel(ax, kind, groups, axis, content["tasks"], "normalised" if normalised else "raw")
+        _finish_axes(ax, axis, title)
     fig.suptitle(f"{content['merge_method']} sweep", fontsize=11)
     fig.tight_layout()
     with replacing(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def _chart_axis(grid: Mapping[str, Sequence[Any]]) -> Dict[str, Any]:
+    """The chart's x axis: the first grid key that varies, the other keys, each value's position
+    (the value itself for numbers, else its index) and whether the axis is logarithmic."""
+    keys = list(grid)
+    x_key = next((k for k in keys if len(grid[k]) > 1), keys[0])
+    values = grid[x_key]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return {"key": x_key, "others": [k for k in keys if k != x_key], "values": values, "numeric": numeric,
+            "log": numeric and all(v > 0 for v in values) and max(values) / min(values) > 10,
+            "position": {format_value(v): (v if numeric else i) for i, v in enumerate(values)}}
+
+
+def _plot_panel(ax, kind: str, groups: Mapping[str, List[Dict[str, Any]]], axis: Mapping[str, Any],
+                tasks: Sequence[str], source: str) -> None:
+    """One panel: the metric per group of points (the best marked with a star), or each task's
+    score (``source``: raw or normalised) per group."""
+    x_key, position = axis["key"], axis["position"]
+    for g, (label, members) in enumerate(groups.items()):
+        members = sorted(members, key=lambda r: position[format_value(r["parameters"][x_key])])
+        xs = [position[format_value(r["parameters"][x_key])] for r in members]
+        if kind == "metric":
+            ax.plot(xs, [r["metric"] for r in members], marker="o", color=f"C{g % 10}",
+                    label=label or None)
+            for r in members:
+                if r["best"]:
+                    ax.plot([position[format_value(r["parameters"][x_key])]], [r["metric"]],
+                            marker="*", markersize=16, color="gold", markeredgecolor="black",
+                            linestyle="none", label="best")
+        else:
+            for t_i, task in enumerate(tasks):
+                ys = [(r.get(source) or {}).get(task) for r in members]
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                        linestyle=["-", "--", ":", "-."][g % 4], color=f"C{t_i % 10}",
+                        label=f"{task}" + (f" ({label})" if label else ""))
+
+
+def _finish_axes(ax, axis: Mapping[str, Any], title: str) -> None:
+    """Scale, ticks, labels, grid and legend of one panel."""
+    if axis["log"]:
+        ax.set_xscale("log")
+    if not axis["numeric"]:
+        ax.set_xticks(range(len(axis["values"])), [format_value(v) for v in axis["values"]])
+    ax.set_xlabel(axis["key"])
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7)
