@@ -1,10 +1,11 @@
 """Run the real ``mergekit-yaml`` of this environment on a config written from a dict."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from mergekit_ace.execution import mergekit_yaml
 
 BIN = Path(sys.executable).parent
 
@@ -14,12 +15,8 @@ def run_mergekit_yaml(config: dict, workdir: Path, out_name: str = "out", extra_
     cfg = workdir / f"{out_name}.yml"
     cfg.write_text(yaml.safe_dump(config))
     out = workdir / out_name
-    proc = subprocess.run(
-        [str(BIN / "mergekit-yaml"), str(cfg), str(out), *extra_args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = mergekit_yaml.mergekit_yaml_command(cfg, out, extra_args)
+    proc, _seconds = mergekit_yaml.run_mergekit_yaml(command, timeout=600)  # output captured
     return proc, out
 
 

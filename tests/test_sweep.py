@@ -10,49 +10,50 @@ import pytest
 import yaml
 
 from mergekit_ace.sweep import runner as sweep
+from mergekit_ace.sweep.grid import apply_point, check_grid, grid_points, method_spec, parse_grid
 from mergekit_ace.errors import UserError
 from tests.mergekit_run import BIN
 
 
 # --------------------------------------------------------------------------- grid
 def test_grid_values_are_yaml_scalars():
-    assert sweep.parse_grid(["epsilon=1e-5,1e-3,4.0e-2", "k_frac=0,1", "merge_embeddings=true,false",
+    assert parse_grid(["epsilon=1e-5,1e-3,4.0e-2", "k_frac=0,1", "merge_embeddings=true,false",
                              "refinement=add,none"]) == {
         "epsilon": [1e-5, 1e-3, 4e-2],
         "k_frac": [0, 1],
         "merge_embeddings": [True, False],
         "refinement": ["add", "none"],
     }
-    assert isinstance(sweep.parse_grid(["tau=1e9"])["tau"][0], float)
-    assert sweep.parse_grid(["mode=off,on,no,null2"]) == {"mode": ["off", "on", "no", "null2"]}  # YAML 1.2
+    assert isinstance(parse_grid(["tau=1e9"])["tau"][0], float)
+    assert parse_grid(["mode=off,on,no,null2"]) == {"mode": ["off", "on", "no", "null2"]}  # YAML 1.2
     assert yaml.safe_load(yaml.safe_dump({"mode": "off", "eps": 1e-5})) == {"mode": "off", "eps": 1e-5}
-    assert sweep.grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
+    assert grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
         {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
     for bad, message in [("epsilon", "NAME=VALUE"), ("epsilon=", "NAME=VALUE"),
                          ("epsilon={a: 1}", "number, string or boolean"), ("epsilon=[1", "not a YAML scalar"),
                          ("epsilon=1e-5,1.0e-5", "given twice"), ("epsilon=.inf", "not finite")]:
         with pytest.raises(UserError, match=message.replace("[", r"\[")):
-            sweep.parse_grid([bad])
+            parse_grid([bad])
     with pytest.raises(UserError, match="given twice"):
-        sweep.parse_grid(["tau=0.3", "tau=0.5"])
+        parse_grid(["tau=0.3", "tau=0.5"])
 
 
 def test_grid_keys_and_values_are_checked_against_the_method():
-    spec = sweep.method_spec("ace")
-    sweep.check_grid({"epsilon": [1e-5], "tau": [0.3, 1e9], "k_frac": [0.0]}, spec)
+    spec = method_spec("ace")
+    check_grid({"epsilon": [1e-5], "tau": [0.3, 1e9], "k_frac": [0.0]}, spec)
     with pytest.raises(UserError, match=r"'epsilonn' is not a parameter of merge method 'ace'.*epsilon"):
-        sweep.check_grid({"epsilonn": [1e-5]}, spec)
+        check_grid({"epsilonn": [1e-5]}, spec)
     with pytest.raises(UserError, match=r"epsilon=abc: not a valid value"):
-        sweep.check_grid({"epsilon": ["abc"]}, spec)
-    sweep.check_grid({"density": [0.5], "weight": [0.3]}, sweep.method_spec("ties"))  # mergekit's own
-    wudi = sweep.method_spec("wudi")
-    sweep.check_grid({"scale": [0.5, 1.0], "solver": ["closed_form", "adam"], "solve": ["exact", "truncated"],
+        check_grid({"epsilon": ["abc"]}, spec)
+    check_grid({"density": [0.5], "weight": [0.3]}, method_spec("ties"))  # mergekit's own
+    wudi = method_spec("wudi")
+    check_grid({"scale": [0.5, 1.0], "solver": ["closed_form", "adam"], "solve": ["exact", "truncated"],
                       "iterations": [300, 400]}, wudi)
     with pytest.raises(UserError, match=r"'k_frac' is not a parameter of merge method 'wudi'.*iterations, lr"):
-        sweep.check_grid({"k_frac": [0.3]}, wudi)
-    sweep.check_grid({"solve": ["truncated"]}, sweep.method_spec("actmat"))
+        check_grid({"k_frac": [0.3]}, wudi)
+    check_grid({"solve": ["truncated"]}, method_spec("actmat"))
     with pytest.raises(UserError, match="unknown merge_method 'nope'"):
-        sweep.method_spec("nope")
+        method_spec("nope")
 
 
 def test_grid_values_replace_global_and_per_model_settings():
@@ -63,14 +64,14 @@ def test_grid_values_replace_global_and_per_model_settings():
                    {"model": "/m/b", "parameters": {"epsilon": 0.1}}],
         "parameters": {"epsilon": [{"filter": "mlp", "value": 1e-4}, {"value": 1e-5}], "tau": 0.3},
     }
-    applied, removed = sweep.apply_point(config, {"epsilon": 1e-2})
+    applied, removed = apply_point(config, {"epsilon": 1e-2})
     assert applied["parameters"] == {"epsilon": 1e-2, "tau": 0.3}
     assert applied["models"] == [{"model": "/m/a", "parameters": {"scale": 2.0}}, {"model": "/m/b"}]
     assert removed == ["models[0].parameters.epsilon", "models[1].parameters.epsilon"]
     assert config["models"][0]["parameters"]["epsilon"] == 0.5  # the input is not modified
     slices = {"merge_method": "ace", "base_model": "/m/base",
               "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2], "parameters": {"tau": 1}}]}]}
-    applied, removed = sweep.apply_point(slices, {"tau": 0.5})
+    applied, removed = apply_point(slices, {"tau": 0.5})
     assert removed == ["slices[0].sources[0].parameters.tau"] and applied["parameters"] == {"tau": 0.5}
 
 
@@ -111,7 +112,7 @@ def counted(monkeypatch):
     from mergekit_ace.evaluation import runner
 
     calls = {"merge": 0, "score": 0}
-    real_merge, real_eval = sweep.run_mergekit_yaml, runner.evaluate_models
+    real_merge, real_eval = sweep.merge_with_mergekit_yaml, runner.evaluate_models
 
     def merge(*args, **kwargs):
         calls["merge"] += 1
@@ -122,7 +123,7 @@ def counted(monkeypatch):
             calls["score"] += 1
         return real_eval(models, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_mergekit_yaml", merge)
+    monkeypatch.setattr(sweep, "merge_with_mergekit_yaml", merge)
     monkeypatch.setattr(runner, "evaluate_models", evaluate)
     return calls
 
@@ -210,7 +211,7 @@ def test_sweep_end_to_end_and_rerun_redoes_nothing(demo_setup, counted, capsys, 
         (Path(out_path) / "model-00001-of-00002.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    sweep.run_mergekit_yaml = interrupted  # (monkeypatch restores the real one)
+    sweep.merge_with_mergekit_yaml = interrupted  # (monkeypatch restores the real one)
     argv = _argv(demo_setup, out)
     argv[argv.index("epsilon=1e-5,1e-2")] = "epsilon=1e-5,1e-2,1e-3"
     assert main(argv) == 130
@@ -225,7 +226,7 @@ def test_sweep_end_to_end_and_rerun_redoes_nothing(demo_setup, counted, capsys, 
         counted["merge"] += 1
         raise sweep.MergeFailed("mergekit-yaml exited with 1: no")
 
-    sweep.run_mergekit_yaml = failing
+    sweep.merge_with_mergekit_yaml = failing
     assert main(_argv(demo_setup, out, "--limit", "5")) == 1
     capsys.readouterr()
     assert counted == {"merge": 4, "score": 2}

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
+
+from mergekit_ace.execution.mergekit_yaml import mergekit_yaml_command, run_mergekit_yaml, subprocess_env
 
 MethodSpec = Tuple[str, str, Dict[str, object], Dict[str, object]]
 
@@ -72,33 +72,6 @@ def merge_config(method: MethodSpec, base: Path, experts: Sequence[Path], dtype:
     if global_params:
         config["parameters"] = dict(global_params)
     return config
-
-
-def mergekit_yaml_executable() -> str:
-    """The ``mergekit-yaml`` next to the running interpreter (the venv's), else the one on PATH."""
-    candidate = Path(sys.executable).parent / "mergekit-yaml"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("mergekit-yaml")
-    if found:
-        return found
-    from mergekit_ace.errors import UserError
-
-    raise UserError("mergekit-yaml not found: install mergekit (pip install 'mergekit>=0.1.5') in this environment")
-
-
-def _subprocess_env() -> Dict[str, str]:
-    """The merge subprocess imports the same ``mergekit_ace`` as this process (whose ``.pth`` hook,
-    when the package is installed, registers our methods), and stays offline."""
-    import mergekit_ace
-
-    env = dict(os.environ)
-    package_root = str(Path(mergekit_ace.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
 
 
 def run_merge_in_process(config_path: Path, target: Path) -> None:
@@ -145,10 +118,8 @@ def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: 
             raise UserError(f"mergekit's run_merge wrote no model for {label}")
         log(f"  merged {label:<20} {elapsed:5.1f}s  -> {target}")
         return target, elapsed
-    cmd = [mergekit_yaml_executable(), str(config_path), str(target), "--quiet", "--copy-tokenizer"]
-    start = time.time()
-    proc = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True)
-    elapsed = time.time() - start
+    command = mergekit_yaml_command(config_path, target, ["--quiet", "--copy-tokenizer"])
+    proc, elapsed = run_mergekit_yaml(command, env=subprocess_env())
     if proc.returncode != 0 or not (target / "config.json").exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         hint = ""

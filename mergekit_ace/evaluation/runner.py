@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
@@ -267,7 +268,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def sigterm_as_interrupt():
     """Within the block (main thread only), SIGTERM raises :class:`Interrupted`, so the run stops
     the way Ctrl-C stops it: the cell under way is dropped, the finished ones stay."""
     if threading.current_thread() is not threading.main_thread():
@@ -510,12 +511,126 @@ def evaluate_models(
         does not raise: it is in ``failures``. On a non-main rank of an ``accelerate launch`` run
         nothing is written and ``{}`` is returned.
     """
-    from mergekit_ace.evaluation import normalise, squad_metrics
-    from mergekit_ace.evaluation.code_exec import CodeEvalMetric, use_offline_code_eval
-    from mergekit_ace.evaluation.data import redirect_datasets
-    from mergekit_ace.evaluation.nltk_data import ensure_punkt_tab
+    plan = plan_evaluation(
+        models, tasks, output_dir, owners=owners, base=base, limit=limit, num_fewshot=num_fewshot,
+        batch_size=batch_size, backend=backend, model_args=model_args, data_dir=data_dir,
+        include_path=include_path, allow_code_execution=allow_code_execution, overwrite=overwrite,
+        resume=resume, device=device, gen_kwargs=gen_kwargs, tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=data_parallel_size, code_timeout=code_timeout,
+        apply_chat_template=apply_chat_template, bootstrap_iters=bootstrap_iters, seed=seed,
+        log_samples=log_samples)
+    main = _main_process()
+    store = OutputStore(plan.output_dir, resume=resume, overwrite=overwrite, write=main)
+    reused = _plan_resume(store, plan.settings, log_samples) if resume else set()
+    if resume and main:
+        log.info("--resume: %d of %d cells are already done and are kept", len(reused), len(plan.settings))
+    run = EvaluationRun(plan, store, reused, main=main, primary_metrics=primary_metrics,
+                        allow_code_execution=allow_code_execution, code_timeout=code_timeout,
+                        log_samples=log_samples)
+    run.score_keeping_finished()
+    if not main:
+        return {}
+    return run.summarise()
 
-    # ---- cheap checks first: models, output, owners
+
+@dataclass
+class EvaluationPlan:
+    """What :func:`evaluate_models` runs, checked before any model loads (:func:`plan_evaluation`)."""
+
+    paths: Dict[str, Path]  # {model name: path or Hub id}
+    per_model_args: Dict[str, Dict[str, Any]]  # lm-eval's model_args per model
+    output_dir: Path
+    owners: Optional[Dict[str, str]]
+    base: Optional[str]
+    task_names: List[str]
+    backend: str
+    data_dir: Optional[Path]
+    tm: Any  # lm-eval's TaskManager
+    code_tasks: Set[str]
+    options: Dict[str, Any]  # simple_evaluate's options
+    config: Dict[str, Any]  # results.json's "config"
+    identities: Dict[str, Any]  # each model's identity (config hash, files fingerprint)
+    versions: Dict[str, Any]
+    settings: Dict[Tuple[str, str], Dict[str, Any]]  # what each (model, task) cell depends on
+    seed: int
+
+
+def plan_evaluation(models, tasks, output_dir, *, owners, base, limit, num_fewshot, batch_size, backend,
+                    model_args, data_dir, include_path, allow_code_execution, overwrite, resume, device,
+                    gen_kwargs, tensor_parallel_size, data_parallel_size, code_timeout, apply_chat_template,
+                    bootstrap_iters, seed, log_samples) -> EvaluationPlan:
+    """Every check and setting, cheap checks first: models, output, owners and tasks
+    (:func:`check_inputs`); the tasks known, allowed and their data present (:func:`prepare_tasks`);
+    lm-eval's options, the run's record and what each cell depends on."""
+    paths, per_model_args, output_dir, owners, task_names, data_dir, generation_overrides = check_inputs(
+        models, tasks, output_dir, owners=owners, base=base, backend=backend, model_args=model_args,
+        data_dir=data_dir, overwrite=overwrite, resume=resume, gen_kwargs=gen_kwargs,
+        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+    tm, code_tasks, task_files = prepare_tasks(
+        task_names, include_path=include_path, allow_code_execution=allow_code_execution,
+        data_dir=data_dir, num_fewshot=num_fewshot)
+    options = simple_evaluate_options(
+        limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, gen_kwargs=generation_overrides,
+        allow_code_execution=allow_code_execution, apply_chat_template=apply_chat_template,
+        bootstrap_iters=bootstrap_iters, seed=seed, backend=backend, device=device)
+    config = run_config(paths, task_names, per_model_args=per_model_args, options=options,
+                        generation_overrides=generation_overrides, backend=backend, limit=limit,
+                        num_fewshot=num_fewshot, batch_size=batch_size, data_dir=data_dir,
+                        include_path=include_path, allow_code_execution=allow_code_execution,
+                        code_timeout=code_timeout, owners=owners, base=base, seed=seed, resume=resume,
+                        log_samples=log_samples)
+    identities = {name: records.model_identity(path, per_model_args[name]) for name, path in paths.items()}
+    versions = records.package_versions()
+    settings = cell_settings(
+        paths, task_names, identities=identities, versions=versions, per_model_args=per_model_args, tm=tm,
+        code_tasks=code_tasks, task_files=task_files, backend=backend, limit=limit, num_fewshot=num_fewshot,
+        gen_kwargs=generation_overrides, apply_chat_template=apply_chat_template, seed=seed,
+        bootstrap_iters=bootstrap_iters, code_timeout=code_timeout, data_dir=data_dir)
+    return EvaluationPlan(paths=paths, per_model_args=per_model_args, output_dir=output_dir, owners=owners,
+                          base=base, task_names=task_names, backend=backend, data_dir=data_dir, tm=tm,
+                          code_tasks=code_tasks, options=options, config=config, identities=identities,
+                          versions=versions, settings=settings, seed=seed)
+
+
+def run_config(paths, task_names, *, per_model_args, options, generation_overrides, backend, limit,
+               num_fewshot, batch_size, data_dir, include_path, allow_code_execution, code_timeout, owners,
+               base, seed, resume, log_samples) -> Dict[str, Any]:
+    """results.json's ``config``: the run's settings as given (the summary adds ``seconds`` and
+    ``programs_run``)."""
+    return {
+        "models": {n: str(p) for n, p in paths.items()},
+        "tasks": task_names,
+        "backend": backend,
+        "model_args": clean_json(per_model_args),
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "batch_size": batch_size,
+        "device": options.get("device"),
+        "gen_kwargs": clean_json(generation_overrides),
+        "data_dir": str(data_dir) if data_dir else None,
+        "include_path": (
+            [str(p) for p in include_path]
+            if isinstance(include_path, (list, tuple))
+            else None if include_path is None else str(include_path)
+        ),
+        "allow_code_execution": bool(allow_code_execution),
+        "code_timeout": code_timeout,
+        "owners": owners,
+        "base": base,
+        "seed": seed,
+        "resume": bool(resume),
+        "log_samples": bool(log_samples),
+    }
+
+
+def check_inputs(models, tasks, output_dir, *, owners, base, backend, model_args, data_dir, overwrite,
+                 resume, gen_kwargs, tensor_parallel_size, data_parallel_size):
+    """The cheap checks, before lm-eval indexes its tasks: the models and their lm-eval
+    ``model_args``, the output directory, the owners and roles against the tasks, ``data_dir``
+    and ``gen_kwargs``. Returns ``(paths, per-model args, output dir, owners, task names, data
+    dir, generation overrides)``."""
+    from mergekit_ace.evaluation import normalise
+
     extra_args = parse_model_args(model_args)
     paths = check_models(models, backend, extra_args)
     per_model_args = {
@@ -548,23 +663,37 @@ def evaluate_models(
         if not data_dir.is_dir():
             raise UserError(f"--data-dir {data_dir} is not a directory")
     generation_overrides = parse_gen_kwargs(gen_kwargs)
+    return paths, per_model_args, output_dir, owners, task_names, data_dir, generation_overrides
 
-    # ---- tasks: known, allowed, data present
+
+def prepare_tasks(task_names, *, include_path, allow_code_execution, data_dir, num_fewshot):
+    """:func:`plan_tasks` (each task known, allowed, its data present), then what some stock tasks
+    import offline: SQuAD's metrics (xquad) and NLTK's Punkt model (IFEval). Returns
+    ``(task manager, code tasks, {task: data files})``."""
+    from mergekit_ace.evaluation import squad_metrics
+    from mergekit_ace.evaluation.nltk_data import ensure_punkt_tab
+
     tm, code_tasks, task_files = plan_tasks(
         task_names, include_path=include_path, allow_code_execution=allow_code_execution,
         data_dir=data_dir, num_fewshot=num_fewshot)
-    runs_code = bool(code_tasks)  # a code-execution task, or a group that may hold one
     squad_metrics.install()  # xquad imports SQuAD metrics from where transformers 4 had them
     try:
         ensure_punkt_tab()  # IFEval's sentence splitter, without nltk.download
     except Exception as error:  # only IFEval needs it; lm-eval says so if it is then missing
         log.warning("could not provide NLTK's punkt_tab model: %s", error)
+    return tm, code_tasks, task_files
 
+
+def simple_evaluate_options(*, limit, num_fewshot, batch_size, gen_kwargs, allow_code_execution,
+                            apply_chat_template, bootstrap_iters, seed, backend, device) -> Dict[str, Any]:
+    """The keyword arguments every ``lm_eval.simple_evaluate`` call gets: one ``seed`` for
+    python, numpy, torch and the few-shot sampler; ``device`` (None: cuda when available, else
+    cpu) except with vLLM, which places the model itself."""
     options: Dict[str, Any] = dict(
         limit=limit,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
-        gen_kwargs=generation_overrides,
+        gen_kwargs=gen_kwargs,
         confirm_run_unsafe_code=bool(allow_code_execution),
         apply_chat_template=apply_chat_template,
         bootstrap_iters=bootstrap_iters,
@@ -575,34 +704,15 @@ def evaluate_models(
     )
     if backend != "vllm":
         options["device"] = device if device is not None else _default_device()
-    config = {
-        "models": {n: str(p) for n, p in paths.items()},
-        "tasks": task_names,
-        "backend": backend,
-        "model_args": clean_json(per_model_args),
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "batch_size": batch_size,
-        "device": options.get("device"),
-        "gen_kwargs": clean_json(generation_overrides),
-        "data_dir": str(data_dir) if data_dir else None,
-        "include_path": (
-            [str(p) for p in include_path]
-            if isinstance(include_path, (list, tuple))
-            else None if include_path is None else str(include_path)
-        ),
-        "allow_code_execution": bool(allow_code_execution),
-        "code_timeout": code_timeout,
-        "owners": owners,
-        "base": base,
-        "seed": seed,
-        "resume": bool(resume),
-        "log_samples": bool(log_samples),
-    }
+    return options
 
-    # ---- what each cell depends on; what --resume keeps
-    identities = {name: records.model_identity(path, per_model_args[name]) for name, path in paths.items()}
-    versions = records.package_versions()
+
+def cell_settings(paths, task_names, *, identities, versions, per_model_args, tm, code_tasks, task_files,
+                  backend, limit, num_fewshot, gen_kwargs, apply_chat_template, seed, bootstrap_iters,
+                  code_timeout, data_dir) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    """``{(model, task): settings}``: everything a cell's result depends on (the model's identity,
+    the task's config hash, lm-eval's options and version, the data files read); ``--resume``
+    keeps a cell only when these are unchanged."""
     settings: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for name in paths:
         for task in task_names:
@@ -614,7 +724,7 @@ def evaluate_models(
                 "task_config_sha256": records.config_sha256(task_config(tm, task)),
                 "limit": limit,
                 "num_fewshot": num_fewshot,
-                "gen_kwargs": generation_overrides,
+                "gen_kwargs": gen_kwargs,
                 "apply_chat_template": apply_chat_template,
                 "seed": seed,
                 "bootstrap_iters": bootstrap_iters,
@@ -623,70 +733,97 @@ def evaluate_models(
                 "data_files": records.data_files_record(task_files[task]),
                 "lm_eval": versions.get("lm_eval"),
             })
-    main = _main_process()
-    store = OutputStore(output_dir, resume=resume, overwrite=overwrite, write=main)
-    reused = _plan_resume(store, settings, log_samples) if resume else set()
-    if resume and main:
-        log.info("--resume: %d of %d cells are already done and are kept", len(reused), len(settings))
+    return settings
 
-    # ---- run: one model at a time, one cell at a time
-    metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
-    code_eval = use_offline_code_eval(metric) if runs_code else contextlib.nullcontext()
-    served: List[Dict[str, Any]] = []
-    started = time.time()
 
-    def summarise() -> Dict[str, Any]:
-        config["seconds"] = round(time.time() - started, 1)
-        config["programs_run"] = metric.programs_run
-        record = {"versions": versions, "seed": seed, "models": identities}
-        return _write_summary(store, paths, task_names, settings, reused, config, record,
-                              owners=owners, base=base, primary_metrics=primary_metrics)
+class EvaluationRun:
+    """One run over a plan: one model at a time, one cell at a time, each cell written as it
+    finishes; the summary rebuilt from the cells on disk."""
 
-    store.open()
-    try:
-        with _sigterm_as_interrupt(), redirect_datasets(data_dir, served), code_eval, \
-                _environment_collected_once():
-            for name in paths:
-                todo = [t for t in task_names if (name, t) not in reused]
-                if not todo:
-                    continue
-                log.info("loading %s (%s)", name, paths[name])
+    def __init__(self, plan: EvaluationPlan, store: OutputStore, reused: Set[Tuple[str, str]], *, main: bool,
+                 primary_metrics, allow_code_execution: bool, code_timeout: float, log_samples: bool):
+        from mergekit_ace.evaluation.code_exec import CodeEvalMetric
+
+        self.plan, self.store, self.reused, self.main = plan, store, reused, main
+        self.primary_metrics = primary_metrics
+        self.log_samples = log_samples
+        self.metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
+        self.served: List[Dict[str, Any]] = []  # the data files lm-eval read (from --data-dir)
+        self.started = time.time()
+
+    def summarise(self) -> Dict[str, Any]:
+        """Rebuild results.json, report.md and the charts from the cells on disk; return results.json."""
+        plan = self.plan
+        plan.config["seconds"] = round(time.time() - self.started, 1)
+        plan.config["programs_run"] = self.metric.programs_run
+        record = {"versions": plan.versions, "seed": plan.seed, "models": plan.identities}
+        return _write_summary(self.store, plan.paths, plan.task_names, plan.settings, self.reused, plan.config,
+                              record, owners=plan.owners, base=plan.base, primary_metrics=self.primary_metrics)
+
+    def score_keeping_finished(self) -> None:
+        """:meth:`score_all` within the run's adaptations (SIGTERM as Ctrl-C, ``--data-dir``,
+        offline ``code_eval``, torch's environment report collected once). Whatever stops it, the
+        summary is rebuilt from the finished cells before the error is re-raised."""
+        from mergekit_ace.evaluation.code_exec import use_offline_code_eval
+        from mergekit_ace.evaluation.data import redirect_datasets
+
+        # a code-execution task, or a group that may hold one
+        code_eval = use_offline_code_eval(self.metric) if self.plan.code_tasks else contextlib.nullcontext()
+        self.store.open()
+        try:
+            with sigterm_as_interrupt(), redirect_datasets(self.plan.data_dir, self.served), code_eval, \
+                    _environment_collected_once():
+                self.score_all()
+        except BaseException as error:
+            if self.main and self.store.has_cells():
                 try:
-                    lm = load_model(backend, per_model_args[name], options)
-                except UserError:
-                    raise
-                except Exception as error:
-                    for task in todo:
-                        cell = _failed_cell(name, task, settings[(name, task)], error, "load model")
-                        log.error("failed: %s", failure_line({"model": name, "task": task, **cell["error"]}))
-                        if main:
-                            store.commit_cell(store.begin_cell(name, task), cell)
-                    gc.collect()
-                    _empty_cuda_cache()
-                    continue
-                for task in todo:
-                    log.info("scoring %s on %s", name, task)
-                    run_cell(lm, name, task, store=store, settings=settings[(name, task)], tm=tm,
-                             model_args=per_model_args[name], options=options,
-                             log_samples=log_samples, served=served)
-                del lm
-                gc.collect()
-                _empty_cuda_cache()
-    except BaseException as error:
-        if main and store.has_cells():
-            try:
-                summarise()
-            except Exception as summary_error:  # never hide why the run stopped
-                log.error("could not rebuild %s: %s", output_dir / RESULTS_FILE, summary_error)
-            if isinstance(error, KeyboardInterrupt):
-                log.warning("interrupted: the finished cells are in %s; rerun the same command "
-                            "with --resume to compute the rest", output_dir)
-        raise
-    finally:
-        store.close()
-    if not main:
-        return {}
-    return summarise()
+                    self.summarise()
+                except Exception as summary_error:  # never hide why the run stopped
+                    log.error("could not rebuild %s: %s", self.plan.output_dir / RESULTS_FILE, summary_error)
+                if isinstance(error, KeyboardInterrupt):
+                    log.warning("interrupted: the finished cells are in %s; rerun the same command "
+                                "with --resume to compute the rest", self.plan.output_dir)
+            raise
+        finally:
+            self.store.close()
+
+    def score_all(self) -> None:
+        """Each model's cells that ``--resume`` did not keep."""
+        for name in self.plan.paths:
+            todo = [t for t in self.plan.task_names if (name, t) not in self.reused]
+            if todo:
+                self.score_model(name, todo)
+
+    def score_model(self, name: str, todo: Sequence[str]) -> None:
+        """Load the model once and score it on each task of ``todo``; a model that fails to load
+        fails each of those cells (a :class:`UserError` stops the run); its memory is freed after."""
+        plan = self.plan
+        log.info("loading %s (%s)", name, plan.paths[name])
+        try:
+            lm = load_model(plan.backend, plan.per_model_args[name], plan.options)
+        except UserError:
+            raise
+        except Exception as error:
+            self.record_load_failure(name, todo, error)
+            gc.collect()
+            _empty_cuda_cache()
+            return
+        for task in todo:
+            log.info("scoring %s on %s", name, task)
+            run_cell(lm, name, task, store=self.store, settings=plan.settings[(name, task)], tm=plan.tm,
+                     model_args=plan.per_model_args[name], options=plan.options,
+                     log_samples=self.log_samples, served=self.served)
+        del lm
+        gc.collect()
+        _empty_cuda_cache()
+
+    def record_load_failure(self, name: str, todo: Sequence[str], error: Exception) -> None:
+        """Each cell of ``todo`` written as failed at the stage ``load model``."""
+        for task in todo:
+            cell = _failed_cell(name, task, self.plan.settings[(name, task)], error, "load model")
+            log.error("failed: %s", failure_line({"model": name, "task": task, **cell["error"]}))
+            if self.main:
+                self.store.commit_cell(self.store.begin_cell(name, task), cell)
 
 
 def _plan_resume(store: OutputStore, settings, log_samples: bool) -> Set[Tuple[str, str]]:

@@ -20,9 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 from mergekit_ace.errors import UserError
+from mergekit_ace.execution.mergekit_yaml import mergekit_yaml_command
 
 CACHE_SUBDIR = ".mergekit-ace-cache"
 OWN_FLAGS = ("--resume", "--keep-cache")
+MISSING = "mergekit-yaml not found (install mergekit in this environment)"
 
 
 def add_arguments(parser) -> None:
@@ -33,15 +35,6 @@ def add_arguments(parser) -> None:
                         help="mergekit-yaml options (--cuda, --multi-gpu, ...), and --resume (keep every "
                              "merged weight in OUT/.mergekit-ace-cache, so that a rerun after a kill computes "
                              "only what is missing; removed after success) and --keep-cache")
-
-
-def mergekit_yaml_command() -> list:
-    """The ``mergekit-yaml`` of this environment (beside this Python), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mergekit-yaml"
-    found = str(beside) if beside.exists() else shutil.which("mergekit-yaml")
-    if found is None:
-        raise UserError("mergekit-yaml not found (install mergekit in this environment)")
-    return [found]
 
 
 def run(args) -> int:
@@ -56,7 +49,8 @@ def run(args) -> int:
         env["MERGEKIT_ACE_CACHE_DIR"] = str(cache)
         earlier = (cache / "log.jsonl").exists()
         print(f"mergekit-ace merge: resume cache {cache}" + (" (resuming)" if earlier else ""), file=sys.stderr)
-    proc = subprocess.Popen([*mergekit_yaml_command(), args.config, args.out, *passed], env=env)
+    command = mergekit_yaml_command(args.config, args.out, passed, missing=MISSING)
+    proc = subprocess.Popen(command, env=env)  # (its pid names this run's entries in the cache log)
     code = proc.wait()
     if cache is not None:
         from mergekit_ace.execution.cache import read_log

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mergekit_ace.evaluation.cli import progress_on_stderr, scoring_kwargs
     from mergekit_ace.evaluation.runner import Interrupted
-    from mergekit_ace.sweep.runner import render_markdown, run_sweep
+    from mergekit_ace.sweep.report import render_markdown
+    from mergekit_ace.sweep.runner import run_sweep
 
     if not args.tasks:
         raise UserError("no tasks given: use --tasks with lm-eval task names or a preset")
