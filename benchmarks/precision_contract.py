@@ -37,6 +37,7 @@ METHODS = {
     "ace": (ace_merge, {}),
     "ace-none": (ace_merge, {"refinement": "none"}),
     "actmat": (actmat_merge, {}),
+    "actmat-truncated": (actmat_merge, {"solve": "truncated"}),
     "tsv_m": (tsv_m_merge, {}),
     "iso_c": (iso_c_merge, {}),
     "iso_cts": (iso_cts_merge, {}),

@@ -544,3 +544,67 @@ def test_output_gram_attempt_forms_no_product_before_the_condition_check(monkeyp
     assert d1.precision == "float32" and products.count(torch.float32) == 3
     assert_contract(a, actmat_reference(W1, experts1))
     assert contract_ratio(a, b.double()) <= 0.3
+
+
+@pytest.mark.parametrize("strategy", ["row_chunked", "expert_streamed", "output_gram"])
+def test_truncated_actmat_takes_float32_products_on_a_nearly_singular_sum(strategy):
+    """The papers' truncated solve (cutoff d_in eps_float32) caps what is solved at condition 1 / cutoff,
+    so the nearly square system on which the exact solve needs float64 (the test above) meets the bf16
+    contract with float32 products, against the independent float64 truncated pseudo-inverse."""
+    from tests.reference import actmat_truncated_reference
+
+    W0, experts = bf16_experts((176, 512), spectrum=1.0)  # 3 x 176 = 528 vs d_in = 512
+    ref = actmat_truncated_reference(W0, experts)
+    out, diag = actmat_merge(W0, experts, solve="truncated", matmul_dtype="auto", output_dtype=BF16,
+                             strategy=strategy, row_chunk=64, return_diagnostics=True)
+    assert diag.precision == "float32" and diag.rank < 512
+    assert rel_err(out, ref, W0) > 1e-12  # float32 products really ran
+    assert_contract(out, ref)
+
+
+def test_truncated_actmat_recomputes_in_float64_when_an_eigenvalue_sits_at_the_cutoff():
+    """An eigenvalue of sum_t C_t at the truncation's cutoff: the float32 products' error could move it
+    across, so "auto" merges in float64 and keeps exactly the float64 reference's directions."""
+    from mergekit_ace.rules.precision import thread_float64_recompute_count as float64_recompute_count
+    from tests.reference import actmat_truncated_reference
+
+    d_out, d_in = 96, 64
+    cut = d_in * torch.finfo(torch.float32).eps
+    g = torch.Generator().manual_seed(5)
+    V = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
+    lam = torch.logspace(0, -6, d_in, dtype=torch.float64)
+    lam[20] = cut  # exactly at the cutoff (lambda_max = 1)
+
+    def expert_with_gram(share):  # D^T D = share * V diag(lam) V^T
+        U = torch.linalg.qr(torch.randn(d_out, d_in, generator=g, dtype=torch.float64))[0]
+        return U @ torch.diag((share * lam).sqrt()) @ V.T
+
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * 0.02
+    experts = [(W0 + 1e-3 * expert_with_gram(s)).float() for s in (0.5, 0.3, 0.2)]
+    W0 = W0.float()
+    ref = actmat_truncated_reference(W0, experts)
+    before = float64_recompute_count()
+    out, diag = actmat_merge(W0, experts, solve="truncated", matmul_dtype="auto", output_dtype=BF16,
+                             return_diagnostics=True)
+    assert diag.precision == "float64" and float64_recompute_count() == before + 1
+    assert rel_err(out, ref, W0) < 1e-9
+    # moved to 3x the cutoff, the decision is clear and float32 products serve
+    lam[20] = 3 * cut
+    experts = [(W0.double() + 1e-3 * expert_with_gram(s)).float() for s in (0.5, 0.3, 0.2)]
+    out, diag = actmat_merge(W0, experts, solve="truncated", matmul_dtype="auto", output_dtype=BF16,
+                             return_diagnostics=True)
+    assert diag.precision == "float32"
+    assert_contract(out, actmat_truncated_reference(W0, experts))
+
+
+def test_gram_error_estimate_bounds_the_float32_grams_error_from_below():
+    """The probes' estimate of ||A_float32 - A||_2 against the independent float64 Gram: never above
+    the true norm (a lower bound), and within 20x of it (what the cutoff check's margin covers)."""
+    W0, experts = bf16_experts((300, 128), spectrum=1.0)
+    D64 = [e.double() - W0.double() for e in experts]
+    D32 = [e.float() - W0.float() for e in experts]
+    exact = sum(d.T @ d for d in D64)
+    A32 = sum((d.T @ d).double() for d in D32)
+    true = float(torch.linalg.matrix_norm(A32 - exact, ord=2))
+    estimate = actmat_rule.gram_error_estimate(A32, W0, experts, [1.0] * 3)
+    assert 0 < estimate <= true * (1 + 1e-9) and estimate > true / 20

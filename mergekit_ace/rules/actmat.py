@@ -63,6 +63,7 @@ from mergekit_ace.rules.task_vectors import (
     check_strategy,
 )
 from mergekit_ace.rules.precision import (
+    NULL_MARGIN,
     TRACE_SLACK,
     AUTO,
     ErrorBudget,
@@ -122,12 +123,23 @@ class SymmetricPseudoInverse:
     Q: torch.Tensor  # kept eigenvectors (d_in x r)
     inv_eigvals: torch.Tensor  # (r,)
     rank: int
+    #: lambda_max / lambda_min over the kept eigenvalues (the conditioning of what is solved)
+    condition: float = math.inf
+    #: min_i |lambda_i - rcond lambda_max| / lambda_max over all eigenvalues: how far the cutoff's
+    #: decision is from flipping (``of`` only)
+    cutoff_gap: float = math.inf
 
     @classmethod
     def of(cls, A: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
         evals, evecs = torch.linalg.eigh(A)
         keep = _above_cutoff(evals, rcond)
-        return cls(Q=evecs[:, keep], inv_eigvals=1.0 / evals[keep], rank=int(keep.sum()))
+        kept = evals[keep]
+        top = float(evals.max()) if evals.numel() else 0.0
+        condition = top / float(kept.min()) if kept.numel() and top > 0 else math.inf
+        cut = (PINV_RTOL if rcond is None else rcond) * top
+        gap = float((evals - cut).abs().min()) / top if top > 0 else 0.0
+        return cls(Q=evecs[:, keep], inv_eigvals=1.0 / kept, rank=int(keep.sum()), condition=condition,
+                   cutoff_gap=gap)
 
     @classmethod
     def of_gram(cls, X: torch.Tensor, K: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
@@ -140,8 +152,8 @@ class SymmetricPseudoInverse:
         return cls(Q=(X.T @ evecs[:, keep]) / lam.sqrt(), inv_eigvals=1.0 / lam, rank=int(keep.sum()))
 
     def apply(self, N: torch.Tensor) -> torch.Tensor:
-        """N A^+ for a block of rows."""
-        return ((N @ self.Q) * self.inv_eigvals) @ self.Q.T
+        """N A^+ for a block of rows (in the factors' dtype)."""
+        return ((N.to(self.Q.dtype) @ self.Q) * self.inv_eigvals) @ self.Q.T
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """W A A^+ (W's rows projected on A's range)."""
@@ -256,16 +268,18 @@ def actmat_merge(
     if len(experts) * base.shape[0] <= base.shape[1] and matmul_dtype == AUTO:
         matmul_dtype = None  # rank(A) <= T d_out <= d_in: A is singular or nearly so, float64 it is
     args = (base, experts, scale, keep_base, rcond, name, ids, compute_dtype, row_chunk, strategy, output_dtype)
+    truncated = solve == TRUNCATED
     W, diag = run_with_fallback(lambda mt, check: _actmat(*args, mt, check=check, weights=weights,
-                                                          keep_start=keep_start),
+                                                          keep_start=keep_start, truncated=truncated),
                                 matmul_dtype, compute_dtype, name, output_dtype)
     return (W, diag) if return_diagnostics else W
 
 
 def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, strategy, output_dtype, mt, check,
-            weights=None, keep_start=False):
+            weights=None, keep_start=False, truncated=False):
     """The rule with products in ``mt``; ``check``: raise NeedsFloat64 when mt is not accurate enough;
-    ``weights``/``keep_start``: see :func:`actmat_merge`."""
+    ``weights``/``keep_start``: see :func:`actmat_merge`; ``truncated``: ``rcond`` is the papers'
+    cutoff (``solve="truncated"``), which caps the conditioning of what is solved at 1 / rcond."""
     gram_space = strategy == OUTPUT_GRAM
     streamed = strategy in (EXPERT_STREAMED, OUTPUT_GRAM)
     T = len(experts)
@@ -292,6 +306,13 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         budget = ErrorBudget(output_dtype, float(torch.linalg.vector_norm(base, dtype=torch.float64)), scale,
                              math.sqrt(sum(raw)))
         tolerance = budget.relative()
+        if truncated:
+            # The cutoff keeps only lambda_i > rcond lambda_max: the solve's conditioning is at most
+            # 1 / rcond whatever A's, so no early give-up on kappa(A); only the cutoff's own decision
+            # is checked, after the decomposition (_check_cutoff_decision).
+            if solve_error_estimate(1.0 / rcond) > tolerance:
+                raise NeedsFloat64(f"the truncated solve's conditioning (up to {1.0 / rcond:.1e})")
+            trace_bound = math.inf
     else:
         trace_bound, order, tolerance = math.inf, range(T), math.inf
     kappa_bound = RunningConditionBound(trace_bound, d_in, "sum_t C_t", T, tolerance)
@@ -334,7 +355,10 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
             A += A_upper
         del A_upper
     check_nonzero_task_vectors(traces, name, ids)
-    pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check)
+    pinv, kappa = range_solver(A, rcond, solve_dtype=mt, require_invertible=check and not truncated)
+    if check and isinstance(pinv, SymmetricPseudoInverse):  # the truncated solve dropped directions
+        _check_cutoff_decision(pinv, A, tv.base, tv.experts, ws, row_chunk)
+        kappa = pinv.condition
     del A
     if check:
         budget.charge(solve_error_estimate(kappa), f"float32 products with sum_t C_t's condition number ~{kappa:.1e}")
@@ -374,6 +398,40 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         budget.settle(float(torch.linalg.vector_norm(W, dtype=torch.float64)), math.sqrt(update_sq),
                       "float32 products")
     return W, ACTMatDiagnostics(traces=traces, rank=pinv.rank, d_in=d_in, precision=str(mt).replace("torch.", ""))
+
+
+#: Random probes of :func:`gram_error_estimate`.
+GRAM_ERROR_PROBES = 4
+
+
+def gram_error_estimate(A: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
+                        row_chunk: Optional[int] = None, probes: int = GRAM_ERROR_PROBES, seed: int = 0) -> float:
+    """An estimate of ||A - A_exact||_2 for A = sum_t w_t D_t^T D_t formed from lower-precision
+    products: the largest ||(A - A_exact) v|| / ||v|| over a few random v, with A_exact v =
+    sum_t w_t D_t^T (D_t v) in float64 (2 T d_out d_in multiply-adds per probe, against the Gram's
+    T d_out d_in^2 / 2). A lower bound on the norm; the caller adds the safety margin."""
+    d_in = A.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    V = torch.randn(d_in, probes, generator=gen, dtype=torch.float64).to(A.device)
+    exact = torch.zeros_like(V)
+    tv = TaskVectors(base, experts, torch.float64, row_chunk)
+    for t in range(len(experts)):
+        for rows in tv.chunks():
+            D = tv.block(t, rows)
+            exact.addmm_(D.T, D @ V, alpha=float(weights[t]))
+    diff = A.to(torch.float64) @ V - exact
+    return float((diff.norm(dim=0) / V.norm(dim=0)).max())
+
+
+def _check_cutoff_decision(pinv: "SymmetricPseudoInverse", A: torch.Tensor, base, experts, ws, row_chunk) -> None:
+    """Raise NeedsFloat64 unless every eigenvalue of A (from lower-precision products) is further from
+    the truncation's cutoff than NULL_MARGIN times the products' error (Weyl: each eigenvalue moves by
+    at most ||A - A_exact||_2), so that the exact A would keep and drop the same directions."""
+    lambda_max = 1.0 / float(pinv.inv_eigvals.min()) if pinv.rank else 0.0
+    error = gram_error_estimate(A, base, experts, ws, row_chunk) / lambda_max if lambda_max > 0 else math.inf
+    if not pinv.cutoff_gap > NULL_MARGIN * error:
+        raise NeedsFloat64(f"the truncated solve's cutoff: an eigenvalue {pinv.cutoff_gap:.1e} lambda_max from it, "
+                           f"within {NULL_MARGIN:g}x the products' error ({error:.1e} lambda_max)")
 
 
 def _start_outside_range(tv, rows: slice, pinv, dt) -> torch.Tensor:
