@@ -6,7 +6,7 @@ import torch
 from mergekit.merge_methods import BasePolicy, InputContract, TensorGroup, merge_method
 
 from mergekit_ace.methods._shared import base_required, merge_group
-from mergekit_ace.rules.actmat import actmat_merge
+from mergekit_ace.rules.actmat import DEFAULTS, actmat_merge
 
 
 @base_required
@@ -18,10 +18,10 @@ from mergekit_ace.rules.actmat import actmat_merge
 )
 def actmat(
     group: TensorGroup,
-    scale: float = 1.0,
-    keep_base: bool = True,
-    rcond: Optional[float] = None,
-    solve: str = "exact",
+    scale: float = DEFAULTS["scale"],
+    keep_base: bool = DEFAULTS["keep_base"],
+    rcond: Optional[float] = DEFAULTS["rcond"],
+    solve: str = DEFAULTS["solve"],
     merge_embeddings: bool = False,
     scope: str = "default",
     average_from_dim: int = 0,

@@ -14,16 +14,15 @@ W_0 A A^+, zeroing the base outside A's range; the default (``keep_base=True``) 
 W_0 there: W = W_0 + scale*(sum_t D_t C_t) A^+.
 
 The pseudo-inverse comes from a symmetric eigendecomposition of A with the cutoff
-lambda_i > rcond * lambda_max, ``rcond`` defaulting to ``PINV_RTOL`` = 1e-10
-(float64 Gram noise is ~1e-13 relative; directions below the cutoff count as outside A's range).
-Where every eigenvalue clears the cutoff by a margin (A is invertible, A^+ = A^-1) a
-Cholesky solve gives the same result for a fraction of the cost (:func:`range_solver`).
-
-``solve="truncated"`` replaces that cutoff by what the ACTMat authors' code ran, a float32
-``torch.linalg.pinv(A)`` at its default tolerance: eigenvalues at or below
-max(m, n) eps_32 lambda_max are dropped, with m = n = d_in for the d_in x d_in
-A (:func:`truncated_rcond`, about 1e-3 for d_in = 8192); the arithmetic stays float64
-(docs/methods.md, "The papers' solve").
+lambda_i > rcond * lambda_max. ``solve="truncated"`` (the default) takes the cutoff the ACTMat
+authors' code ran, a float32 ``torch.linalg.pinv(A)`` at its default tolerance: eigenvalues at or
+below max(m, n) eps_32 lambda_max are dropped, with m = n = d_in for the d_in x d_in A
+(:func:`truncated_rcond`, about 1e-3 for d_in = 8192); the arithmetic is ours (float64
+factorisations; float32 products only where the precision contract allows). ``solve="exact"``
+takes ``rcond``, defaulting to ``PINV_RTOL`` = 1e-10 (float64 Gram noise is ~1e-13 relative;
+directions below the cutoff count as outside A's range). Where every eigenvalue clears the cutoff
+by a margin (A^+ = A^-1) a Cholesky solve gives the same result for a fraction of the cost
+(:func:`range_solver`). Which serves better: docs/methods.md, "The papers' solve".
 
 Per-expert weights (``weights``, w_t > 0) turn the sums into A = sum_t w_t C_t and
 N = sum_t w_t D_t C_t; WUDI-Merging is this kernel with w_t = 1/||D_t||_F^2
@@ -75,7 +74,9 @@ from mergekit_ace.rules.precision import (
     solve_error_estimate,
 )
 
-DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None, solve="exact")
+#: ``solve`` defaults to the papers' truncation: what the ACTMat code ran, and on the study's bf16
+#: checkpoints at least as good as the exact solve on most seeds (docs/methods.md, "The papers' solve").
+DEFAULTS = dict(scale=1.0, keep_base=True, rcond=None, solve="truncated")
 
 #: ``solve`` values: the exact solve (pseudo-inverse cutoff ``rcond``, default PINV_RTOL) or the
 #: ACTMat code's truncated pseudo-inverse (cutoff :func:`truncated_rcond`).
@@ -96,8 +97,9 @@ def solve_cutoff(solve: str, rcond: Optional[float], d_in: int, name: Optional[s
         raise MergeInputError(f"{describe(name)}: parameter solve={solve!r} must be one of {SOLVES}")
     if solve == TRUNCATED:
         if rcond is not None:
-            raise MergeInputError(f"{describe(name)}: parameter rcond={rcond!r} cannot be combined with "
-                                  f"solve='truncated' (whose cutoff is d_in * eps_float32); set one of them")
+            raise MergeInputError(f"{describe(name)}: parameter rcond={rcond!r} is the exact solve's cutoff and "
+                                  f"cannot be combined with solve='truncated' (ACTMat's default, whose cutoff is "
+                                  f"d_in * eps_float32): add solve: exact to use rcond")
         return truncated_rcond(d_in)
     return rcond
 
@@ -225,7 +227,7 @@ def actmat_merge(
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
     output_dtype: Optional[torch.dtype] = None,
-    solve: str = EXACT,
+    solve: str = DEFAULTS["solve"],
     weights: Optional[Sequence[float]] = None,
     keep_start: bool = False,
 ):
