@@ -49,7 +49,7 @@ def test_shape_mismatch(rule):
 @pytest.mark.parametrize("rule", ["ace", "actmat", "wudi", "wudi_adam"])
 def test_expert_identical_to_base(rule):
     # (ace/actmat/wudi only: the SVD rules merge a zero task vector as contributing nothing,
-    # tests/test_rules_peers.py::test_zero_task_vector_contributes_nothing)
+    # tests/rules/test_peers.py::test_zero_task_vector_contributes_nothing)
     W0, experts = make_experts((12, 8), 2, [1.0, 0.1])
     with pytest.raises(MergeInputError, match=r"'w'.*expert\(s\) twin .*identical to the base"):
         RULES[rule](W0, [experts[0], W0.clone()], name="w", ids=["e0", "twin"])

@@ -24,7 +24,7 @@ from mergekit_ace.execution import cache, executor
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
 from tests.mergekit_run import BIN, config_for
-from tests.test_precision import bf16_experts
+from tests.rules.test_precision import bf16_experts
 
 
 @pytest.fixture(autouse=True)

@@ -201,7 +201,7 @@ def test_tiny_example_runs(tmp_path):
 
     from tests.mergekit_run import BIN
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "examples/tiny/make_tiny_experts.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

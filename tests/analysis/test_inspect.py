@@ -60,7 +60,7 @@ def test_inspect_numbers_match_direct_computation(llama_family, tmp_path):
     cos01 = float((G[0] * G[1]).sum() / (G[0].norm() * G[1].norm()))
     assert float(row["cov_alignment_min"]) <= cos01 + 1e-12
     # sensitivity to the checkpoints' rounding: the float32 checkpoints' own dtype in and out, one
-    # sample from seed 0 (its agreement with a float64 truth: tests/test_sensitivity.py)
+    # sample from seed 0 (its agreement with a float64 truth: tests/rules/test_sensitivity.py)
     W0, Ws = base[name], [e[name] for e in exps]
     assert data["meta"]["sensitivity"] == {"output_dtype": "the base's dtype", "samples": 1}
     for col, rule in (("sensitivity_ace", ace_merge), ("sensitivity_actmat", actmat_merge)):

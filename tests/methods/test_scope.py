@@ -14,9 +14,9 @@ import yaml
 from mergekit_ace.errors import MergeInputError
 from mergekit_ace.rules.common import weight_scope
 from tests.mergekit_run import config_for, run_mergekit_yaml
-from tests.test_end_to_end import assert_weights_equal, expected_weights, load_weights
+from tests.methods.test_end_to_end import assert_weights_equal, expected_weights, load_weights
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
