@@ -115,6 +115,7 @@ def test_invalid_parameters_are_refused_naming_them():
 
 # ----------------------------------------------------------------------------- through mergekit-yaml
 @pytest.mark.parametrize("method", ["ace", "iso_cts", "wudi"])
+@pytest.mark.slow
 def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_family):
     cfg = config_for(method, llama_family)
     del cfg["base_model"]
@@ -127,6 +128,7 @@ def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_
 
 
 @pytest.mark.parametrize("method", ["actmat", "wudi"])  # shared glue; every rule: test_non_finite_values_...
+@pytest.mark.slow
 def test_nan_expert_fails_with_tensor_and_model_named(method, tmp_path, llama_family):
     import shutil
 
