@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo study bench clean
+.PHONY: setup test test-fast lint demo study bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,25 @@ $(PY):
 # torch==2.13.0 first: it is the CPU wheel on disk; the project's own range (torch>=2.4) is then met.
 $(STAMP): pyproject.toml $(PY)
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet ".[test]"
+	$(PIP) install --quiet ".[test,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 	$(PIP) install --quiet --no-deps --force-reinstall . >/dev/null
 
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# The whole suite, with the 15 slowest tests listed at the end.
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q tests --durations=15
+
+# Everything not marked slow (pyproject.toml's `slow` marker): every module's basic behaviour.
+test-fast: setup
+	$(TEST_ENV) $(PY) -m pytest -q tests -m "not slow"
+
+# ruff, configured in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mergekit-ace demo --output demo-output

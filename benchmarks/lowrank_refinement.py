@@ -2,7 +2,7 @@
 how far is each from the float64 SVD reference with the null singular pairs dropped?
 
 Three experts with rank-8 task vectors whose singular values span three decades (the case of
-tests/test_rules_ace_refinement.py), tall 300 x 120 and wide 120 x 300: F has rank <= 3 * 9 = 27
+tests/rules/test_ace_refinement.py), tall 300 x 120 and wide 120 x 300: F has rank <= 3 * 9 = 27
 while k = floor(0.3 * 120) = 36, so at least 9 of the top-k pairs are null.
 
     python benchmarks/lowrank_refinement.py                   # this checkout
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from tests.reference import ace_reference, rel_err  # this checkout's reference
-    from tests.test_rules_ace_refinement import low_rank_experts
+    from tests.rules.test_ace_refinement import low_rank_experts
 
     sys.path.insert(0, str(args.code_root.resolve()))
     for mod in [m for m in sys.modules if m == "mergekit_ace" or m.startswith("mergekit_ace.")]:

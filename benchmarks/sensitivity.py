@@ -16,7 +16,7 @@ direct ||bf16(W) - W|| is printed next to it. Every merge is float64 throughout.
 
     nice -n 10 python benchmarks/sensitivity.py --scale 4
 
-``--test-cases`` instead runs the cases of tests/test_sensitivity.py (64x64, 96x64, 64x176, T = 3,
+``--test-cases`` instead runs the cases of tests/rules/test_sensitivity.py (64x64, 96x64, 64x176, T = 3,
 truth from the independent references in tests/) over ``--seeds`` seeds and prints, per rule
 setting, the range of truth and of estimate / truth: the spread the tests' factor is set from.
 """
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
 
 def test_cases(seeds: int, samples: int) -> int:
-    from tests.test_sensitivity import RULES, estimate, fine_tune_like, truth
+    from tests.rules.test_sensitivity import RULES, estimate, fine_tune_like, truth
 
     print(f"| rule setting | truth min - max | estimate / truth min - max | cases |")
     print("|---|---:|---:|---:|")

@@ -49,7 +49,7 @@ def test_shape_mismatch(rule):
 @pytest.mark.parametrize("rule", ["ace", "actmat", "wudi", "wudi_adam"])
 def test_expert_identical_to_base(rule):
     # (ace/actmat/wudi only: the SVD rules merge a zero task vector as contributing nothing,
-    # tests/test_rules_peers.py::test_zero_task_vector_contributes_nothing)
+    # tests/rules/test_peers.py::test_zero_task_vector_contributes_nothing)
     W0, experts = make_experts((12, 8), 2, [1.0, 0.1])
     with pytest.raises(MergeInputError, match=r"'w'.*expert\(s\) twin .*identical to the base"):
         RULES[rule](W0, [experts[0], W0.clone()], name="w", ids=["e0", "twin"])
@@ -115,6 +115,7 @@ def test_invalid_parameters_are_refused_naming_them():
 
 # ----------------------------------------------------------------------------- through mergekit-yaml
 @pytest.mark.parametrize("method", ["ace", "iso_cts", "wudi"])
+@pytest.mark.slow
 def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_family):
     cfg = config_for(method, llama_family)
     del cfg["base_model"]
@@ -127,6 +128,7 @@ def test_config_without_base_model_fails_before_loading(method, tmp_path, llama_
 
 
 @pytest.mark.parametrize("method", ["actmat", "wudi"])  # shared glue; every rule: test_non_finite_values_...
+@pytest.mark.slow
 def test_nan_expert_fails_with_tensor_and_model_named(method, tmp_path, llama_family):
     import shutil
 

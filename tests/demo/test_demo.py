@@ -122,6 +122,7 @@ def test_config_digest_tracks_the_configuration():
     assert 1.10 < 3 * realistic.hidden_size / realistic.intermediate_size < 1.13
 
 
+@pytest.mark.slow
 def test_bfloat16_storage_rounds_the_float32_twin(tmp_path):
     """A bf16 configuration stores its float32 twin's weights rounded to bf16 (trained once,
     reused), records the rounded task vectors, and its merges run with dtype bfloat16."""
@@ -184,6 +185,7 @@ def small_demo(tmp_path_factory, small_demo_cache):
     return out, time.time() - start
 
 
+@pytest.mark.slow
 def test_small_demo_runs_end_to_end(small_demo):
     out, seconds = small_demo
     summary = json.loads((out / "summary.json").read_text())
@@ -213,6 +215,7 @@ def test_small_demo_runs_end_to_end(small_demo):
     assert summary["heterogeneity"]["matrices"] > 0
 
 
+@pytest.mark.slow
 def test_small_demo_merged_models_load(small_demo):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,6 +231,7 @@ def test_small_demo_merged_models_load(small_demo):
         assert (out / "merges" / f"{label}.yaml").exists()
 
 
+@pytest.mark.slow
 def test_small_demo_cache_is_reused(small_demo, small_demo_cache):
     from mergekit_ace.demo.train import CONFIGS, ensure_trained
 
@@ -312,6 +316,7 @@ def test_study_paired_differences():
     assert (refinement["wins"], refinement["losses"]) == (2, 0)
 
 
+@pytest.mark.slow
 def test_small_study_end_to_end(small_demo):
     """One seed of the study on the cached small models: the RegMean solution with the real
     covariances has the smallest objective in every layer, averaging's ratio is 1, cosines lie in

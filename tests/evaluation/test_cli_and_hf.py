@@ -21,6 +21,7 @@ def read_samples(out, model, task):
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_hf_model_on_four_stock_tasks(tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
     rc = main([
@@ -92,6 +93,7 @@ def test_subprocess_error_has_no_traceback(tmp_path, subprocess_env):
     assert "model 'base': directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_subprocess_real_run(tiny_model, data_dir, tmp_path, subprocess_env):
     owners = tmp_path / "owners.json"
     owners.write_text(json.dumps({"a": ["xquad_zh"], "b": ["humaneval"]}))

@@ -36,6 +36,7 @@ def leftovers(root):
 
 
 # --------------------------------------------------------------------------- failures isolated
+@pytest.mark.slow
 def test_unreadable_weights_fail_that_model_only(tiny_model, data_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model, bad)
@@ -63,6 +64,7 @@ def test_unreadable_weights_fail_that_model_only(tiny_model, data_dir, tmp_path,
     assert not leftovers(out)
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_with_its_stage_and_the_rest_go_on(standins, data_dir, tmp_path):
     models = {"ok": standins["oracle"], "bad": standins["crash"]}
     content = run(models, ["xquad_zh", "gsm8k_cot"], tmp_path / "out", data_dir, limit=2,
@@ -78,6 +80,7 @@ def test_failing_cell_is_recorded_with_its_stage_and_the_rest_go_on(standins, da
 
 
 # --------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_resume_keeps_same_settings_and_recomputes_changed_ones(standins, data_dir, tmp_path, caplog):
     out = tmp_path / "out"
     models = {"a": shutil.copytree(standins["oracle"], tmp_path / "a"),
@@ -143,6 +146,7 @@ def _local_tasks(tmp_path, names):
     return tasks_dir
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_recomputing_finished_cells(standins, tmp_path, subprocess_env,
                                                               monkeypatch, caplog):
     """Killed (SIGKILL) in its second cell, then stopped (SIGTERM) in its third: each time the
@@ -251,6 +255,7 @@ def tiny_model_512(tmp_path_factory):
                                      tmp_path_factory.mktemp("tiny512") / "model")
 
 
+@pytest.mark.slow
 def test_512_context_model_scores_humaneval_and_ifeval_with_the_cap(tiny_model_512, data_dir,
                                                                     tmp_path, capsys):
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ def run(models, tasks, out, data_dir, **kw):
     return evaluate_models(models, tasks, out, backend=BACKEND, data_dir=data_dir, **kw)
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_passes_wrong_fails_loop_times_out(standins, data_dir, tmp_path):
     models = {m: standins[m] for m in ("oracle", "wrong", "loop")}
     start = time.monotonic()
@@ -35,6 +36,7 @@ def test_humaneval_canonical_passes_wrong_fails_loop_times_out(standins, data_di
     assert all("while True" in r["filtered_resps"][0][0] for r in rows)
 
 
+@pytest.mark.slow
 def test_four_tasks_scores_normalised_table_and_files(standins, data_dir, tmp_path):
     models = {"base": standins["wrong"], "expert": standins["oracle"], "merge": standins["even"]}
     owners = {t: "expert" for t in FOUR}
@@ -79,6 +81,7 @@ def test_code_tasks_need_permission(standins, data_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_existing_results_are_kept_unless_overwrite(standins, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run({"m": standins["wrong"]}, ["xquad_zh"], out, data_dir, limit=1)

@@ -24,7 +24,7 @@ from mergekit_ace.execution import cache, executor
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
 from tests.mergekit_run import BIN, config_for
-from tests.test_precision import bf16_experts
+from tests.rules.test_precision import bf16_experts
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,7 @@ def ace_merged(llama_family, tmp_path_factory):
     return config, reference
 
 
+@pytest.mark.slow
 def test_killed_merge_resumes_bit_for_bit_without_recomputing(ace_merged, llama_family, tmp_path):
     config, reference = ace_merged
     rule_weights = {n for n, t in _tensors(reference).items() if t.ndim == 2 and "embed_tokens" not in n}
@@ -134,6 +135,7 @@ def test_killed_merge_resumes_bit_for_bit_without_recomputing(ace_merged, llama_
     assert [r["event"] for r in third] == ["computed"] * len(rule_weights)
 
 
+@pytest.mark.slow
 def test_unwritable_cache_dir_still_merges(ace_merged, tmp_path):
     """A cache path that cannot be created (under a regular file: root ignores permissions) logs one
     warning; the merge is the one without a cache."""

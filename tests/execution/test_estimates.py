@@ -12,6 +12,8 @@ import pytest
 from mergekit_ace.execution import peakmem
 from mergekit_ace.execution.memory import estimate
 
+pytestmark = pytest.mark.slow  # each test measures real merges' peaks in a subprocess: seconds each
+
 ROOT = Path(__file__).resolve().parents[2]
 CASES = [  # rule, strategy, d_out, d_in, row_chunk, tau (ACE: 0.3 heterogeneous for these inputs; SVD rules: route;
     # ACTMat: the updates' rank, None = full)

@@ -12,7 +12,7 @@ from mergekit_ace.execution import cache, executor
 from mergekit_ace.rules import precision
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
-from tests.test_precision import bf16_experts
+from tests.rules.test_precision import bf16_experts
 
 RULES = {"ace": ace_merge, "actmat": actmat_merge}
 THREADS = 8

@@ -100,6 +100,7 @@ PEER_PARAMETERS = {
 
 @pytest.mark.parametrize("family", ["llama_family", "olmo_family"])
 @pytest.mark.parametrize("method", list(CARDS))
+@pytest.mark.slow
 def test_mergekit_yaml_merges_and_matches_reference(family, method, request, tmp_path):
     paths = request.getfixturevalue(family)
     params, params_for = None, (lambda name: {})
@@ -143,6 +144,7 @@ def test_per_tensor_parameters_through_filters(llama_family, tmp_path):
         assert float((merged[name].double() - default[name]).norm() / default[name].norm()) > 1e-4
 
 
+@pytest.mark.slow
 def test_actmat_scale_and_literal_option_through_yaml(llama_family, tmp_path):
     params = {"scale": 0.5, "keep_base": False}
     proc, out = run_mergekit_yaml(config_for("actmat", llama_family, params), tmp_path)
@@ -151,6 +153,7 @@ def test_actmat_scale_and_literal_option_through_yaml(llama_family, tmp_path):
     assert_weights_equal(out, expected)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_follow_the_embedding(tmp_path):
     from tests.conftest import build_family
 
@@ -167,6 +170,7 @@ def test_tied_embeddings_follow_the_embedding(tmp_path):
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_bfloat16_experts_give_bfloat16_output(tmp_path, llama_family):
     proc, out = run_mergekit_yaml(config_for("ace", llama_family, dtype="bfloat16"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,6 +198,7 @@ def test_bfloat16_experts_give_bfloat16_output(tmp_path, llama_family):
     assert sum(int(n) for n, _ in counts) == len(rule_weights)
 
 
+@pytest.mark.slow
 def test_tiny_example_runs(tmp_path):
     import subprocess
     import sys
@@ -201,7 +206,7 @@ def test_tiny_example_runs(tmp_path):
 
     from tests.mergekit_run import BIN
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "examples/tiny/make_tiny_experts.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -213,12 +218,14 @@ def test_tiny_example_runs(tmp_path):
 
 
 @pytest.mark.parametrize("refinement", ["rescale", "none"])
+@pytest.mark.slow
 def test_ace_refinement_through_yaml(llama_family, tmp_path, refinement):
     proc, out = run_mergekit_yaml(config_for("ace", llama_family, {"refinement": refinement}), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_weights_equal(out, expected_weights("ace", llama_family, lambda name: {"refinement": refinement}))
 
 
+@pytest.mark.slow
 def test_ace_unknown_refinement_fails_naming_it(llama_family, tmp_path):
     proc, out = run_mergekit_yaml(config_for("ace", llama_family, {"refinement": "sideways"}), tmp_path)
     assert proc.returncode != 0
@@ -226,6 +233,7 @@ def test_ace_unknown_refinement_fails_naming_it(llama_family, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_truncated_solve_through_yaml(olmo_family, tmp_path):
     """``solve: truncated`` (the ACTMat code's pseudo-inverse cutoff) reaches both rules."""
     for method, reference in (("actmat", "actmat_truncated"), ("wudi", "wudi")):
@@ -236,6 +244,7 @@ def test_truncated_solve_through_yaml(olmo_family, tmp_path):
         assert_weights_equal(out, expected_weights(reference, olmo_family, lambda name: ref_params))
 
 
+@pytest.mark.slow
 def test_wudi_adam_solver_through_yaml(llama_family, tmp_path):
     """``solver: adam`` runs the official loop (here 15 iterations at lr 1e-4: a short run)."""
     params = {"solver": "adam", "lr": 1.0e-4, "iterations": 15}
@@ -248,6 +257,7 @@ def test_wudi_adam_solver_through_yaml(llama_family, tmp_path):
     assert float((load_weights(out)[name].double() - closed[name]).norm() / closed[name].norm()) > 1e-5
 
 
+@pytest.mark.slow
 def test_wudi_unknown_solver_fails_naming_it(llama_family, tmp_path):
     proc, out = run_mergekit_yaml(config_for("wudi", llama_family, {"solver": "lbfgs"}), tmp_path)
     assert proc.returncode != 0

@@ -14,9 +14,9 @@ import yaml
 from mergekit_ace.errors import MergeInputError
 from mergekit_ace.rules.scope import weight_scope
 from tests.mergekit_run import config_for, run_mergekit_yaml
-from tests.test_end_to_end import assert_weights_equal, expected_weights, load_weights
+from tests.methods.test_end_to_end import assert_weights_equal, expected_weights, load_weights
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -85,6 +85,7 @@ def test_invalid_values_name_tensor_and_parameter(kwargs, text):
 
 
 # --------------------------------------------------------------------------- through mergekit-yaml
+@pytest.mark.slow
 def test_ace_paper_scope_example_keeps_base_embeddings_and_head(llama_family, tmp_path):
     proc, out = run_mergekit_yaml(example_on(EXAMPLES / "ace-llama-3.2-3b-paper-scope.yml", llama_family), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_ace_paper_scope_example_keeps_base_embeddings_and_head(llama_family, tm
     assert float((merged[HEAD].double() - expected[HEAD]).norm() / expected[HEAD].norm()) > 1e-3
 
 
+@pytest.mark.slow
 def test_actmat_paper_scope_example_averages_embeddings_and_head(olmo_family, tmp_path):
     # The example's threshold is 20000; the tiny vocabulary is 320, the other weights at most 64 wide.
     cfg = example_on(EXAMPLES / "actmat-olmo-3-7b-paper-scope.yml", olmo_family, average_from_dim=320)
@@ -115,6 +117,7 @@ def test_actmat_paper_scope_example_averages_embeddings_and_head(olmo_family, tm
     assert float((merged[HEAD].double() - expected[HEAD]).norm() / expected[HEAD].norm()) > 1e-3
 
 
+@pytest.mark.slow
 def test_per_tensor_scope_through_filters(llama_family, tmp_path):
     params = {"alpha": 1.0, "scope": [
         {"filter": "self_attn", "value": "average"},
@@ -137,6 +140,7 @@ def test_per_tensor_scope_through_filters(llama_family, tmp_path):
     assert any("self_attn" in k for k in merged) and any("down_proj" in k for k in merged)
 
 
+@pytest.mark.slow
 def test_default_scope_written_out_changes_nothing(llama_family, tmp_path):
     proc, out = run_mergekit_yaml(config_for("iso_c", llama_family, {"scope": "default", "average_from_dim": 0}),
                                   tmp_path)
@@ -144,6 +148,7 @@ def test_default_scope_written_out_changes_nothing(llama_family, tmp_path):
     assert_weights_equal(out, expected_weights("iso_c", llama_family))
 
 
+@pytest.mark.slow
 def test_unknown_scope_fails_naming_tensor_and_parameter(llama_family, tmp_path):
     params = {"scope": [{"filter": "lm_head", "value": "keep"}, {"value": "default"}]}
     proc, out = run_mergekit_yaml(config_for("actmat", llama_family, params), tmp_path)

@@ -136,6 +136,7 @@ def _argv(setup, out, *extra):
             "--primary-metric", "ace_demo_translate=exact_match,none", "--output", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_and_rerun_redoes_nothing(demo_setup, counted, capsys, tmp_path):
     import subprocess
 
@@ -239,6 +240,7 @@ def test_sweep_end_to_end_and_rerun_redoes_nothing(demo_setup, counted, capsys, 
     assert [r["status"] for r in json.loads((out / "sweep.json").read_text())["points"]] == ["failed", "failed"]
 
 
+@pytest.mark.slow
 def test_bad_grid_key_or_task_stops_before_any_merge(demo_setup, counted, tmp_path):
     from mergekit_ace.cli import main
 

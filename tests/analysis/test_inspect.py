@@ -60,7 +60,7 @@ def test_inspect_numbers_match_direct_computation(llama_family, tmp_path):
     cos01 = float((G[0] * G[1]).sum() / (G[0].norm() * G[1].norm()))
     assert float(row["cov_alignment_min"]) <= cos01 + 1e-12
     # sensitivity to the checkpoints' rounding: the float32 checkpoints' own dtype in and out, one
-    # sample from seed 0 (its agreement with a float64 truth: tests/test_sensitivity.py)
+    # sample from seed 0 (its agreement with a float64 truth: tests/rules/test_sensitivity.py)
     W0, Ws = base[name], [e[name] for e in exps]
     assert data["meta"]["sensitivity"] == {"output_dtype": "the base's dtype", "samples": 1}
     for col, rule in (("sensitivity_ace", ace_merge), ("sensitivity_actmat", actmat_merge)):
@@ -69,6 +69,7 @@ def test_inspect_numbers_match_direct_computation(llama_family, tmp_path):
         assert 0.1 < float(row[col]) < 1e3
 
 
+@pytest.mark.slow
 def test_inspect_sensitivity_options(llama_family, tmp_path):
     experts = sum((["--expert", str(p)] for k, p in llama_family.items() if k != "base"), [])
     args = ["inspect", "--base", str(llama_family["base"]), *experts, "--weights", r"layers\.0\.mlp\.up_proj", "--no-spectra"]
@@ -89,6 +90,7 @@ def test_inspect_sensitivity_options(llama_family, tmp_path):
     assert proc.returncode == 2 and "--dtype" in proc.stderr and "int8" in proc.stderr
 
 
+@pytest.mark.slow
 def test_inspect_errors_are_clear(tmp_path, llama_family):
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_ace.cli", "inspect", "--base", str(tmp_path / "nope"),

@@ -436,6 +436,7 @@ def dominant_direction_experts(shape, seed=0):
 
 @pytest.mark.parametrize("strategy", ["expert_streamed", "row_chunked"])
 @pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.slow
 def test_float32_attempt_gives_up_after_the_first_gram_when_the_bound_rules_it_out(monkeypatch, rule, strategy):
     """Where even the lower bound of the condition number rules float32 out, the float32 attempt
     stops after its first Gram, before any product, and the float64 result is the same as asked
@@ -458,6 +459,7 @@ def test_float32_attempt_gives_up_after_the_first_gram_when_the_bound_rules_it_o
 
 @pytest.mark.parametrize("strategy", ["expert_streamed", "row_chunked"])
 @pytest.mark.parametrize("rule", ["ace", "actmat"])
+@pytest.mark.slow
 def test_float32_attempt_forms_the_largest_update_first(monkeypatch, rule, strategy):
     """A small, flat (noise-like) update listed before a large one with a dominant direction (as a
     small fine-tune's bf16 rounding flattens its spectrum): the attempt forms the large update's
