@@ -100,15 +100,16 @@ def wudi_reference(W0, experts, scale=1.0, rtol=1e-10, solve=None):
     return torch.from_numpy(W0n + scale * (N @ A_pinv + S - S @ P))
 
 
-def actmat_truncated_reference(W0, experts, scale=1.0):
-    """ACTMat with the ACTMat code's cutoff: W0 + scale (sum_t D_t C_t) A^+, A^+ dropping
-    eigenvalues <= d_in * eps_float32 * lambda_max (numpy float64)."""
+def actmat_truncated_reference(W0, experts, scale=1.0, keep_base=True):
+    """ACTMat with the ACTMat code's cutoff (the default solve): W0 + scale (sum_t D_t C_t) A^+, A^+
+    dropping eigenvalues <= d_in * eps_float32 * lambda_max (numpy float64); ``keep_base=False``:
+    W0 A A^+ in place of W0."""
     import numpy as np
 
     W0n = W0.double().numpy()
     D = [e.double().numpy() - W0n for e in experts]
-    A_pinv, _ = truncated_pinv(sum(d.T @ d for d in D), W0.shape[1] * float(np.finfo(np.float32).eps))
-    return torch.from_numpy(W0n + scale * sum(d @ (d.T @ d) for d in D) @ A_pinv)
+    A_pinv, P = truncated_pinv(sum(d.T @ d for d in D), W0.shape[1] * float(np.finfo(np.float32).eps))
+    return torch.from_numpy((W0n if keep_base else W0n @ P) + scale * sum(d @ (d.T @ d) for d in D) @ A_pinv)
 
 
 def wudi_objective(tau, D):

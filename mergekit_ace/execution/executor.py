@@ -34,6 +34,7 @@ from mergekit_ace.execution.memory import (
     Estimate,
     estimate,
     format_bytes,
+    solve_of,
 )
 from mergekit_ace.rules.checks import describe
 from mergekit_ace.rules.precision import (
@@ -115,7 +116,7 @@ def _bytes_of(dtype) -> int:
 
 def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
                     matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3,
-                    iterations: int = ADAM_ITERATIONS) -> List[WeightPlan]:
+                    iterations: int = ADAM_ITERATIONS, solve: str = "exact") -> List[WeightPlan]:
     """Every (strategy, chunk) the planner considers, chunks halving from the whole matrix."""
     chunks: List[Optional[int]] = [None]
     c = d_out // 2
@@ -129,7 +130,7 @@ def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: fl
     for strategy in RULE_STRATEGIES[rule]:
         for chunk in chunks:
             est = estimate(rule, strategy, d_out, d_in, n_experts, chunk, matmul_bytes=matmul_bytes,
-                           refine=refine, k_frac=k_frac, iterations=iterations)
+                           refine=refine, k_frac=k_frac, iterations=iterations, solve=solve)
             plans.append(WeightPlan(strategy, chunk, est, est.peak_bytes <= budget))
     return plans
 
@@ -370,7 +371,7 @@ def _execute(
     if rule_kind in MATMUL_DTYPE_RULES:
         mdt = rule_parameters["matmul_dtype"]
         kw = dict(matmul_bytes=_bytes_of(mdt), k_frac=rule_parameters.get("k_frac", 0.3),
-                  refine=refines(rule_parameters))
+                  refine=refines(rule_parameters), solve=solve_of(rule_kind, rule_parameters))
     elif rule_kind == WUDI_ADAM:
         kw = dict(iterations=max(0, int(rule_parameters.get("iterations", ADAM_ITERATIONS))))  # the rule checks it
     else:

@@ -70,9 +70,12 @@ def estimate(
     refine: bool = True,
     k_frac: float = 0.3,
     iterations: int = ADAM_ITERATIONS,
+    solve: str = "exact",
 ) -> Estimate:
     """Peak extra bytes and flops of ``rule`` (ace, actmat, wudi, wudi_adam, tsv_m, iso_c, iso_cts)
-    on one d_out x d_in weight (``iterations``: wudi_adam's).
+    on one d_out x d_in weight (``iterations``: wudi_adam's; ``solve``: actmat's and wudi's, whose
+    "truncated" cutoff takes a d_in x d_in eigendecomposition where the exact solve factors A by
+    Cholesky; :func:`solve_of` gives it from the merge's parameters).
 
     For ACE, ``refine`` says whether the heterogeneous branch's refinement runs (unknown before the
     traces are read: the planner assumes it does, an upper bound). For the SVD rules the estimate
@@ -94,7 +97,8 @@ def estimate(
         return _ace(m, n, T, r, bd, bm, streamed, strategy == ROW_RECOMPUTED, refine and k_frac > 0, k_frac,
                     nn, mn, rn, gram_space)
     if rule in ("actmat", "wudi"):
-        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space, keep_start=rule == "wudi")
+        return _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space, keep_start=rule == "wudi",
+                       truncated=solve == "truncated")
     if rule == WUDI_ADAM:
         return _wudi_adam(m, n, T, int(iterations))
     raise ValueError(f"unknown rule {rule!r}")
@@ -149,7 +153,22 @@ def _ace(m, n, T, r, bd, bm, streamed, recompute, refine, k_frac, nn, mn, rn, gr
     return Estimate(int(max(phases)), mm, eig)
 
 
-def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False, keep_start=False) -> Estimate:
+def solve_of(rule: str, params) -> str:
+    """The ``solve`` a merge of ``rule`` runs with ``params``: the parameter, else the rule's default
+    (actmat: the papers' truncation; wudi: exact)."""
+    if "solve" in params and params["solve"] is not None:
+        return str(params["solve"])
+    if rule == "actmat":
+        from mergekit_ace.rules.actmat import DEFAULTS
+    elif rule == "wudi":
+        from mergekit_ace.rules.wudi import DEFAULTS
+    else:
+        return "exact"
+    return DEFAULTS["solve"]
+
+
+def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False, keep_start=False,
+            truncated=False) -> Estimate:
     """ACTMat, and WUDI's closed form (``keep_start``: the task vectors' sum S outside A's range,
     a block of S and its projection, or the whole S on the wide route)."""
     start = mn * bd if keep_start else 0
@@ -176,7 +195,9 @@ def _actmat(m, n, T, r, bd, bm, streamed, nn, mn, rn, gram_space=False, keep_sta
     # a singular A takes an eigendecomposition instead, which the memory above allows for and the
     # flops leave out.
     mm += nn * n / 3.0 + 20 * 4 * 3 * 2.0 * nn
-    return Estimate(int(max(grams, eig, apply)), mm, 0.0)
+    # The truncated solve keeps eigenvalues above d_in eps_float32 lambda_max: fine-tune-like sums
+    # have many below that, so the eigendecomposition is counted (rules.actmat.range_solver).
+    return Estimate(int(max(grams, eig, apply)), mm, EIGH_FLOP_FACTOR * nn * n if truncated else 0.0)
 
 
 def _wudi_adam(m, n, T, iterations) -> Estimate:

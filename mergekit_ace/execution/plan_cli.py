@@ -136,7 +136,7 @@ def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
 # --------------------------------------------------------------------------- plan
 def build_plan(config, budget_bytes: float) -> dict:
     from mergekit_ace.execution.executor import choose_plan, refines
-    from mergekit_ace.execution.memory import average_estimate
+    from mergekit_ace.execution.memory import average_estimate, solve_of
     from mergekit_ace.rules.scope import RULE
 
     method = config.merge_method
@@ -166,7 +166,8 @@ def build_plan(config, budget_bytes: float) -> dict:
         treatment = _treatment(name, shape, params, merge_embeddings) if rule else None
         if treatment == RULE:
             plan = choose_plan(rule, shape[0], shape[1], T, budget_bytes, k_frac=k_frac,
-                               refine=refines(params), iterations=max(0, int(params.get("iterations", 300))))
+                               refine=refines(params), iterations=max(0, int(params.get("iterations", 300))),
+                               solve=solve_of(rule, params))
             est, what, strategy, chunk = plan.estimate, rule, plan.strategy, plan.row_chunk
         else:
             est = average_estimate(shape, T, out_bytes=itemsize)

@@ -254,3 +254,18 @@ def test_wudi_adam_runs_as_one_whole_matrix_plan_with_the_same_result():
     # the estimate follows the iteration count
     plans = {it: choose_plan("wudi_adam", 24, 16, 3, float("inf"), iterations=it) for it in (10, 1000)}
     assert plans[1000].estimate.flops > 50 * plans[10].estimate.flops
+
+
+def test_plans_count_the_truncated_solves_eigendecomposition():
+    """ACTMat's default solve (the papers' truncation) decomposes the d_in x d_in sum; the exact solve
+    factors it by Cholesky: the planner's flops follow the solve the merge will run."""
+    from mergekit_ace.execution.executor import candidate_plans
+    from mergekit_ace.execution.memory import EIGH_FLOP_FACTOR, solve_of
+
+    assert solve_of("actmat", {}) == "truncated" and solve_of("wudi", {}) == "exact"
+    assert solve_of("actmat", {"solve": "exact"}) == "exact" and solve_of("ace", {}) == "exact"
+    exact = candidate_plans("actmat", 1024, 2816, 3, 1e12, solve="exact")
+    truncated = candidate_plans("actmat", 1024, 2816, 3, 1e12, solve="truncated")
+    assert all(p.estimate.eigh_flops == 0 for p in exact)
+    assert all(p.estimate.eigh_flops == EIGH_FLOP_FACTOR * 2816 ** 3 for p in truncated)
+    assert [p.estimate.matmul_flops for p in exact] == [p.estimate.matmul_flops for p in truncated]

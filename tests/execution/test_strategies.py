@@ -9,7 +9,7 @@ import torch
 from mergekit_ace.execution.executor import execute_rule
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
-from tests.reference import ace_reference, actmat_reference, make_experts, rel_err
+from tests.reference import ace_reference, actmat_truncated_reference, make_experts, rel_err
 
 # tall (refinement via F^T F), wide (via F F^T; ACTMat's small-Gram route, T d_out = d_in) and wide
 # with T d_out > d_in (ACTMat's d_in x d_in route)
@@ -56,7 +56,7 @@ def test_executor_default_precision_holds_1e4_with_100x_norm_ratios(shape, rank)
         ref, _ = ace_reference(W0, experts, tau=tau)
         out = execute_rule("ace", ace_merge, W0, experts, tau=tau, budget=1e9)
         assert rel_err(out, ref, W0) < 1e-4
-    ref = actmat_reference(W0, experts)
+    ref = actmat_truncated_reference(W0, experts)  # the default solve
     out = execute_rule("actmat", actmat_merge, W0, experts, budget=1e9)
     assert rel_err(out, ref, W0) < 1e-4
 
@@ -76,7 +76,7 @@ def test_output_gram_diagnostics_and_auto_precision_match_expert_streamed(matmul
         assert da.heterogeneous == db.heterogeneous and da.k == db.k
         for x, y in [(da.traces, db.traces), (da.eps_over_s, db.eps_over_s), ([da.sigma_iso], [db.sigma_iso])]:
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-6, atol=0)
-        ref = actmat_reference(W0, experts)
+        ref = actmat_truncated_reference(W0, experts)  # the default solve
         a, da = actmat_merge(W0, experts, strategy="output_gram", matmul_dtype=matmul_dtype,
                              return_diagnostics=True)
         b, db = actmat_merge(W0, experts, strategy="expert_streamed", return_diagnostics=True)

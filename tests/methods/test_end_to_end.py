@@ -40,8 +40,10 @@ def expected_weights(method, paths, params_for=lambda name: {}, merge_embeddings
         if W0.ndim == 2 and (merge_embeddings or not is_embedding):
             if method == "ace":
                 out[name] = ace_reference(W0, Ws, **params)[0]
-            elif method == "actmat":
-                out[name] = actmat_reference(W0, Ws, **params)
+            elif method == "actmat":  # solve: truncated (the papers' cutoff) unless the config says exact
+                params = dict(params)
+                exact = params.pop("solve", "truncated") == "exact"
+                out[name] = (actmat_reference if exact else actmat_truncated_reference)(W0, Ws, **params)
             elif method == "actmat_truncated":
                 out[name] = actmat_truncated_reference(W0, Ws, **params)
             elif method == "wudi":

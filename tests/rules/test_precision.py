@@ -133,7 +133,8 @@ def test_auto_holds_the_contract_on_ill_conditioned_weights(shape, case):
             out, diag = ace_merge(W0, experts, tau=tau, refinement=refinement, matmul_dtype="auto",
                                   output_dtype=BF16, return_diagnostics=True)
             assert contract_ratio(out, ref) <= 0.3, (tau, refinement, diag.precision)
-    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, return_diagnostics=True)
+    out, diag = actmat_merge(W0, experts, solve="exact", matmul_dtype="auto", output_dtype=BF16,
+                             return_diagnostics=True)
     assert contract_ratio(out, actmat_reference(W0, experts)) <= 0.3, diag.precision
 
 
@@ -142,8 +143,9 @@ def test_auto_falls_back_where_unchecked_float32_breaks_the_contract():
     float32 products miss the bf16 contract; "auto" takes float64 there."""
     W0, experts = bf16_experts((176, 512), spectrum=1.0)  # 3 x 176 = 528 vs d_in = 512
     ref = actmat_reference(W0, experts)
-    assert contract_ratio(actmat_merge(W0, experts, matmul_dtype=torch.float32), ref) > 0.3
-    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, return_diagnostics=True)
+    assert contract_ratio(actmat_merge(W0, experts, solve="exact", matmul_dtype=torch.float32), ref) > 0.3
+    out, diag = actmat_merge(W0, experts, solve="exact", matmul_dtype="auto", output_dtype=BF16,
+                             return_diagnostics=True)
     assert diag.precision == "float64" and rel_err(out, ref, W0) < 1e-7
     assert_contract(out, ref)
 
@@ -447,7 +449,8 @@ def test_float32_attempt_gives_up_after_the_first_gram_when_the_bound_rules_it_o
     monkeypatch.setattr(TaskVectors, "gram", lambda self, *a, **k: grams.append(self.dtype) or gram(self, *a, **k))
     monkeypatch.setattr(TaskVectors, "add_product",
                         lambda self, *a, **k: products.append(self.dtype) or add_product(self, *a, **k))
-    merge = functools.partial(ace_merge, refinement="none") if rule == "ace" else actmat_merge
+    merge = (functools.partial(ace_merge, refinement="none") if rule == "ace"
+             else functools.partial(actmat_merge, solve="exact"))
     # float16 output: the contract's relative tolerance (~4e-5 here) is below what kappa >= ~1.5e3
     # allows float32 products (a bf16 output, 8x coarser, would accept them)
     out, diag = merge(W0, experts, matmul_dtype="auto", output_dtype=torch.float16, strategy=strategy,
@@ -472,7 +475,8 @@ def test_float32_attempt_forms_the_largest_update_first(monkeypatch, rule, strat
     grams = []
     gram = TaskVectors.gram
     monkeypatch.setattr(TaskVectors, "gram", lambda self, t, *a, **k: grams.append((self.dtype, t)) or gram(self, t, *a, **k))
-    merge = functools.partial(ace_merge, refinement="none") if rule == "ace" else actmat_merge
+    merge = (functools.partial(ace_merge, refinement="none") if rule == "ace"
+             else functools.partial(actmat_merge, solve="exact"))
     # float16 output: the contract's relative tolerance (~4e-5 here) is below what kappa >= ~1.5e3
     # allows float32 products (a bf16 output, 8x coarser, would accept them)
     out, diag = merge(W0, experts, matmul_dtype="auto", output_dtype=torch.float16, strategy=strategy,
@@ -532,10 +536,10 @@ def test_output_gram_attempt_forms_no_product_before_the_condition_check(monkeyp
     original = actmat_module.add_left_product_
     monkeypatch.setattr(actmat_module, "add_left_product_",
                         lambda out, K, D, **kw: products.append(K.dtype) or original(out, K, D, **kw))
-    out, diag = actmat_merge(W0, experts, matmul_dtype="auto", output_dtype=BF16, strategy="output_gram",
+    out, diag = actmat_merge(W0, experts, solve="exact", matmul_dtype="auto", output_dtype=BF16, strategy="output_gram",
                              return_diagnostics=True)
     assert diag.precision == "float64" and torch.float32 not in products
-    assert torch.equal(out, actmat_merge(W0, experts, matmul_dtype=torch.float64, strategy="output_gram"))
+    assert torch.equal(out, actmat_merge(W0, experts, solve="exact", matmul_dtype=torch.float64, strategy="output_gram"))
     assert_contract(out, actmat_reference(W0, experts))
     # where the check passes, the deferred products give the float32 result of every other strategy
     W1, experts1 = bf16_experts((96, 256))  # 3 x 96 = 288 > 256, well conditioned

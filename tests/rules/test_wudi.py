@@ -145,7 +145,7 @@ def test_truncated_solve_matches_float64_truncated_pinv(shape, strategy):
     assert cutoff == shape[1] * 2.0 ** -23
     out = actmat_merge(W0, experts, solve="truncated", strategy=strategy)
     assert rel_err(out, actmat_truncated_reference(W0, experts), W0) < 1e-7  # kept kappa up to ~3e5
-    exact = actmat_merge(W0, experts, strategy=strategy)
+    exact = actmat_merge(W0, experts, solve="exact", strategy=strategy)
     assert rel_err(exact, out, W0) > 1e-3  # the cutoff drops directions the exact solve keeps
     wudi = wudi_merge(W0, experts, solve="truncated", strategy=strategy)
     ref = wudi_reference(W0, experts, rtol=cutoff)
