@@ -77,7 +77,7 @@ REGIMES = {
         "realistic, float32 (the realistic models before their rounding to bf16, merged in float32)",
         "**Regime: realistic, float32.** The `realistic` configuration's models before their rounding to "
         "bf16, merged in float32 (the comparison for the bf16 run). Multi-seed study: "
-        "`studies/realistic/RESULTS.md` in the mergekit-ace repository.",
+        "`studies/realistic-float32/RESULTS.md` in the mergekit-ace repository.",
     ),
     "default": (
         "toy (task vectors of 20-50 % of the base, far larger than real fine-tunes; the default "

@@ -71,7 +71,7 @@ def _variants():
         # vocabulary's 512, the one dimension that plays the real vocabulary's part
         ace("ace-paper-scope", scope=PAPER_SCOPE_ACE),
         ("actmat-paper-scope", "actmat", {"scale": 1.0, "average_from_dim": 512}, {}),
-        ("actmat-truncated", "actmat", {"scale": 1.0, "solve": "truncated"}, {}),  # the papers' truncation
+        ("actmat-exact", "actmat", {"scale": 1.0, "solve": "exact"}, {}),  # ours before the study (actmat: the papers' truncation)
         ace("ace-homogeneous", tau=1e9),  # never the heterogeneous branch (no trace normalisation, no refinement)
         ace("ace-no-refinement", k_frac=0.0),  # heterogeneous branch without the spectral refinement
         ace("ace-eps1e-6", epsilon=1e-6),
@@ -99,7 +99,8 @@ PAIRS = [
     ("ace", "ace-eps1e-2"),
     ("ace-paper-scope", "ace"),  # does leaving embeddings and lm_head at the base help?
     ("actmat-paper-scope", "actmat"),
-    ("actmat-truncated", "actmat"),
+    ("actmat", "actmat-exact"),  # the papers' truncation (the default) against the exact solve
+    ("wudi", "actmat"),
     ("wudi", "ace"),
     ("wudi-adam", "wudi"),
 ]

@@ -266,7 +266,7 @@ def test_study_variants_are_guarded():
     assert labels[:10] == ["linear", "task_arithmetic", "ties", "ace", "actmat", "tsv_m", "iso_c", "iso_cts",
                            "ace-refine-none", "wudi"]
     assert len(set(labels)) == len(labels)
-    for label in ("wudi-adam", "ace-paper-scope", "actmat-paper-scope", "actmat-truncated"):
+    for label in ("wudi-adam", "ace-paper-scope", "actmat-paper-scope", "actmat-exact"):
         assert label in labels
     # the paper scopes: ACE's code keeps embeddings and lm_head at the base, ACTMat's averages the
     # weights with a vocabulary-sized dimension (every other dimension of the demo's models is smaller)
