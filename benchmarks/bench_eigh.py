@@ -28,8 +28,8 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 
-from mergekit_ace.rules import ace as ace_module
 from mergekit_ace.fixtures.synthetic import base_tensor, expert_update
+from mergekit_ace.rules import ace as ace_module
 
 NAME = "model.layers.2.self_attn.q_proj.weight"
 

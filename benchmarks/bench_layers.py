@@ -183,8 +183,8 @@ def gpu_benchmark():
     Targets (issue 3): under 120 s of merge compute and under 20 GB on one H100."""
     import torch
 
-    from mergekit_ace.execution.executor import execute_rule
     from mergekit_ace import rules
+    from mergekit_ace.execution.executor import execute_rule
 
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU benchmark did not run")

@@ -39,8 +39,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mergekit_ace.fixtures import synthetic  # noqa: E402
 from benchmarks.calibration import cpu_times, machine_speed, steal_between  # noqa: E402
+from mergekit_ace.fixtures import synthetic  # noqa: E402
 
 METHODS = ("ties", "task_arithmetic", "ace", "actmat")
 RULES = ("ace", "actmat", "tsv_m", "iso_c", "iso_cts")  # this package's methods (plan, --verify)

@@ -24,8 +24,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mergekit_ace.rules.precision import top_eigenpairs  # noqa: E402
 
 
-def cpu_times() -> Optional[Dict[str, int]]:
+def cpu_times() -> dict[str, int] | None:
     """The machine's cumulative CPU ticks (``/proc/stat``'s first line): busy, idle and steal;
     None where there is no ``/proc/stat``."""
     try:
@@ -50,7 +50,7 @@ def cpu_times() -> Optional[Dict[str, int]]:
     return dict(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal)
 
 
-def steal_between(before: Optional[Dict[str, int]], after: Optional[Dict[str, int]]) -> Optional[float]:
+def steal_between(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
     """Share of the CPU ticks between two :func:`cpu_times` readings that went to other guests."""
     if before is None or after is None:
         return None

@@ -1,8 +1,13 @@
 """Time of ACE's float32 attempt on the synthetic OLMo-3-7B lm_head (seed 0, the bench's relative
 updates 1 / 2.5 / 5 %), from the start of the rule to the early give-up; the Grams' order."""
-import sys, time, torch
+import sys
+import time
+
+import torch
+
 from mergekit_ace.fixtures import synthetic
-from mergekit_ace.rules import precision, ace, task_vectors
+from mergekit_ace.rules import ace, precision, task_vectors
+
 torch.set_num_threads(2)
 name, shape = "lm_head.weight", (100278, 4096)
 t0 = time.time()

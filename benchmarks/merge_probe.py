@@ -109,8 +109,9 @@ def main(argv):
 
     import mergekit.io.tasks as io_tasks
     import mergekit.merge_methods  # noqa: F401 - registers ace/actmat (the package's import hook)
-    import mergekit_ace
     from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    import mergekit_ace
     from mergekit_ace.execution import executor
     from mergekit_ace.rules import precision
 

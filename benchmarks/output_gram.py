@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergekit_ace.fixtures import synthetic  # noqa: E402
+from benchmarks.calibration import machine_speed  # noqa: E402
 from mergekit_ace.execution.memory import estimate  # noqa: E402
 from mergekit_ace.execution.peakmem import peak_extra_rss  # noqa: E402
+from mergekit_ace.fixtures import synthetic  # noqa: E402
 from mergekit_ace.rules.ace import ace_merge  # noqa: E402
 from mergekit_ace.rules.actmat import actmat_merge  # noqa: E402
-from benchmarks.calibration import machine_speed  # noqa: E402
 
 WEIGHTS = {  # the down_proj of layer 0 of each bench shape: (tensor name, (d_out, d_in))
     "7b": ("model.layers.0.mlp.down_proj.weight", (4096, 11008)),

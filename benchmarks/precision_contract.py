@@ -27,10 +27,10 @@ import time
 
 import torch
 
+from mergekit_ace.fixtures.synthetic import layer_experts
 from mergekit_ace.rules import iso_c_merge, iso_cts_merge, tsv_m_merge
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
-from mergekit_ace.fixtures.synthetic import layer_experts
 
 SHAPES = {"q": (2048, 2048), "gate": (5632, 2048), "down": (2048, 5632)}
 METHODS = {

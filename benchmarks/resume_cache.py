@@ -33,8 +33,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.bench_model import merge_config, run_probe  # noqa: E402
 from benchmarks.calibration import machine_speed  # noqa: E402
-from mergekit_ace.fixtures import synthetic  # noqa: E402
 from mergekit_ace.execution.cache import CACHE_DIR_ENV, read_log  # noqa: E402
+from mergekit_ace.fixtures import synthetic  # noqa: E402
 
 
 def dir_bytes(d: Path) -> int:

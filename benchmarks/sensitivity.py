@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from mergekit_ace.fixtures.synthetic import DEFAULT_RELATIVE_UPDATES, base_tensor, expert_update  # noqa: E402
 from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, tsv_m_merge  # noqa: E402
 from mergekit_ace.rules.ace import heterogeneity  # noqa: E402
 from mergekit_ace.rules.sensitivity import expected_rounding_error, storage_sensitivity  # noqa: E402
-from mergekit_ace.fixtures.synthetic import DEFAULT_RELATIVE_UPDATES, base_tensor, expert_update  # noqa: E402
 
 SHAPES = {"q_proj": (2048, 2048), "gate_proj": (5632, 2048), "down_proj": (2048, 5632)}
 
@@ -44,7 +44,7 @@ def rules(d_in: int):
         ("ace refinement none", ace_merge, {"refinement": "none"}),
         ("ace epsilon 1e-3", ace_merge, {"epsilon": 1e-3}),
         ("actmat", actmat_merge, {}),
-        (f"actmat rcond d_in 2^-23", actmat_merge, {"rcond": d_in * 2.0 ** -23}),
+        ("actmat rcond d_in 2^-23", actmat_merge, {"rcond": d_in * 2.0 ** -23}),
         ("tsv_m", tsv_m_merge, {}),
         ("iso_c", iso_c_merge, {}),
     ]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 def test_cases(seeds: int, samples: int) -> int:
     from tests.rules.test_sensitivity import RULES, estimate, fine_tune_like, truth
 
-    print(f"| rule setting | truth min - max | estimate / truth min - max | cases |")
+    print("| rule setting | truth min - max | estimate / truth min - max | cases |")
     print("|---|---:|---:|---:|")
     for rule in RULES:
         fn, reference, params = RULES[rule]

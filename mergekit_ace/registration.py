@@ -4,10 +4,9 @@ Called by the import hook (``mergekit_ace._import_hook``) as soon as ``mergekit.
 imported in any process where the package is installed, and by ``mergekit_ace.register_methods()``.
 """
 
-from typing import Tuple
 
 
-def register_methods() -> Tuple:
+def register_methods() -> tuple:
     from mergekit import merge_methods
 
     from mergekit_ace.methods.ace import ace

@@ -15,7 +15,13 @@ BIN = Path(sys.executable).parent
 
 def build_family(root: Path, arch: str, scales=(0.01, 0.03, 0.1), tie=False, skip=()):
     """Save a tiny base and one perturbed expert per scale under root; return absolute paths."""
-    from mergekit_ace.fixtures.toymodels import make_model, perturbed_copy, save_pretrained, tiny_config, train_tokenizer
+    from mergekit_ace.fixtures.toymodels import (
+        make_model,
+        perturbed_copy,
+        save_pretrained,
+        tiny_config,
+        train_tokenizer,
+    )
 
     tok = train_tokenizer()
     base = make_model(tiny_config(arch, tie_word_embeddings=tie), seed=0)

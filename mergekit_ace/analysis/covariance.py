@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,7 +102,7 @@ def regmean_solution(
 
 # ------------------------------------------------------------------------------ activations
 @contextmanager
-def _hooks(model, names: Optional[Iterable[str]], store: Dict[str, List], mask_box: List):
+def _hooks(model, names: Iterable[str] | None, store: dict[str, list], mask_box: list):
     """Forward pre-hooks on every ``nn.Linear`` (or those whose weight is in ``names``) that
     accumulate ``X^T X`` over the non-padding positions (``mask_box[0]``) into ``store``."""
     wanted = set(names) if names is not None else None
@@ -112,7 +112,7 @@ def _hooks(model, names: Optional[Iterable[str]], store: Dict[str, List], mask_b
     # of a rank-deficient G_t, which the RegMean reference's ridge is far smaller than).
     # The cache holds each input tensor until the batch ends, so no later tensor can reuse its
     # memory and be mistaken for it.
-    shared: Dict[Tuple[int, tuple, tuple], Tuple[torch.Tensor, torch.Tensor, int]] = {}
+    shared: dict[tuple[int, tuple, tuple], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def make(weight_name):
         def hook(module, inputs):
@@ -149,12 +149,12 @@ def _hooks(model, names: Optional[Iterable[str]], store: Dict[str, List], mask_b
 
 
 def input_grams(
-    model, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], names: Optional[Iterable[str]] = None
-) -> Dict[str, Tuple[torch.Tensor, int]]:
+    model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], names: Iterable[str] | None = None
+) -> dict[str, tuple[torch.Tensor, int]]:
     """``{weight name: (X^T X / n, n)}`` for every linear layer of ``model`` over ``batches`` of
     ``(input_ids, attention_mask)``; padding positions (mask 0) are left out. float64."""
-    store: Dict[str, List] = {}
-    mask_box: List = [None, 0, -1]  # the batch's attention mask, its number, the cache's batch
+    store: dict[str, list] = {}
+    mask_box: list = [None, 0, -1]  # the batch's attention mask, its number, the cache's batch
     was_training = model.training
     model.eval()
     with torch.no_grad(), _hooks(model, names, store, mask_box):
@@ -175,14 +175,14 @@ def analyse_layer(
     labels: Sequence[str],
     *,
     reference_label: str = "linear",
-    base_grams: Optional[Sequence[torch.Tensor]] = None,
-) -> Tuple[Dict[str, object], torch.Tensor]:
+    base_grams: Sequence[torch.Tensor] | None = None,
+) -> tuple[dict[str, object], torch.Tensor]:
     """Everything (a)-(c) for one weight: ``(row of plain numbers, W*)``. ``merges`` maps labels to merged weights and must hold
     ``reference_label`` (the experts' average) unless it is missing, in which case the average is
     computed here. ``base_grams`` (the base's inputs on each task) add a second cosine column."""
     W0 = base.double()
     deltas = [W.double() - W0 for W in experts]
-    row: Dict[str, object] = {"weight": name, "d_out": int(base.shape[0]), "d_in": int(base.shape[1])}
+    row: dict[str, object] = {"weight": name, "d_out": int(base.shape[0]), "d_in": int(base.shape[1])}
     for label, d, G in zip(labels, deltas, grams):
         row[f"cos_DtD_{label}"] = frobenius_cosine(proxy_actmat(d), G)
         row[f"cos_CtC_{label}"] = frobenius_cosine(proxy_ace(d), G)
@@ -221,7 +221,7 @@ def layer_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def aggregate(rows: Sequence[Mapping[str, object]], merge_labels: Sequence[str], expert_labels: Sequence[str]) -> Dict:
+def aggregate(rows: Sequence[Mapping[str, object]], merge_labels: Sequence[str], expert_labels: Sequence[str]) -> dict:
     """Across layers: mean and median cosine per proxy and task; each merge's objective relative to
     the average as the ratio of the sums over layers and as the median of per-layer ratios; its
     median distance to the RegMean solution."""
@@ -234,7 +234,7 @@ def aggregate(rows: Sequence[Mapping[str, object]], merge_labels: Sequence[str],
         median = vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
         return {"mean": sum(vals) / len(vals), "median": median, "min": vals[0], "max": vals[-1]}
 
-    out: Dict[str, object] = {"layers": len(rows), "cosine": {}, "objective": {}, "distance_to_regmean": {}}
+    out: dict[str, object] = {"layers": len(rows), "cosine": {}, "objective": {}, "distance_to_regmean": {}}
     for proxy in ("DtD", "CtC", "I", "DtD_base_inputs"):
         per_task = {t: stats([r.get(f"cos_{proxy}_{t}") for r in rows]) for t in expert_labels}
         if all(v["mean"] is None for v in per_task.values()):

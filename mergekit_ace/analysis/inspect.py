@@ -29,12 +29,13 @@ import csv
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.ace import DEFAULTS as ACE_DEFAULTS, ace_merge
+from mergekit_ace.rules.ace import DEFAULTS as ACE_DEFAULTS
+from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge, covariance_alignment
 from mergekit_ace.rules.scope import is_input_embedding
 from mergekit_ace.rules.sensitivity import resolve_dtype, storage_sensitivity
@@ -63,15 +64,15 @@ def inspect_weight(
     k_frac: float = ACE_DEFAULTS["k_frac"],
     spectra: bool = True,
     sensitivity: bool = True,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """All diagnostics of one 2-D weight (see the module docstring); plain Python values.
 
     The sensitivity columns take each tensor's own dtype as its storage format and ``output_dtype``
     (None: the base's dtype) as the merged weight's."""
     deltas = [e.double() - base.double() for e in experts]
-    row: Dict[str, object] = {"weight": name, "d_out": base.shape[0], "d_in": base.shape[1]}
+    row: dict[str, object] = {"weight": name, "d_out": base.shape[0], "d_in": base.shape[1]}
     for label, d in zip(labels, deltas):
         row[f"norm_{label}"] = float(d.norm())
     if any(float(d.norm()) == 0.0 for d in deltas):
@@ -124,19 +125,18 @@ def inspect_models(
     epsilon: float = ACE_DEFAULTS["epsilon"],
     tau: float = ACE_DEFAULTS["tau"],
     k_frac: float = ACE_DEFAULTS["k_frac"],
-    weights: Optional[str] = None,
+    weights: str | None = None,
     spectra: bool = True,
-    spectrum_weight: Optional[str] = None,
+    spectrum_weight: str | None = None,
     sensitivity: bool = True,
-    output_dtype: Optional[str] = None,
+    output_dtype: str | None = None,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
-) -> List[Dict[str, object]]:
+) -> list[dict[str, object]]:
     """Inspect every 2-D weight (matching ``weights``, a regex) and write the CSV/JSON/plots.
 
     ``output_dtype``: the dtype the merged weights would be stored in, for the sensitivity columns
     (None: each base tensor's dtype)."""
     from mergekit_ace.errors import UserError
-
     from mergekit_ace.execution.hub_headers import is_hub_repo_id
 
     out_dtype = None
@@ -159,7 +159,7 @@ def inspect_models(
     taken: set = set()
     labels = [_label(p, taken) for p in experts]
     pattern = re.compile(weights) if weights else None
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     names = sorted(base_loader.index.tensor_paths, key=_natural_key)
     for name in names:
         if pattern is not None and not pattern.search(name):
@@ -201,7 +201,7 @@ def _natural_key(name: str):
 
 def write_outputs(rows, output: Path, base, experts, labels, spectrum_weight, extra_meta=None, **params) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    columns: List[str] = []
+    columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
     with open(output / "inspect.csv", "w", newline="") as f:
@@ -217,7 +217,7 @@ def write_outputs(rows, output: Path, base, experts, labels, spectrum_weight, ex
         _plot_spectrum(chosen, base, experts, output, params)
 
 
-def _default_spectrum_weight(rows) -> Optional[str]:
+def _default_spectrum_weight(rows) -> str | None:
     het = [r["weight"] for r in rows if r.get("branch") == "heterogeneous"]
     return het[0] if het else (rows[0]["weight"] if rows else None)
 
@@ -228,7 +228,7 @@ def _plot_gamma(rows, path: Path, tau: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_kind: Dict[str, List] = {}
+    by_kind: dict[str, list] = {}
     for r in rows:
         if r.get("gamma") is None or (isinstance(r.get("gamma"), float) and math.isnan(r["gamma"])):
             continue

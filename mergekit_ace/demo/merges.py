@@ -26,16 +26,16 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from mergekit_ace.execution.mergekit_yaml import mergekit_yaml_command, run_mergekit_yaml, subprocess_env
 
-MethodSpec = Tuple[str, str, Dict[str, object], Dict[str, object]]
+MethodSpec = tuple[str, str, dict[str, object], dict[str, object]]
 
-METHODS: List[MethodSpec] = [
+METHODS: list[MethodSpec] = [
     ("linear", "linear", {"normalize": True}, {"weight": 1.0}),
     ("task_arithmetic", "task_arithmetic", {}, {"weight": 0.3}),
     ("ties", "ties", {"normalize": True}, {"density": 0.5, "weight": 1.0}),
@@ -62,11 +62,11 @@ def merge_config(method: MethodSpec, base: Path, experts: Sequence[Path], dtype:
     _, merge_method, global_params, model_params = method
     models = []
     for path in experts:
-        entry: Dict[str, object] = {"model": str(Path(path).resolve())}
+        entry: dict[str, object] = {"model": str(Path(path).resolve())}
         if model_params:
             entry["parameters"] = dict(model_params)
         models.append(entry)
-    config: Dict[str, object] = {"merge_method": merge_method, "models": models, "dtype": dtype}
+    config: dict[str, object] = {"merge_method": merge_method, "models": models, "dtype": dtype}
     if merge_method not in _NO_BASE:  # (linear copies the first expert's tokenizer: the same one)
         config["base_model"] = str(Path(base).resolve())
     if global_params:
@@ -92,7 +92,7 @@ def run_merge_in_process(config_path: Path, target: Path) -> None:
 
 
 def run_merge(method: MethodSpec, base: Path, experts: Sequence[Path], out_dir: Path, log=print,
-              in_process: bool = False, dtype: str = "float32") -> Tuple[Path, float]:
+              in_process: bool = False, dtype: str = "float32") -> tuple[Path, float]:
     """Write ``<out_dir>/<label>.yaml`` (mergekit ``dtype: <dtype>``) and run ``mergekit-yaml`` on it
     into ``<out_dir>/<label>`` (a subprocess, or mergekit's ``run_merge`` in this process with
     ``in_process``).
@@ -138,11 +138,11 @@ def run_all_merges(
     experts: Mapping[str, Path],
     out_dir: Path,
     methods: Sequence[MethodSpec] = METHODS,
-    jobs: Optional[int] = None,
+    jobs: int | None = None,
     log=print,
     in_process: bool = False,
     dtype: str = "float32",
-) -> Dict[str, Dict[str, object]]:
+) -> dict[str, dict[str, object]]:
     """Run every method (``jobs`` mergekit-yaml processes at a time, default: the number of CPU
     cores, at most 4: each one spends most of its few seconds importing torch and mergekit; with
     ``in_process``, one after the other in this process).

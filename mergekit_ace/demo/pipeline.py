@@ -21,8 +21,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
 
 from mergekit_ace.demo.skills import SKILL_NAMES
 
@@ -110,9 +110,9 @@ def offline_quiet_environment() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergekit_ace.errors import UserError
     from mergekit_ace.demo import merges, scoring, study, train
     from mergekit_ace.demo.skills import build_skills
+    from mergekit_ace.errors import UserError
 
     offline_quiet_environment()
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).expanduser().resolve() if args.cache else output / "cache"
     started = time.time()
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
 
     _log(f"Regime: {REGIMES.get(config.name, REGIMES['small'])[0]}")
     _log(f"== 1/4 Training (config '{config.name}', hash {config.digest()})")
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     skills = build_skills(config.skill_kwargs())
     tasks_dir = scoring.prepare_tasks(train.eval_sets(config, skills), output)
-    models: Dict[str, Path] = {"base": trained.base}
+    models: dict[str, Path] = {"base": trained.base}
     models.update({f"expert-{s}": trained.experts[s] for s in SKILL_NAMES})
     models.update({label: info["path"] for label, info in merged.items()})
     owners = {scoring.task_name(s): f"expert-{s}" for s in SKILL_NAMES}
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def log_relative_norms(trained, log=_log) -> Dict[str, Dict[str, float]]:
+def log_relative_norms(trained, log=_log) -> dict[str, dict[str, float]]:
     """Print and return ``||D_t|| / ||W_0||`` per expert (see ``train.relative_task_vector_norms``)."""
     from mergekit_ace.demo import train
 
@@ -222,12 +222,12 @@ def log_relative_norms(trained, log=_log) -> Dict[str, Dict[str, float]]:
 # numbers
 
 
-def normalise(raw: Mapping[str, Mapping[str, float]], merge_labels: Sequence[str]) -> Dict[str, Dict[str, Optional[float]]]:
+def normalise(raw: Mapping[str, Mapping[str, float]], merge_labels: Sequence[str]) -> dict[str, dict[str, float | None]]:
     """Each model's score on a task as a percentage of that task's own expert (ACE Table 9); the
     average is over tasks whose expert scored above zero. Base and merges are normalised."""
-    out: Dict[str, Dict[str, Optional[float]]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for model in ["base", *merge_labels]:
-        row: Dict[str, Optional[float]] = {}
+        row: dict[str, float | None] = {}
         for s in SKILL_NAMES:
             reference = raw[f"expert-{s}"][s]
             row[s] = 100.0 * raw[model][s] / reference if reference > 0 else None
@@ -237,7 +237,7 @@ def normalise(raw: Mapping[str, Mapping[str, float]], merge_labels: Sequence[str
     return out
 
 
-def heterogeneity(manifest: Mapping, tau: float = 0.3) -> Dict[str, object]:
+def heterogeneity(manifest: Mapping, tau: float = 0.3) -> dict[str, object]:
     """ACE's heterogeneity statistic per weight matrix, from the experts' task-vector energies
     ``tr_t = ||W_t - W_0||_F^2`` recorded at training time: ``gamma = var(log tr) / mean(log tr)^2``
     (unbiased variance), ``gamma > tau`` sends a matrix down ACE's heterogeneous branch. Computed
@@ -271,11 +271,11 @@ def heterogeneity(manifest: Mapping, tau: float = 0.3) -> Dict[str, object]:
 # output
 
 
-def _pct(value: Optional[float], scale: float = 1.0) -> str:
+def _pct(value: float | None, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.1f}"
 
 
-def render_tables(raw: Mapping[str, Mapping[str, float]], normalised: Mapping[str, Mapping[str, Optional[float]]],
+def render_tables(raw: Mapping[str, Mapping[str, float]], normalised: Mapping[str, Mapping[str, float | None]],
                   n_examples: int) -> str:
     header = "| model | " + " | ".join(SKILL_TITLES[s] for s in SKILL_NAMES) + " | avg |"
     rule = "|---|" + "---:|" * (len(SKILL_NAMES) + 1)
@@ -293,7 +293,7 @@ def render_tables(raw: Mapping[str, Mapping[str, float]], normalised: Mapping[st
     return "\n".join(lines)
 
 
-def write_chart(raw, normalised, path: Path) -> Optional[Path]:
+def write_chart(raw, normalised, path: Path) -> Path | None:
     """Two panels: raw scores of every model per task, and merges normalised to the experts."""
     try:
         import matplotlib
@@ -330,7 +330,7 @@ def write_chart(raw, normalised, path: Path) -> Optional[Path]:
     return path
 
 
-def render_report(summary: Mapping, chart: Optional[Path]) -> str:
+def render_report(summary: Mapping, chart: Path | None) -> str:
     raw, normalised = summary["scores"], summary["normalised"]
     cfg = summary["config"]
     training = summary["training"]

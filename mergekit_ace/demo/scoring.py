@@ -11,8 +11,8 @@ returns its results (``{"scores": {model: {task: {metric: value}}}, ...}``).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
 
 from mergekit_ace.demo.skills import SKILL_NAMES, Example, write_jsonl
 
@@ -47,7 +47,7 @@ def score_models(
     tasks_dir: Path,
     output_dir: Path,
     owners: Mapping[str, str],
-    base: Optional[str] = None,
+    base: str | None = None,
     batch_size: int = 16,
     log=print,
 ) -> dict:
@@ -76,7 +76,7 @@ def score_models(
     return results
 
 
-def _plain(metrics: Mapping[str, float]) -> Dict[str, float]:
+def _plain(metrics: Mapping[str, float]) -> dict[str, float]:
     """Drop lm-eval's filter suffix (``"exact_match,none"`` -> ``"exact_match"``) and stderrs."""
     return {
         key.split(",")[0]: float(value)

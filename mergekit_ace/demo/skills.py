@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-Example = Tuple[str, str]
+Example = tuple[str, str]
 
 # --------------------------------------------------------------------------------------------
 # arithmetic
@@ -62,10 +62,10 @@ def _random_expression(rng: random.Random, n_ops: int) -> str:
     return f"{left}{op}{right}"
 
 
-def infix_to_rpn(expression: str) -> List[str]:
+def infix_to_rpn(expression: str) -> list[str]:
     """Shunting-yard: the reference stack program for ``expression`` (left-associative ops)."""
-    output: List[str] = []
-    stack: List[str] = []
+    output: list[str] = []
+    stack: list[str] = []
     for ch in expression:
         if ch.isdigit():
             output.append(ch)
@@ -86,10 +86,10 @@ def infix_to_rpn(expression: str) -> List[str]:
     return output
 
 
-def run_stack_program(program: Sequence[str]) -> Optional[int]:
+def run_stack_program(program: Sequence[str]) -> int | None:
     """Run a stack program (digits push themselves; ``+ - *`` pop two and push the result).
     Return the single value left on the stack, or ``None`` if the program is malformed."""
-    stack: List[int] = []
+    stack: list[int] = []
     for token in program:
         if len(token) == 1 and token.isdigit():
             stack.append(int(token))
@@ -147,11 +147,11 @@ ENGLISH_VERBS = ("sees", "eats", "likes", "finds", "chases", "helps")
 _SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 
 
-def make_lexicon(seed: int) -> Dict[str, str]:
+def make_lexicon(seed: int) -> dict[str, str]:
     """A seeded English -> made-up lexicon: distinct two-syllable words."""
     rng = random.Random(seed)
     words = ENGLISH_NOUNS + ENGLISH_ADJECTIVES + ENGLISH_VERBS
-    made_up: Dict[str, str] = {}
+    made_up: dict[str, str] = {}
     used = set()
     for word in words:
         while True:
@@ -172,7 +172,7 @@ def make_translate(
     or single verbs: the whole lexicon, but none of the sentence-level word order."""
     lexicon = make_lexicon(lexicon_seed)
 
-    def phrase(rng: random.Random) -> Tuple[List[str], List[str]]:
+    def phrase(rng: random.Random) -> tuple[list[str], list[str]]:
         noun = rng.choice(ENGLISH_NOUNS)
         adjective = rng.choice(ENGLISH_ADJECTIVES) if rng.random() < p_adjective else None
         english = [rng.choice(("the", "a"))] + ([adjective] if adjective else []) + [noun]
@@ -218,7 +218,7 @@ def _rpn_check(prompt: str, answer: str, completion: str) -> bool:
     return check_rpn(rpn_expression_from_prompt(prompt), completion)
 
 
-def build_skills(options: Optional[Dict[str, dict]] = None) -> Dict[str, Skill]:
+def build_skills(options: dict[str, dict] | None = None) -> dict[str, Skill]:
     """The three skills, optionally with generator options per skill name."""
     options = options or {}
     return {
@@ -248,10 +248,10 @@ SKILL_NAMES = ("arithmetic", "rpn", "translate")
 
 def unique_examples(
     generate: Callable[[random.Random], Example], n: int, rng: random.Random, exclude: Iterable[str] = ()
-) -> List[Example]:
+) -> list[Example]:
     """``n`` examples with distinct prompts, none of them in ``exclude``."""
     seen = set(exclude)
-    out: List[Example] = []
+    out: list[Example] = []
     attempts = 0
     while len(out) < n:
         attempts += 1
@@ -285,9 +285,9 @@ def _completion(results) -> str:
     return str(text).split("\n")[0]
 
 
-def process_results_exact(doc, results) -> Dict[str, float]:
+def process_results_exact(doc, results) -> dict[str, float]:
     return {"exact_match": float(_exact(doc["prompt"], doc["answer"], _completion(results)))}
 
 
-def process_results_rpn(doc, results) -> Dict[str, float]:
+def process_results_rpn(doc, results) -> dict[str, float]:
     return {"pass": float(_rpn_check(doc["prompt"], doc["answer"], _completion(results)))}

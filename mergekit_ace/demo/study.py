@@ -37,8 +37,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ace.demo.skills import SKILL_NAMES
 from mergekit_ace.rules.ace import DEFAULTS as ACE_RULE_DEFAULTS
@@ -48,7 +48,7 @@ from mergekit_ace.rules.ace import DEFAULTS as ACE_RULE_DEFAULTS
 ACE_DEFAULTS = {key: ACE_RULE_DEFAULTS[key] for key in ("epsilon", "tau", "k_frac", "scale")}
 
 
-def ace(label: str, **overrides) -> Tuple[str, str, Dict[str, object], Dict[str, object]]:
+def ace(label: str, **overrides) -> tuple[str, str, dict[str, object], dict[str, object]]:
     """An ACE variant: the paper's defaults with ``overrides`` (one line per variant)."""
     return (label, "ace", {**ACE_DEFAULTS, **overrides}, {})
 
@@ -106,10 +106,11 @@ PAIRS = [
 ]
 
 
-def declared_parameters(merge_method: str) -> Optional[set]:
+def declared_parameters(merge_method: str) -> set | None:
     """The parameter names the installed ``merge_method`` declares (None: unknown method)."""
-    import mergekit_ace
     from mergekit.merge_methods import get
+
+    import mergekit_ace
 
     mergekit_ace.register_methods()
     try:
@@ -119,7 +120,7 @@ def declared_parameters(merge_method: str) -> Optional[set]:
     return {p.name for p in method.spec.parameters}
 
 
-def available_variants(variants: Sequence, log=print) -> Tuple[List, List[Tuple[str, str]]]:
+def available_variants(variants: Sequence, log=print) -> tuple[list, list[tuple[str, str]]]:
     """The variants the installed methods can run, and ``(label, why)`` for those skipped: an
     unknown method, or a parameter the method does not declare (mergekit would ignore it
     silently and merge with the default, so the row would be a mislabelled copy)."""
@@ -213,7 +214,7 @@ def analyse_merges(trained, merged: Mapping[str, Path], expert_grams, base_grams
     return rows, solutions
 
 
-def write_reference_model(trained, solutions: Mapping[str, "torch.Tensor"], target: Path) -> Path:
+def write_reference_model(trained, solutions: Mapping[str, torch.Tensor], target: Path) -> Path:
     """The RegMean solution as a model: ``W*`` on every analysed linear weight, the experts'
     average on everything else (norms, input embeddings: what the covariance rules do there)."""
     import shutil
@@ -221,8 +222,8 @@ def write_reference_model(trained, solutions: Mapping[str, "torch.Tensor"], targ
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_ace.fixtures import toymodels
     from mergekit_ace.demo.train import load_weights
+    from mergekit_ace.fixtures import toymodels
 
     base = load_weights(trained.base)
     experts = [load_weights(trained.experts[s]) for s in SKILL_NAMES]
@@ -264,7 +265,7 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
             log(f"== seed {seed}: reusing {summary_path} (configuration hash {cfg.digest()})")
             return previous
     out.mkdir(parents=True, exist_ok=True)
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
     started = time.time()
 
     log(f"== seed {seed}: training (config '{cfg.name}', hash {cfg.digest()})")
@@ -297,7 +298,7 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
     t0 = time.time()
     skills = build_skills(cfg.skill_kwargs())
     tasks_dir = scoring.prepare_tasks(train.eval_sets(cfg, skills), out)
-    models: Dict[str, Path] = {"base": trained.base}
+    models: dict[str, Path] = {"base": trained.base}
     models.update({f"expert-{s}": trained.experts[s] for s in SKILL_NAMES})
     models.update(paths)
     models[REFERENCE] = out / "merges" / REFERENCE
@@ -333,7 +334,7 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
 
 
 def _write_rows(rows, path: Path) -> None:
-    columns: List[str] = []
+    columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
     with open(path, "w", newline="") as f:
@@ -343,7 +344,7 @@ def _write_rows(rows, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- over seeds
-def spread(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
     """Mean, sample standard deviation, min and max of the values that are not None."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
@@ -385,7 +386,7 @@ def aggregate_seeds(summaries: Sequence[Mapping]) -> dict:
     return out
 
 
-def paired_differences(summaries: Sequence[Mapping], pairs: Sequence[Tuple[str, str]] = None) -> List[dict]:
+def paired_differences(summaries: Sequence[Mapping], pairs: Sequence[tuple[str, str]] = None) -> list[dict]:
     """Per pair ``(a, b)``: the per-seed differences ``a - b`` of the raw average score (points of
     %, the mean over skills) and of the normalised average, their mean and spread, and on how many
     seeds a scored higher / lower. Pairs are every merge against ``linear`` plus :data:`PAIRS`,
@@ -498,13 +499,13 @@ def render_report(study: Mapping) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _weight_tick_labels(weights: Sequence[str]) -> List[str]:
+def _weight_tick_labels(weights: Sequence[str]) -> list[str]:
     """Short x tick labels: ``model.layers.3.self_attn.q_proj.weight`` -> ``L3.q_proj``."""
     return [w.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
             for w in weights]
 
 
-def _mean_over_seeds(rows_by_seed: Sequence[Sequence[Mapping]], key: str, count: int) -> List[float]:
+def _mean_over_seeds(rows_by_seed: Sequence[Sequence[Mapping]], key: str, count: int) -> list[float]:
     """Per layer i < count: the mean of ``rows[i][key]`` over the seeds that have it (NaN if none)."""
     ys = []
     for i in range(count):
@@ -612,7 +613,7 @@ PLOTS = (("scores.png", plot_scores), ("covariance_cosine.png", plot_covariance_
          ("regmean_objective_layers.png", plot_regmean_objective_layers))
 
 
-def write_plots(study: Mapping, output: Path) -> List[str]:
+def write_plots(study: Mapping, output: Path) -> list[str]:
     """Write the study's four PNGs into ``output``; returns their file names."""
     import matplotlib
 
@@ -644,9 +645,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from mergekit_ace.errors import UserError
     from mergekit_ace.demo import train
     from mergekit_ace.demo.pipeline import _log, offline_quiet_environment
+    from mergekit_ace.errors import UserError
 
     offline_quiet_environment()
     if args.config not in train.CONFIGS:

@@ -28,9 +28,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_ace.demo.skills import SKILL_NAMES, Example, Skill, build_skills, unique_examples
 
@@ -64,7 +64,7 @@ class DemoConfig:
     base_steps: int = 300
     base_lr: float = 2e-3
     # experts: per skill
-    experts: Tuple[Tuple[str, ExpertSpec], ...] = (
+    experts: tuple[tuple[str, ExpertSpec], ...] = (
         ("arithmetic", ExpertSpec(steps=800, lr=2e-3)),
         ("rpn", ExpertSpec(steps=300, lr=1e-3)),
         ("translate", ExpertSpec(steps=150, lr=1e-3)),
@@ -74,10 +74,10 @@ class DemoConfig:
     # Skills' generator options, as (skill, ((key, value), ...)) so the config stays hashable.
     # ``skill_options`` define the skills the experts learn and the evaluation measures;
     # ``base_skill_options`` the easier versions the base is trained on (its "pre-training").
-    skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
-    base_skill_options: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
+    skill_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    base_skill_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     # share of each skill in the base's training mixture (arithmetic, rpn, translate)
-    base_mixture: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    base_mixture: tuple[float, ...] = (1.0, 1.0, 1.0)
     # evaluation data (held out: never seen in training)
     eval_examples: int = 100
     # How base and experts are stored and merged. ``bfloat16``: trained in float32 exactly like the
@@ -86,13 +86,13 @@ class DemoConfig:
     storage_dtype: str = "float32"
     merge_dtype: str = "float32"
 
-    def skill_kwargs(self) -> Dict[str, dict]:
+    def skill_kwargs(self) -> dict[str, dict]:
         return {skill: dict(opts) for skill, opts in self.skill_options}
 
-    def base_skill_kwargs(self) -> Dict[str, dict]:
+    def base_skill_kwargs(self) -> dict[str, dict]:
         return {skill: dict(opts) for skill, opts in self.base_skill_options}
 
-    def expert_specs(self) -> Dict[str, ExpertSpec]:
+    def expert_specs(self) -> dict[str, ExpertSpec]:
         return dict(self.experts)
 
     def to_dict(self) -> dict:
@@ -109,7 +109,7 @@ class DemoConfig:
         payload = json.dumps({"recipe": RECIPE_VERSION, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def float32_twin(self) -> "DemoConfig":
+    def float32_twin(self) -> DemoConfig:
         """The same training stored and merged in float32 (named ``<name>-float32``); a bf16
         configuration's models are this one's, rounded to bf16."""
         if self.storage_dtype == "float32" and self.merge_dtype == "float32":
@@ -137,7 +137,7 @@ _REALISTIC_SKILLS = (
     ("translate", ()),
 )
 
-CONFIGS: Dict[str, DemoConfig] = {
+CONFIGS: dict[str, DemoConfig] = {
     # The base trains briefly (250 steps) on a mixture of the full skills, weighted towards the
     # hardest (arithmetic 60%, rpn 30%, translate 10%) so that no skill is mastered; each expert
     # then fine-tunes on its skill only at lr 5e-4. The skills differ in difficulty, so the experts
@@ -221,7 +221,7 @@ CONFIGS["realistic-float32"] = CONFIGS["realistic"].float32_twin()
 # data
 
 
-def eval_sets(config: DemoConfig, skills: Dict[str, Skill]) -> Dict[str, List[Example]]:
+def eval_sets(config: DemoConfig, skills: dict[str, Skill]) -> dict[str, list[Example]]:
     """The held-out evaluation examples per skill (seeded, distinct prompts)."""
     out = {}
     for i, name in enumerate(SKILL_NAMES):
@@ -234,7 +234,7 @@ class Batcher:
     """Draws training batches from one or several skills, never an evaluation prompt."""
 
     def __init__(self, tokenizer, skills: Sequence[Skill], exclude: set, seed: int, max_len: int,
-                 weights: Optional[Sequence[float]] = None):
+                 weights: Sequence[float] | None = None):
         self.tok = tokenizer
         self.skills = list(skills)
         self.weights = list(weights) if weights else [1.0] * len(self.skills)
@@ -242,7 +242,7 @@ class Batcher:
         self.rng = random.Random(seed)
         self.max_len = max_len
 
-    def examples(self, n: int) -> List[Example]:
+    def examples(self, n: int) -> list[Example]:
         out = []
         while len(out) < n:
             skill = self.rng.choices(self.skills, weights=self.weights)[0]
@@ -293,9 +293,9 @@ def train_steps(
     batch_size: int,
     warmup_frac: float,
     weight_decay: float = 0.0,
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
     label: str = "",
-) -> List[float]:
+) -> list[float]:
     """AdamW with linear warm-up and cosine decay; returns the loss every step."""
     import torch
 
@@ -350,7 +350,7 @@ def greedy_accuracy(model, tokenizer, skill: Skill, examples: Sequence[Example],
     return correct / max(1, len(examples))
 
 
-def task_vector_stats(base, expert) -> Dict[str, float]:
+def task_vector_stats(base, expert) -> dict[str, float]:
     """Norms of the expert's task vector and ACE's heterogeneity input per 2-D weight."""
     import torch
 
@@ -362,11 +362,11 @@ def task_vector_stats(base, expert) -> Dict[str, float]:
     return out
 
 
-def load_weights(path: Path) -> Dict[str, "torch.Tensor"]:
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved model directory (its ``*.safetensors`` files)."""
     from safetensors.torch import load_file
 
-    out: Dict[str, "torch.Tensor"] = {}
+    out: dict[str, torch.Tensor] = {}
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -375,7 +375,7 @@ def load_weights(path: Path) -> Dict[str, "torch.Tensor"]:
     return out
 
 
-def relative_task_vector_norms(base: Path, experts: Dict[str, Path]) -> Dict[str, Dict[str, float]]:
+def relative_task_vector_norms(base: Path, experts: dict[str, Path]) -> dict[str, dict[str, float]]:
     """Per expert: ``||D_t|| / ||W_0||`` over all parameters (``global``), and the median over the
     2-D weights the covariance rules merge (not the input embeddings) of the same ratio per weight
     (``median_matrix``). Real LLM fine-tunes sit at a few per cent."""
@@ -409,7 +409,7 @@ class TrainedModels:
     root: Path
     tokenizer: Path
     base: Path
-    experts: Dict[str, Path]
+    experts: dict[str, Path]
     manifest: dict = field(default_factory=dict)
 
 
@@ -427,7 +427,7 @@ def ensure_trained(
     cache_dir: Path,
     force: bool = False,
     log: Callable[[str], None] = print,
-    jobs: Optional[int] = None,
+    jobs: int | None = None,
 ) -> TrainedModels:
     """Return the trained tokenizer, base and experts for ``config``, training them if the cache
     has no complete entry for the configuration's hash (or ``force``). The experts train in

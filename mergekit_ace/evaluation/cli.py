@@ -17,7 +17,6 @@ import json
 import logging
 import signal
 import sys
-from typing import Dict, List
 
 from mergekit_ace.errors import UserError
 
@@ -141,8 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scoring_arguments(parser)
 
 
-def _models(pairs: List[tuple]) -> Dict[str, str]:
-    models: Dict[str, str] = {}
+def _models(pairs: list[tuple]) -> dict[str, str]:
+    models: dict[str, str] = {}
     for name, path in pairs:
         if name in models:
             raise UserError(f"model name {name!r} given twice")

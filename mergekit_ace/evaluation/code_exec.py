@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -46,8 +46,8 @@ class CodeExecutionNotAllowed(RuntimeError):
 
 
 def estimate_pass_at_k(
-    num_samples: Union[int, Sequence[int], np.ndarray],
-    num_correct: Union[Sequence[int], np.ndarray],
+    num_samples: int | Sequence[int] | np.ndarray,
+    num_correct: Sequence[int] | np.ndarray,
     k: int,
 ) -> np.ndarray:
     """Unbiased pass@k per problem (Chen et al. 2021, arXiv:2107.03374, Fig. 3).
@@ -82,7 +82,7 @@ class ProgramResult:
 
     passed: bool
     status: str  # "passed", "failed", "timed out"
-    returncode: Optional[int]
+    returncode: int | None
     seconds: float
     output: str  # the last part of stdout+stderr
 
@@ -144,7 +144,7 @@ exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
 """
 
 
-def _child_env(workdir: str) -> Dict[str, str]:
+def _child_env(workdir: str) -> dict[str, str]:
     """A minimal environment: no proxies, tokens or Python start-up hooks from the parent."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -161,7 +161,7 @@ def run_program(
     source: str,
     timeout: float = DEFAULT_TIMEOUT,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-    python: Optional[str] = None,
+    python: str | None = None,
     output_chars: int = 2000,
 ) -> ProgramResult:
     """Run ``source`` as a Python program in its own sandboxed process; see the module doc.
@@ -202,9 +202,9 @@ def run_program(
 def check_programs(
     programs: Sequence[str],
     timeout: float = DEFAULT_TIMEOUT,
-    num_workers: Optional[int] = None,
+    num_workers: int | None = None,
     memory_limit: int = DEFAULT_MEMORY_LIMIT,
-) -> List[ProgramResult]:
+) -> list[ProgramResult]:
     """Run many programs, ``num_workers`` processes at a time (default: the CPU count, max 8)."""
     workers = max(1, min(num_workers or os.cpu_count() or 1, 8, len(programs) or 1))
     if workers == 1:
@@ -228,7 +228,7 @@ class CodeEvalMetric:
         self,
         allow_code_execution: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
-        num_workers: Optional[int] = None,
+        num_workers: int | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ):
         self.allow_code_execution = bool(allow_code_execution)
@@ -241,10 +241,10 @@ class CodeEvalMetric:
         self,
         references: Sequence[str],
         predictions: Sequence[Sequence[str]],
-        k: Union[int, Iterable[int]] = (1, 10, 100),
-        num_workers: Optional[int] = None,
-        timeout: Optional[float] = None,
-    ) -> Tuple[Dict[str, float], Dict[int, list]]:
+        k: int | Iterable[int] = (1, 10, 100),
+        num_workers: int | None = None,
+        timeout: float | None = None,
+    ) -> tuple[dict[str, float], dict[int, list]]:
         if not self.allow_code_execution:
             raise CodeExecutionNotAllowed(
                 "scoring code benchmarks runs model-generated programs; pass "
@@ -265,7 +265,7 @@ class CodeEvalMetric:
             memory_limit=self.memory_limit,
         )
         self.programs_run += len(jobs)
-        details: Dict[int, list] = {i: [] for i in range(len(references))}
+        details: dict[int, list] = {i: [] for i in range(len(references))}
         for (i, j, _), outcome in zip(jobs, outcomes):
             details[i].append((j, outcome.as_dict()))
         totals = np.array([len(predictions[i]) for i in range(len(references))])

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ class DataFileMissing(Exception):
     """A file that ``--data-dir`` should hold is not there (message names it)."""
 
 
-def dataset_dir(data_dir: os.PathLike, dataset_path: str, dataset_name: Optional[str]) -> Path:
+def dataset_dir(data_dir: os.PathLike, dataset_path: str, dataset_name: str | None) -> Path:
     """``data_dir/<dataset_path>/<dataset_name or "default">``."""
     return Path(data_dir) / str(dataset_path) / (dataset_name or "default")
 
 
 def split_file(
-    data_dir: os.PathLike, dataset_path: str, dataset_name: Optional[str], split: str
+    data_dir: os.PathLike, dataset_path: str, dataset_name: str | None, split: str
 ) -> Path:
     """``data_dir/<dataset_path>/<dataset_name or "default">/<split>.jsonl``."""
     return dataset_dir(data_dir, dataset_path, dataset_name) / f"{split}.jsonl"
@@ -50,14 +51,14 @@ def is_local_dataset(path: Any) -> bool:
     return text in LOCAL_BUILDERS or os.path.exists(text)
 
 
-def required_splits(config: Mapping[str, Any], num_fewshot: Optional[int] = None) -> List[str]:
+def required_splits(config: Mapping[str, Any], num_fewshot: int | None = None) -> list[str]:
     """The splits a stock lm-eval task reads, from its (unresolved) YAML config.
 
     The evaluation split (``test_split``, else ``validation_split``) and, when few-shot examples
     are drawn from the data set (``num_fewshot > 0`` and no fixed ``fewshot_config.samples``),
     the few-shot split (``fewshot_split``, else ``training_split``, else ``validation_split``).
     """
-    splits: List[str] = []
+    splits: list[str] = []
     evaluation = config.get("test_split") or config.get("validation_split")
     if evaluation:
         splits.append(str(evaluation))
@@ -75,8 +76,8 @@ def required_splits(config: Mapping[str, Any], num_fewshot: Optional[int] = None
 
 
 def check_task_data(
-    task: str, config: Mapping[str, Any], data_dir: os.PathLike, num_fewshot: Optional[int] = None
-) -> List[Path]:
+    task: str, config: Mapping[str, Any], data_dir: os.PathLike, num_fewshot: int | None = None
+) -> list[Path]:
     """The local files ``task`` will read from ``data_dir``; :class:`DataFileMissing` naming the
     first that is absent. Tasks whose data set is already local need nothing and return ``[]``."""
     path = config.get("dataset_path")
@@ -94,7 +95,7 @@ def check_task_data(
     return files
 
 
-def local_data_files(data_dir: os.PathLike, path: str, name: Optional[str]) -> Dict[str, str]:
+def local_data_files(data_dir: os.PathLike, path: str, name: str | None) -> dict[str, str]:
     """``{split: file}`` for every ``*.jsonl`` under ``data_dir/path/name``; raises
     :class:`DataFileMissing` when there is none."""
     directory = dataset_dir(data_dir, path, name)
@@ -108,7 +109,7 @@ def local_data_files(data_dir: os.PathLike, path: str, name: Optional[str]) -> D
 
 
 @contextlib.contextmanager
-def redirect_datasets(data_dir: Optional[os.PathLike], served: Optional[List[Dict[str, Any]]] = None):
+def redirect_datasets(data_dir: os.PathLike | None, served: list[dict[str, Any]] | None = None):
     """Within the block, ``datasets.load_dataset(path, name, ...)`` for a Hub data set reads
     ``data_dir/path/name/<split>.jsonl`` (see the module doc). ``data_dir=None`` changes nothing.
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ class Stage:
 class CallRecord:
     """What the model calls of one cell did."""
 
-    generation: List[Dict[str, Any]] = field(default_factory=list)  # effective settings per group
-    warnings: List[str] = field(default_factory=list)
+    generation: list[dict[str, Any]] = field(default_factory=list)  # effective settings per group
+    warnings: list[str] = field(default_factory=list)
 
 
-def fit_max_gen_toks(requested: int, context_length: int, longest_prompt: Optional[int]) -> int:
+def fit_max_gen_toks(requested: int, context_length: int, longest_prompt: int | None) -> int:
     """How many tokens to generate, given the model's context length and the longest prompt.
 
     lm-eval gives the prompt ``context_length - max_gen_toks`` tokens (cutting longer prompts
@@ -69,7 +70,7 @@ def fit_max_gen_toks(requested: int, context_length: int, longest_prompt: Option
     return min(int(requested), allowed)
 
 
-def _context_length(lm) -> Optional[int]:
+def _context_length(lm) -> int | None:
     try:
         value = getattr(lm, "max_length", None)
     except Exception:  # a backend whose max_length needs a loaded engine it does not have
@@ -77,7 +78,7 @@ def _context_length(lm) -> Optional[int]:
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _prompt_length(lm, context: Any) -> Optional[int]:
+def _prompt_length(lm, context: Any) -> int | None:
     encode = getattr(lm, "tok_encode", None)
     if encode is None or not isinstance(context, str):
         return None
@@ -94,7 +95,7 @@ def fit_requests(lm, requests, model: str, task: str, record: CallRecord) -> Non
 
     context_length = _context_length(lm)
     default = getattr(lm, "max_gen_toks", 256)
-    groups: Dict[str, Tuple[Dict[str, Any], List[Any]]] = {}
+    groups: dict[str, tuple[dict[str, Any], list[Any]]] = {}
     for req in requests:  # args: (context, gen_kwargs[, multimodal inputs])
         gen_kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else {}
         key = json.dumps(gen_kwargs, sort_keys=True, default=str)
@@ -102,7 +103,7 @@ def fit_requests(lm, requests, model: str, task: str, record: CallRecord) -> Non
     for gen_kwargs, reqs in groups.values():
         requested = int(normalize_gen_kwargs(gen_kwargs, default)["max_gen_toks"])
         effective = dict(gen_kwargs)
-        entry: Dict[str, Any] = {"requested_max_gen_toks": requested}
+        entry: dict[str, Any] = {"requested_max_gen_toks": requested}
         if context_length is not None:
             lengths = [_prompt_length(lm, r.args[0]) for r in reqs]
             longest = None if any(n is None for n in lengths) else max(lengths, default=0)
@@ -140,7 +141,7 @@ def fit_requests(lm, requests, model: str, task: str, record: CallRecord) -> Non
 def observe(lm, model: str, task: str, stage: Stage) -> Iterator[CallRecord]:
     """Within the block, ``lm``'s request methods set ``stage`` and fit generation (module doc)."""
     record = CallRecord()
-    wrapped: Dict[str, Optional[Callable]] = {}  # name -> the instance's own attribute, if any
+    wrapped: dict[str, Callable | None] = {}  # name -> the instance's own attribute, if any
 
     def wrap(name: str, method: Callable) -> Callable:
         def call(requests, *args, **kwargs):

@@ -14,7 +14,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 #: Files of one ``punkt_tab`` language directory (see ``nltk.tokenize.punkt.load_punkt_params``).
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
@@ -72,7 +71,7 @@ def write_punkt_tab(root: Path, language: str = "english") -> Path:
     return target
 
 
-def ensure_punkt_tab(cache_dir: Optional[os.PathLike] = None) -> Path:
+def ensure_punkt_tab(cache_dir: os.PathLike | None = None) -> Path:
     """Make NLTK find ``tokenizers/punkt_tab/english/`` without a download.
 
     Writes the model under ``cache_dir`` (default :func:`default_cache_dir`; once) and adds that

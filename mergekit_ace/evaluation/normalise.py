@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 from mergekit_ace.evaluation.presets import PRIMARY_METRICS, metric_keys, primary_metric
 
@@ -26,19 +27,19 @@ class TableError(ValueError):
 Scores = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model -> task -> metric -> value
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None and not math.isnan(v)]
     return sum(present) / len(present) if present else None
 
 
-def parse_owners(data: Any) -> Dict[str, str]:
+def parse_owners(data: Any) -> dict[str, str]:
     """``{task: model}`` from ``{task: model}``, ``{model: [task, ...]}`` or ``{"owners": ...}``."""
     if isinstance(data, Mapping) and set(data) == {"owners"}:
         data = data["owners"]
     if not isinstance(data, Mapping) or not data:
         raise TableError("owners must map each task to the model that owns it, e.g. "
                          '{"gsm8k_cot": "math_expert"} (or each model to a list of tasks)')
-    owners: Dict[str, str] = {}
+    owners: dict[str, str] = {}
     for key, value in data.items():
         if isinstance(value, str):
             pairs = [(str(key), value)]
@@ -54,7 +55,7 @@ def parse_owners(data: Any) -> Dict[str, str]:
     return owners
 
 
-def load_owners(path: "str | Path") -> Dict[str, str]:
+def load_owners(path: str | Path) -> dict[str, str]:
     """Read an owners file (JSON or YAML; see :func:`parse_owners`)."""
     path = Path(path)
     if not path.is_file():
@@ -92,7 +93,7 @@ def check_owners(
             )
 
 
-def roles(models: Sequence[str], owners: Optional[Mapping[str, str]], base: Optional[str]) -> Dict[str, str]:
+def roles(models: Sequence[str], owners: Mapping[str, str] | None, base: str | None) -> dict[str, str]:
     """``{model: "base" | "expert" | "merge"}``; ``base`` must be one of ``models``."""
     if base is not None and base not in models:
         raise TableError(f"base {base!r} is not one of the models ({', '.join(models)})")
@@ -103,13 +104,13 @@ def roles(models: Sequence[str], owners: Optional[Mapping[str, str]], base: Opti
 
 
 def select_primary(
-    scores: Scores, tasks: Sequence[str], overrides: Optional[Mapping[str, str]] = None
-) -> Dict[str, Optional[str]]:
+    scores: Scores, tasks: Sequence[str], overrides: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
     """``{task: metric key}``: the primary metric of each task, found in the first model that
     reports the task. An override naming a metric the task does not report is an error. A task
     no model has a result for (every run of it failed) gets the override or the table's choice
     (:data:`~.presets.PRIMARY_METRICS`), else None."""
-    chosen: Dict[str, Optional[str]] = {}
+    chosen: dict[str, str | None] = {}
     for task in tasks:
         reports = [scores[m][task] for m in scores if task in scores[m]]
         if not reports:
@@ -131,22 +132,22 @@ def select_primary(
 def build_tables(
     scores: Scores,
     tasks: Sequence[str],
-    owners: Optional[Mapping[str, str]] = None,
-    base: Optional[str] = None,
-    primary_overrides: Optional[Mapping[str, str]] = None,
-) -> Dict[str, Any]:
+    owners: Mapping[str, str] | None = None,
+    base: str | None = None,
+    primary_overrides: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """All tables of the report from ``scores[model][task][metric]``.
 
     Returns ``{"models", "tasks", "primary_metrics", "roles", "raw", "normalised", "averages"}``;
     ``normalised`` is ``None`` when no owners are given. ``averages[model]`` has ``"raw"`` and
     ``"normalised"`` (the mean over tasks, ignoring missing values).
     """
-    models: List[str] = list(scores)
+    models: list[str] = list(scores)
     tasks = list(tasks)
     if owners is not None:
         check_owners(owners, models, tasks)
     metrics = select_primary(scores, tasks, primary_overrides)
-    raw: Dict[str, Dict[str, Optional[float]]] = {
+    raw: dict[str, dict[str, float | None]] = {
         m: {
             t: (
                 float(scores[m][t][metrics[t]])

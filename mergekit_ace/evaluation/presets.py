@@ -11,7 +11,7 @@ reports metrics as ``"<metric>,<filter>"`` keys (``"exact_match,strict-match"``,
 
 from __future__ import annotations
 
-from typing import Iterable, List, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 #: Benchmark sets of the two papers, in the order the papers list them.
 PRESETS: Mapping[str, tuple] = {
@@ -45,13 +45,13 @@ PRIMARY_METRICS: Mapping[str, str] = {
 _PREFERRED = ("f1", "pass@1", "prompt_level_strict_acc", "exact_match", "acc_norm", "acc")
 
 
-def expand_tasks(items: Iterable[str]) -> List[str]:
+def expand_tasks(items: Iterable[str]) -> list[str]:
     """Expand presets and comma-separated lists into task names, keeping order, dropping repeats.
 
     >>> expand_tasks(["ace-llama", "ifeval,gsm8k_cot"])[:2], expand_tasks(["ifeval,ifeval"])
     (['xquad_zh', 'xquad_vi'], ['ifeval'])
     """
-    out: List[str] = []
+    out: list[str] = []
     for item in items:
         for name in str(item).split(","):
             name = name.strip()
@@ -67,7 +67,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-def metric_keys(metrics: Mapping[str, object]) -> List[str]:
+def metric_keys(metrics: Mapping[str, object]) -> list[str]:
     """The numeric metric keys of one task's lm-eval result (no stderr, no alias), in order."""
     return [
         key
@@ -77,8 +77,8 @@ def metric_keys(metrics: Mapping[str, object]) -> List[str]:
 
 
 def primary_metric(
-    task: str, metrics: Mapping[str, object], overrides: Optional[Mapping[str, str]] = None
-) -> Optional[str]:
+    task: str, metrics: Mapping[str, object], overrides: Mapping[str, str] | None = None
+) -> str | None:
     """The primary metric key of ``task`` given its lm-eval ``metrics`` dict.
 
     Order: an explicit override, the table above, a preferred metric name (``f1`` for xquad,

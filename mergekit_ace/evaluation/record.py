@@ -15,18 +15,19 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 PACKAGES = ("mergekit-ace", "lm_eval", "mergekit", "torch", "transformers", "datasets")
-_HASHES: Dict[tuple, str] = {}
+_HASHES: dict[tuple, str] = {}
 
 
-def package_versions() -> Dict[str, Optional[str]]:
+def package_versions() -> dict[str, str | None]:
     """``{package: version}`` of the packages a result depends on (None: not installed)."""
     from importlib import metadata
 
-    out: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -63,7 +64,7 @@ def files_fingerprint(directory: Path) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def model_identity(path: Path, model_args: Mapping[str, Any]) -> Dict[str, Any]:
+def model_identity(path: Path, model_args: Mapping[str, Any]) -> dict[str, Any]:
     """What identifies the model's weights (see the module doc)."""
     path = Path(path)
     if path.is_dir():
@@ -78,12 +79,12 @@ def model_identity(path: Path, model_args: Mapping[str, Any]) -> Dict[str, Any]:
     return {"hub_id": str(path), "revision": str(model_args.get("revision") or "main")}
 
 
-def hub_commit(identity: Mapping[str, Any], lm_eval_config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def hub_commit(identity: Mapping[str, Any], lm_eval_config: Mapping[str, Any] | None) -> dict[str, Any]:
     """For a Hub model: the commit its revision resolved to (lm-eval's ``model_sha`` when it
     could ask the Hub, else the local Hub cache) and the SHA-256 of that commit's config.json."""
     if "hub_id" not in identity:
         return {}
-    out: Dict[str, Any] = {"commit": (lm_eval_config or {}).get("model_sha") or None}
+    out: dict[str, Any] = {"commit": (lm_eval_config or {}).get("model_sha") or None}
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -97,7 +98,7 @@ def hub_commit(identity: Mapping[str, Any], lm_eval_config: Optional[Mapping[str
     return out
 
 
-def data_files_record(paths: Sequence[os.PathLike]) -> List[Dict[str, Any]]:
+def data_files_record(paths: Sequence[os.PathLike]) -> list[dict[str, Any]]:
     """``[{"path", "sha256", "bytes"}]`` for files that exist."""
     out = []
     for path in paths:
@@ -107,7 +108,7 @@ def data_files_record(paths: Sequence[os.PathLike]) -> List[Dict[str, Any]]:
     return out
 
 
-def config_sha256(config: Optional[Mapping[str, Any]]) -> Optional[str]:
+def config_sha256(config: Mapping[str, Any] | None) -> str | None:
     """SHA-256 of a task's YAML config (as lm-eval's TaskManager indexed it)."""
     if config is None:
         return None
@@ -115,14 +116,14 @@ def config_sha256(config: Optional[Mapping[str, Any]]) -> Optional[str]:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def normalised(settings: Mapping[str, Any]) -> Dict[str, Any]:
+def normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` as it reads back from JSON (tuples as lists, keys as strings)."""
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``["limit: 2 -> 3", ...]``: the settings that differ (nested keys joined with '.')."""
-    changes: List[str] = []
+    changes: list[str] = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):

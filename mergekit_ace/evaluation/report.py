@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 from mergekit_ace.evaluation.store import replacing, write_atomic
 
 ROLE_ORDER = {"base": 0, "expert": 1, "merge": 2}
 
 
-def ordered_models(tables: Mapping[str, Any]) -> List[str]:
+def ordered_models(tables: Mapping[str, Any]) -> list[str]:
     """Base first, then experts, then merges (each in the order given)."""
     models = list(tables["models"])
     return sorted(models, key=lambda m: (ROLE_ORDER[tables["roles"][m]], models.index(m)))
@@ -26,7 +27,7 @@ def _fraction_tasks(tables: Mapping[str, Any]) -> set:
     return out
 
 
-def _fmt(value: Optional[float], digits: int = 2) -> str:
+def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -42,7 +43,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def raw_rows(tables: Mapping[str, Any]) -> List[List[str]]:
+def raw_rows(tables: Mapping[str, Any]) -> list[list[str]]:
     scale = _fraction_tasks(tables)
     rows = []
     for m in ordered_models(tables):
@@ -56,7 +57,7 @@ def raw_rows(tables: Mapping[str, Any]) -> List[List[str]]:
     return rows
 
 
-def normalised_rows(tables: Mapping[str, Any]) -> List[List[str]]:
+def normalised_rows(tables: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for m in ordered_models(tables):
         cells = [m, tables["roles"][m]]
@@ -68,11 +69,11 @@ def normalised_rows(tables: Mapping[str, Any]) -> List[List[str]]:
 
 def render_markdown(
     tables: Mapping[str, Any],
-    config: Optional[Mapping[str, Any]] = None,
-    lm_eval_tables: Optional[Mapping[str, str]] = None,
+    config: Mapping[str, Any] | None = None,
+    lm_eval_tables: Mapping[str, str] | None = None,
     charts: Sequence[str] = (),
     failures: Sequence[Mapping[str, Any]] = (),
-    record: Optional[Mapping[str, Any]] = None,
+    record: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
 ) -> str:
     """The text of ``report.md``. ``tables["status"]`` (``{model: {task: status}}``), when
@@ -156,7 +157,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def bar_chart(
-    tables: Mapping[str, Any], path: "str | Path", normalised: bool = True, title: Optional[str] = None
+    tables: Mapping[str, Any], path: str | Path, normalised: bool = True, title: str | None = None
 ) -> Path:
     """A grouped bar chart (one group per task plus the average, one bar per model) as PNG."""
     import matplotlib
@@ -206,14 +207,14 @@ def bar_chart(
 
 
 def write_report(
-    directory: "str | Path",
+    directory: str | Path,
     tables: Mapping[str, Any],
-    config: Optional[Mapping[str, Any]] = None,
-    lm_eval_tables: Optional[Mapping[str, str]] = None,
+    config: Mapping[str, Any] | None = None,
+    lm_eval_tables: Mapping[str, str] | None = None,
     failures: Sequence[Mapping[str, Any]] = (),
-    record: Optional[Mapping[str, Any]] = None,
+    record: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
-) -> Dict[str, Path]:
+) -> dict[str, Path]:
     """Write ``report.md``, ``scores_raw.png`` and (with owners) ``scores_normalised.png``, each
     through a temporary file and a rename."""
     directory = Path(directory)

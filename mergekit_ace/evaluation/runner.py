@@ -28,9 +28,10 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any
 
 from mergekit_ace.errors import UserError
 from mergekit_ace.evaluation import record as records
@@ -56,7 +57,7 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*
 
 
 # --------------------------------------------------------------------------- argument checks
-def parse_model_args(model_args: Union[str, Mapping[str, Any], None]) -> Dict[str, Any]:
+def parse_model_args(model_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """``"k=v,k2=v2"`` (lm-eval's syntax, values typed by lm-eval) or a dict -> dict."""
     if model_args is None or model_args == "":
         return {}
@@ -72,12 +73,12 @@ def parse_model_args(model_args: Union[str, Mapping[str, Any], None]) -> Dict[st
 
 def build_model_args(
     backend: str,
-    path: Union[str, Path],
-    model_args: Union[str, Mapping[str, Any], None] = None,
+    path: str | Path,
+    model_args: str | Mapping[str, Any] | None = None,
     *,
-    tensor_parallel_size: Optional[int] = None,
-    data_parallel_size: Optional[int] = None,
-) -> Dict[str, Any]:
+    tensor_parallel_size: int | None = None,
+    data_parallel_size: int | None = None,
+) -> dict[str, Any]:
     """The ``model_args`` lm-eval gets for one model.
 
     ``pretrained`` is the model's path; ``model_args`` is passed through (``dtype``,
@@ -88,7 +89,7 @@ def build_model_args(
     args = parse_model_args(model_args)
     if "pretrained" in args:
         raise UserError("--model-args must not set pretrained=...: each --model NAME=PATH gives it")
-    out: Dict[str, Any] = {"pretrained": str(path)}
+    out: dict[str, Any] = {"pretrained": str(path)}
     sizes = {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": data_parallel_size}
     for key, value in sizes.items():
         if value is None:
@@ -109,14 +110,14 @@ def build_model_args(
 
 
 def check_models(
-    models: Mapping[str, Union[str, Path]], backend: str, model_args: Mapping[str, Any]
-) -> Dict[str, Path]:
+    models: Mapping[str, str | Path], backend: str, model_args: Mapping[str, Any]
+) -> dict[str, Path]:
     """Names are simple and unique; for hf/vllm each path is a model directory with a config and
     a tokenizer (unless ``tokenizer=`` is in ``model_args``), or a Hub id ``owner/name`` that is not a
     local directory (lm-eval loads it from the Hub). Returns absolute paths (Hub ids unchanged)."""
     if not models:
         raise UserError("no models given: use --model NAME=PATH (once per model)")
-    out: Dict[str, Path] = {}
+    out: dict[str, Path] = {}
     for name, path in models.items():
         if not _NAME_RE.match(str(name)):
             raise UserError(
@@ -147,13 +148,13 @@ def check_models(
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(include_path: Tuple[str, ...], include_defaults: bool = True):
+def _task_manager(include_path: tuple[str, ...], include_defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(include_path) or None, include_defaults=include_defaults)
 
 
-def task_manager(include_path=None, tasks: Optional[Sequence[str]] = None):
+def task_manager(include_path=None, tasks: Sequence[str] | None = None):
     """lm-eval's ``TaskManager`` for ``tasks``, cached per process.
 
     Indexing lm-eval's ~15,000 stock tasks takes many seconds, so when every one of ``tasks`` is
@@ -161,7 +162,7 @@ def task_manager(include_path=None, tasks: Optional[Sequence[str]] = None):
     the stock tasks too (``include_path`` taking precedence, as in lm-eval).
     """
     if include_path is None:
-        paths: Tuple[str, ...] = ()
+        paths: tuple[str, ...] = ()
     elif isinstance(include_path, (list, tuple)):
         paths = tuple(str(Path(p).resolve()) for p in include_path)
     else:
@@ -194,9 +195,9 @@ def plan_tasks(
     *,
     include_path=None,
     allow_code_execution: bool = False,
-    data_dir: Optional[Path] = None,
-    num_fewshot: Optional[int] = None,
-) -> Tuple[Any, Set[str], Dict[str, List[Path]]]:
+    data_dir: Path | None = None,
+    num_fewshot: int | None = None,
+) -> tuple[Any, set[str], dict[str, list[Path]]]:
     """Check ``task_names`` before any model loads: each is known to lm-eval, a task that runs
     model-written code is allowed, and its data files are under ``data_dir`` (when given).
 
@@ -207,8 +208,8 @@ def plan_tasks(
 
     tm = task_manager(include_path, task_names)
     check_tasks(tm, task_names)
-    task_files: Dict[str, List[Path]] = {}
-    code_tasks: Set[str] = set()
+    task_files: dict[str, list[Path]] = {}
+    code_tasks: set[str] = set()
     for task in task_names:
         cfg = task_config(tm, task)
         if cfg is None or cfg.get("unsafe_code"):
@@ -228,7 +229,7 @@ def plan_tasks(
     return tm, code_tasks, task_files
 
 
-def task_config(tm, task: str) -> Optional[Dict[str, Any]]:
+def task_config(tm, task: str) -> dict[str, Any] | None:
     """The task's YAML config (functions unresolved), or None for groups/tags/Python tasks."""
     entry = tm.task_index.get(task)
     if entry is None or entry.cfg is None or "task" not in entry.cfg:
@@ -236,15 +237,15 @@ def task_config(tm, task: str) -> Optional[Dict[str, Any]]:
     return entry.cfg
 
 
-def extract_scores(results: Mapping[str, Any]) -> Dict[str, Dict[str, float]]:
+def extract_scores(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """``{task: {"metric,filter": value}}`` from ``simple_evaluate``'s ``results["results"]``."""
-    out: Dict[str, Dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for task, metrics in results.get("results", {}).items():
         out[task] = {k: float(metrics[k]) for k in metric_keys(metrics)}
     return out
 
 
-def parse_gen_kwargs(gen_kwargs: Union[str, Mapping[str, Any], None]) -> Optional[Dict[str, Any]]:
+def parse_gen_kwargs(gen_kwargs: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``--gen-kwargs "k=v,..."`` (lm-eval's syntax and typing) or a dict -> dict (None: none)."""
     if gen_kwargs is None or gen_kwargs == "":
         return None
@@ -315,7 +316,7 @@ def _now() -> str:
 
 
 # --------------------------------------------------------------------------- one model, one cell
-def load_model(backend: str, model_args: Dict[str, Any], options: Mapping[str, Any]):
+def load_model(backend: str, model_args: dict[str, Any], options: Mapping[str, Any]):
     """The lm-eval model object, created as ``simple_evaluate`` creates it from a name."""
     import lm_eval.api.registry
 
@@ -332,11 +333,11 @@ def load_model(backend: str, model_args: Dict[str, Any], options: Mapping[str, A
         raise
 
 
-def _data_record(served: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def _data_record(served: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The data a cell read (from :func:`.data.redirect_datasets`), with file hashes."""
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for entry in served:
-        item: Dict[str, Any] = {"dataset": entry["dataset"], "name": entry["name"]}
+        item: dict[str, Any] = {"dataset": entry["dataset"], "name": entry["name"]}
         files = entry.get("files")
         if files is None and entry.get("data_files") is not None:
             given = entry["data_files"]
@@ -362,8 +363,8 @@ def run_cell(
     model_args: Mapping[str, Any],
     options: Mapping[str, Any],
     log_samples: bool,
-    served: List[Dict[str, Any]],
-) -> Optional[Dict[str, Any]]:
+    served: list[dict[str, Any]],
+) -> dict[str, Any] | None:
     """Score ``lm`` on one task and write the cell (scores, or the error and its stage); return
     the cell, or None on a non-main process. Only an interrupt escapes (the cell is dropped)."""
     import lm_eval
@@ -372,7 +373,7 @@ def run_cell(
     staging = store.begin_cell(name, task)
     stage = Stage()
     started, clock = _now(), time.monotonic()
-    cell: Dict[str, Any] = {"model": name, "task": task, "settings": settings, "started": started}
+    cell: dict[str, Any] = {"model": name, "task": task, "settings": settings, "started": started}
     calls = None
     first_served = len(served)
     try:
@@ -433,7 +434,7 @@ def run_cell(
     return cell
 
 
-def _failed_cell(name: str, task: str, settings, error: BaseException, stage: str) -> Dict[str, Any]:
+def _failed_cell(name: str, task: str, settings, error: BaseException, stage: str) -> dict[str, Any]:
     return {
         "model": name, "task": task, "settings": settings, "status": "failed",
         "started": _now(), "finished": _now(), "seconds": 0.0, "warnings": [], "data_files": [],
@@ -445,33 +446,33 @@ def _failed_cell(name: str, task: str, settings, error: BaseException, stage: st
 
 # --------------------------------------------------------------------------- the run
 def evaluate_models(
-    models: Mapping[str, Union[str, Path]],
+    models: Mapping[str, str | Path],
     tasks: Sequence[str],
-    output_dir: Union[str, Path],
+    output_dir: str | Path,
     *,
-    owners: Union[Mapping[str, str], str, Path, None] = None,
-    base: Optional[str] = None,
-    limit: Union[int, float, None] = None,
-    num_fewshot: Optional[int] = None,
-    batch_size: Union[int, str] = 1,
+    owners: Mapping[str, str] | str | Path | None = None,
+    base: str | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 1,
     backend: str = "hf",
-    model_args: Union[str, Mapping[str, Any], None] = None,
-    data_dir: Union[str, Path, None] = None,
-    include_path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
+    model_args: str | Mapping[str, Any] | None = None,
+    data_dir: str | Path | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
     allow_code_execution: bool = False,
     overwrite: bool = False,
     resume: bool = False,
-    device: Optional[str] = "cpu",
-    gen_kwargs: Union[str, Mapping[str, Any], None] = None,
-    primary_metrics: Optional[Mapping[str, str]] = None,
-    tensor_parallel_size: Optional[int] = None,
-    data_parallel_size: Optional[int] = None,
+    device: str | None = "cpu",
+    gen_kwargs: str | Mapping[str, Any] | None = None,
+    primary_metrics: Mapping[str, str] | None = None,
+    tensor_parallel_size: int | None = None,
+    data_parallel_size: int | None = None,
     code_timeout: float = 3.0,
     apply_chat_template: bool = False,
     bootstrap_iters: int = 100000,
     seed: int = 0,
     log_samples: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Score every model on every task with lm-eval and write the report; return results.json.
 
     Args:
@@ -537,21 +538,21 @@ def evaluate_models(
 class EvaluationPlan:
     """What :func:`evaluate_models` runs, checked before any model loads (:func:`plan_evaluation`)."""
 
-    paths: Dict[str, Path]  # {model name: path or Hub id}
-    per_model_args: Dict[str, Dict[str, Any]]  # lm-eval's model_args per model
+    paths: dict[str, Path]  # {model name: path or Hub id}
+    per_model_args: dict[str, dict[str, Any]]  # lm-eval's model_args per model
     output_dir: Path
-    owners: Optional[Dict[str, str]]
-    base: Optional[str]
-    task_names: List[str]
+    owners: dict[str, str] | None
+    base: str | None
+    task_names: list[str]
     backend: str
-    data_dir: Optional[Path]
+    data_dir: Path | None
     tm: Any  # lm-eval's TaskManager
-    code_tasks: Set[str]
-    options: Dict[str, Any]  # simple_evaluate's options
-    config: Dict[str, Any]  # results.json's "config"
-    identities: Dict[str, Any]  # each model's identity (config hash, files fingerprint)
-    versions: Dict[str, Any]
-    settings: Dict[Tuple[str, str], Dict[str, Any]]  # what each (model, task) cell depends on
+    code_tasks: set[str]
+    options: dict[str, Any]  # simple_evaluate's options
+    config: dict[str, Any]  # results.json's "config"
+    identities: dict[str, Any]  # each model's identity (config hash, files fingerprint)
+    versions: dict[str, Any]
+    settings: dict[tuple[str, str], dict[str, Any]]  # what each (model, task) cell depends on
     seed: int
 
 
@@ -594,7 +595,7 @@ def plan_evaluation(models, tasks, output_dir, *, owners, base, limit, num_fewsh
 
 def run_config(paths, task_names, *, per_model_args, options, generation_overrides, backend, limit,
                num_fewshot, batch_size, data_dir, include_path, allow_code_execution, code_timeout, owners,
-               base, seed, resume, log_samples) -> Dict[str, Any]:
+               base, seed, resume, log_samples) -> dict[str, Any]:
     """results.json's ``config``: the run's settings as given (the summary adds ``seconds`` and
     ``programs_run``)."""
     return {
@@ -685,11 +686,11 @@ def prepare_tasks(task_names, *, include_path, allow_code_execution, data_dir, n
 
 
 def simple_evaluate_options(*, limit, num_fewshot, batch_size, gen_kwargs, allow_code_execution,
-                            apply_chat_template, bootstrap_iters, seed, backend, device) -> Dict[str, Any]:
+                            apply_chat_template, bootstrap_iters, seed, backend, device) -> dict[str, Any]:
     """The keyword arguments every ``lm_eval.simple_evaluate`` call gets: one ``seed`` for
     python, numpy, torch and the few-shot sampler; ``device`` (None: cuda when available, else
     cpu) except with vLLM, which places the model itself."""
-    options: Dict[str, Any] = dict(
+    options: dict[str, Any] = dict(
         limit=limit,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
@@ -709,11 +710,11 @@ def simple_evaluate_options(*, limit, num_fewshot, batch_size, gen_kwargs, allow
 
 def cell_settings(paths, task_names, *, identities, versions, per_model_args, tm, code_tasks, task_files,
                   backend, limit, num_fewshot, gen_kwargs, apply_chat_template, seed, bootstrap_iters,
-                  code_timeout, data_dir) -> Dict[Tuple[str, str], Dict[str, Any]]:
+                  code_timeout, data_dir) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(model, task): settings}``: everything a cell's result depends on (the model's identity,
     the task's config hash, lm-eval's options and version, the data files read); ``--resume``
     keeps a cell only when these are unchanged."""
-    settings: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    settings: dict[tuple[str, str], dict[str, Any]] = {}
     for name in paths:
         for task in task_names:
             settings[(name, task)] = records.normalised({
@@ -740,7 +741,7 @@ class EvaluationRun:
     """One run over a plan: one model at a time, one cell at a time, each cell written as it
     finishes; the summary rebuilt from the cells on disk."""
 
-    def __init__(self, plan: EvaluationPlan, store: OutputStore, reused: Set[Tuple[str, str]], *, main: bool,
+    def __init__(self, plan: EvaluationPlan, store: OutputStore, reused: set[tuple[str, str]], *, main: bool,
                  primary_metrics, allow_code_execution: bool, code_timeout: float, log_samples: bool):
         from mergekit_ace.evaluation.code_exec import CodeEvalMetric
 
@@ -748,10 +749,10 @@ class EvaluationRun:
         self.primary_metrics = primary_metrics
         self.log_samples = log_samples
         self.metric = CodeEvalMetric(allow_code_execution=allow_code_execution, timeout=code_timeout)
-        self.served: List[Dict[str, Any]] = []  # the data files lm-eval read (from --data-dir)
+        self.served: list[dict[str, Any]] = []  # the data files lm-eval read (from --data-dir)
         self.started = time.time()
 
-    def summarise(self) -> Dict[str, Any]:
+    def summarise(self) -> dict[str, Any]:
         """Rebuild results.json, report.md and the charts from the cells on disk; return results.json."""
         plan = self.plan
         plan.config["seconds"] = round(time.time() - self.started, 1)
@@ -826,10 +827,10 @@ class EvaluationRun:
                 self.store.commit_cell(self.store.begin_cell(name, task), cell)
 
 
-def _plan_resume(store: OutputStore, settings, log_samples: bool) -> Set[Tuple[str, str]]:
+def _plan_resume(store: OutputStore, settings, log_samples: bool) -> set[tuple[str, str]]:
     """The cells of OUT that ``--resume`` keeps: finished, with the same settings (and with
     per-sample logs when ``log_samples``). Says what it keeps and why it recomputes the others."""
-    reused: Set[Tuple[str, str]] = set()
+    reused: set[tuple[str, str]] = set()
     for (name, task), wanted in settings.items():
         old = store.read_cell(name, task)
         if old is None:
@@ -850,12 +851,12 @@ def _plan_resume(store: OutputStore, settings, log_samples: bool) -> Set[Tuple[s
 
 
 def _write_summary(store, paths, task_names, settings, reused, config, record, *, owners, base,
-                   primary_metrics) -> Dict[str, Any]:
+                   primary_metrics) -> dict[str, Any]:
     """Rebuild results.json, report.md and the charts from the cells on disk."""
     from mergekit_ace.evaluation import summary
 
-    cells: Dict[str, Dict[str, Optional[Dict[str, Any]]]] = {}
-    dirs: Dict[Tuple[str, str], str] = {}
+    cells: dict[str, dict[str, dict[str, Any] | None]] = {}
+    dirs: dict[tuple[str, str], str] = {}
     for name in paths:
         cells[name] = {}
         for task in task_names:

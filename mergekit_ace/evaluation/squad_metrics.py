@@ -15,7 +15,6 @@ import re
 import string
 import sys
 import types
-from typing import List
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = frozenset(string.punctuation)
@@ -29,7 +28,7 @@ def normalize_answer(s: str) -> str:
     return " ".join(text.split())
 
 
-def get_tokens(s: str) -> List[str]:
+def get_tokens(s: str) -> list[str]:
     if not s:
         return []
     return normalize_answer(s).split()

@@ -28,8 +28,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any
 
 from mergekit_ace.errors import UserError
 
@@ -50,7 +51,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def replacing(path: Union[str, Path]) -> Iterator[Path]:
+def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block completes it is renamed to
     ``path`` (atomically replacing an old file), else deleted. Readers never see a partial file."""
     path = Path(path)
@@ -67,7 +68,7 @@ def replacing(path: Union[str, Path]) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: Union[str, Path], text: str) -> Path:
+def write_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
     with replacing(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -77,7 +78,7 @@ def write_atomic(path: Union[str, Path], text: str) -> Path:
     return Path(path)
 
 
-def write_json_atomic(path: Union[str, Path], content: Any) -> Path:
+def write_json_atomic(path: str | Path, content: Any) -> Path:
     return write_atomic(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -121,7 +122,7 @@ class OutputStore:
         self.resume = resume
         self.overwrite = overwrite
         self.write = write
-        self._staging_root: Optional[Path] = None  # overwrite: the new OUT until its first cell
+        self._staging_root: Path | None = None  # overwrite: the new OUT until its first cell
         self._created = False  # OUT did not exist (or was empty) before this run
 
     # ---- opening
@@ -185,10 +186,10 @@ class OutputStore:
         return self._staging_root or self.target
 
     # ---- cells
-    def cell_dir(self, model: str, task: str, root: Optional[Path] = None) -> Path:
+    def cell_dir(self, model: str, task: str, root: Path | None = None) -> Path:
         return (root or self.root) / CELLS_DIR / model / safe_name(task)
 
-    def read_cell(self, model: str, task: str) -> Optional[Dict[str, Any]]:
+    def read_cell(self, model: str, task: str) -> dict[str, Any] | None:
         """The stored cell of ``(model, task)`` in OUT, or None (absent or unreadable)."""
         path = self.cell_dir(model, task, self.target) / CELL_FILE
         if self._staging_root is not None or not path.is_file():
@@ -202,7 +203,7 @@ class OutputStore:
             return None
         return cell
 
-    def begin_cell(self, model: str, task: str) -> Optional[Path]:
+    def begin_cell(self, model: str, task: str) -> Path | None:
         """A new temporary directory for the cell's files (None when not writing)."""
         if not self.write:
             return None
@@ -211,7 +212,7 @@ class OutputStore:
         os.chmod(staging, 0o777 & ~_umask())
         return staging
 
-    def commit_cell(self, staging: Optional[Path], cell: Dict[str, Any]) -> Optional[Path]:
+    def commit_cell(self, staging: Path | None, cell: dict[str, Any]) -> Path | None:
         """Write ``cell.json`` into ``staging`` and move it into place; return the cell's dir."""
         if staging is None:
             return None
@@ -225,7 +226,7 @@ class OutputStore:
         return final
 
     @staticmethod
-    def discard(staging: Optional[Path]) -> None:
+    def discard(staging: Path | None) -> None:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any
 
 from mergekit_ace.evaluation import normalise, report
 from mergekit_ace.evaluation.record import hub_commit
@@ -49,24 +50,24 @@ def failure_line(failure: Mapping[str, Any]) -> str:
 def assemble(
     models: Sequence[str],
     tasks: Sequence[str],
-    cells: Mapping[str, Mapping[str, Optional[Mapping[str, Any]]]],
+    cells: Mapping[str, Mapping[str, Mapping[str, Any] | None]],
     *,
-    owners: Optional[Mapping[str, str]],
-    base: Optional[str],
-    primary_metrics: Optional[Mapping[str, str]],
+    owners: Mapping[str, str] | None,
+    base: str | None,
+    primary_metrics: Mapping[str, str] | None,
     config: Mapping[str, Any],
     record: Mapping[str, Any],
-    reused: Set[Tuple[str, str]],
-    cell_dirs: Mapping[Tuple[str, str], str],
-) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    reused: set[tuple[str, str]],
+    cell_dirs: Mapping[tuple[str, str], str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(content of results.json, tables)`` from ``cells[model][task]`` (None: not run)."""
-    scores: Dict[str, Dict[str, Any]] = {m: {} for m in models}
-    lm_eval: Dict[str, Dict[str, Any]] = {m: {} for m in models}
-    status: Dict[str, Dict[str, str]] = {m: {} for m in models}
-    summary: Dict[str, Dict[str, Any]] = {m: {} for m in models}
-    failures: List[Dict[str, Any]] = []
-    generation: Dict[str, Dict[str, Any]] = {t: {} for t in tasks}
-    data_files: Dict[str, Any] = {}
+    scores: dict[str, dict[str, Any]] = {m: {} for m in models}
+    lm_eval: dict[str, dict[str, Any]] = {m: {} for m in models}
+    status: dict[str, dict[str, str]] = {m: {} for m in models}
+    summary: dict[str, dict[str, Any]] = {m: {} for m in models}
+    failures: list[dict[str, Any]] = []
+    generation: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+    data_files: dict[str, Any] = {}
     model_record = {m: dict(record["models"][m]) for m in models}
     for m in models:
         for t in tasks:
@@ -139,7 +140,7 @@ def write(directory: Path, content: Mapping[str, Any], tables: Mapping[str, Any]
                         content["failures"], content["record"], warnings)
 
 
-def lm_eval_tables(raw_results: Mapping[str, Any]) -> Dict[str, str]:
+def lm_eval_tables(raw_results: Mapping[str, Any]) -> dict[str, str]:
     """lm-eval's own markdown table of all metrics, per model."""
     from lm_eval.utils import make_table
 

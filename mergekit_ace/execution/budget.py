@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Union
 
 import torch
 
@@ -18,10 +17,10 @@ ENV_VAR = "MERGEKIT_ACE_MEMORY_BUDGET"
 DEFAULT_FRACTION = 0.9
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-_override: Optional[str] = None
+_override: str | None = None
 
 
-def parse_size(text: Union[str, int, float]) -> float:
+def parse_size(text: str | int | float) -> float:
     """``'24GiB'`` -> 25769803776.0, ``'512MB'`` -> 5.12e8, ``'2e9'`` -> 2e9 (bytes)."""
     if isinstance(text, (int, float)):
         return float(text)
@@ -32,7 +31,7 @@ def parse_size(text: Union[str, int, float]) -> float:
     return float(match.group(1)) * _UNITS[unit]
 
 
-def parse_budget(text: Union[str, float]) -> tuple:
+def parse_budget(text: str | float) -> tuple:
     """``('fraction', 0.8)`` for a number in (0, 1], else ``('bytes', n)``."""
     if isinstance(text, str) and re.fullmatch(r"\s*[0-9.]+\s*", text) and float(text) <= 1.0:
         value = float(text)
@@ -45,7 +44,7 @@ def parse_budget(text: Union[str, float]) -> tuple:
     return ("fraction", value)
 
 
-def set_memory_budget(value: Optional[Union[str, float]]) -> None:
+def set_memory_budget(value: str | float | None) -> None:
     """Override ``MERGEKIT_ACE_MEMORY_BUDGET`` for this process (``None`` restores it)."""
     global _override
     if value is not None:
@@ -73,7 +72,7 @@ def free_memory(device: torch.device) -> int:
     raise ValueError(f"no free-memory query for device {device}")
 
 
-def memory_budget(device: torch.device, setting: Optional[Union[str, float]] = None) -> int:
+def memory_budget(device: torch.device, setting: str | float | None = None) -> int:
     """Bytes one weight's merge may allocate on ``device`` (see the module docstring)."""
     setting = setting if setting is not None else (_override or os.environ.get(ENV_VAR) or DEFAULT_FRACTION)
     kind, value = parse_budget(setting)

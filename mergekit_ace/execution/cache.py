@@ -38,8 +38,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -60,10 +60,10 @@ SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
 
 _lock = threading.Lock()
-_dirs: Dict[str, dict] = {}  # per cache directory: {"writable": bool}
+_dirs: dict[str, dict] = {}  # per cache directory: {"writable": bool}
 
 
-def cache_dir() -> Optional[Path]:
+def cache_dir() -> Path | None:
     """``MERGEKIT_ACE_CACHE_DIR`` as a path, or None (no cache)."""
     value = os.environ.get(CACHE_DIR_ENV, "").strip()
     return Path(value).expanduser() if value else None
@@ -90,7 +90,7 @@ def _canonical(value):
     return str(value)
 
 
-def entry_key(rule_kind: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, name: Optional[str],
+def entry_key(rule_kind: str, base: torch.Tensor, experts: Sequence[torch.Tensor], *, name: str | None,
               out_dtype: torch.dtype, parameters: dict) -> dict:
     """Everything that determines a merged weight's bits (module docstring); ``parameters``: the
     keyword arguments the rule is executed with (``ids``, the inputs' labels, are left out: the
@@ -215,7 +215,7 @@ def load_entry(path: Path, key: dict, shape, dtype: torch.dtype):
     return weight, metadata
 
 
-def store_entry(directory: Path, path: Path, key: dict, weight: torch.Tensor, auto_outcome: Optional[str]) -> int:
+def store_entry(directory: Path, path: Path, key: dict, weight: torch.Tensor, auto_outcome: str | None) -> int:
     """Write ``weight`` atomically to ``path`` (temporary file in DIR, fsync, rename); its size."""
     import safetensors.torch
 
@@ -245,7 +245,7 @@ def cached_execute_rule(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    name: Optional[str],
+    name: str | None,
     out_dtype: torch.dtype,
     **parameters,
 ) -> torch.Tensor:

@@ -21,8 +21,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ _retry_count = 0
 @dataclass(frozen=True)
 class WeightPlan:
     strategy: str
-    row_chunk: Optional[int]  # None: the whole matrix is one block
+    row_chunk: int | None  # None: the whole matrix is one block
     estimate: Estimate
     fits: bool
 
@@ -116,9 +116,9 @@ def _bytes_of(dtype) -> int:
 
 def candidate_plans(rule: str, d_out: int, d_in: int, n_experts: int, budget: float, *,
                     matmul_bytes: int = 8, refine: bool = True, k_frac: float = 0.3,
-                    iterations: int = ADAM_ITERATIONS, solve: str = "exact") -> List[WeightPlan]:
+                    iterations: int = ADAM_ITERATIONS, solve: str = "exact") -> list[WeightPlan]:
     """Every (strategy, chunk) the planner considers, chunks halving from the whole matrix."""
-    chunks: List[Optional[int]] = [None]
+    chunks: list[int | None] = [None]
     c = d_out // 2
     smallest = max(1, min(MIN_ROW_CHUNK, d_out // 64))  # small matrices: blocks down to d_out/64
     while c >= smallest:
@@ -159,7 +159,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _smaller(plans: Sequence[WeightPlan], failed: WeightPlan) -> Optional[WeightPlan]:
+def _smaller(plans: Sequence[WeightPlan], failed: WeightPlan) -> WeightPlan | None:
     limit = failed.estimate.peak_bytes / 2
     smaller = [p for p in plans if p.estimate.peak_bytes <= limit]
     if not smaller:
@@ -177,7 +177,7 @@ def _free_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _log_fallback(name: Optional[str], device: torch.device, reason: str) -> None:
+def _log_fallback(name: str | None, device: torch.device, reason: str) -> None:
     global _fallback_count
     with _fallback_lock:
         _fallback_count += 1
@@ -253,14 +253,14 @@ def _note_auto(kind: tuple, outcome: str) -> None:
         _auto_float64_streak[kind] = _auto_float64_streak.get(kind, 0) + 1 if outcome == "float64" else 0
 
 
-def last_auto_outcome() -> Optional[str]:
+def last_auto_outcome() -> str | None:
     """What "auto" did in this thread's last :func:`execute_rule` call: ``"float32"`` (the float32
     attempt was accepted), ``"float64"`` (recomputed with float64 products), ``"skipped"`` (float64
     directly, :data:`AUTO_SKIP_AFTER`) or ``None`` (products were not "auto")."""
     return getattr(_this_thread, "auto_outcome", None)
 
 
-def replay_auto_outcome(rule_kind: str, base: torch.Tensor, n_experts: int, outcome: Optional[str],
+def replay_auto_outcome(rule_kind: str, base: torch.Tensor, n_experts: int, outcome: str | None,
                         **rule_parameters) -> None:
     """Update "auto"'s bookkeeping as an :func:`execute_rule` call with these arguments and this
     :func:`last_auto_outcome` did, without computing anything: a weight taken from the resume cache
@@ -280,9 +280,9 @@ def execute_rule(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    name: Optional[str] = None,
-    budget: Optional[float] = None,
-    fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
+    name: str | None = None,
+    budget: float | None = None,
+    fault_injector: Callable[[WeightPlan, torch.device], None] | None = None,
     **rule_parameters,
 ) -> torch.Tensor:
     """``rule(base, experts, strategy=..., row_chunk=..., **rule_parameters)`` under the policy above.
@@ -358,9 +358,9 @@ def _execute(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    name: Optional[str] = None,
-    budget: Optional[float] = None,
-    fault_injector: Optional[Callable[[WeightPlan, torch.device], None]] = None,
+    name: str | None = None,
+    budget: float | None = None,
+    fault_injector: Callable[[WeightPlan, torch.device], None] | None = None,
     **rule_parameters,
 ) -> torch.Tensor:
     """:func:`execute_rule` once the products' dtype is decided (``matmul_dtype`` in

@@ -14,12 +14,12 @@ Every failure is a one-line :class:`~mergekit_ace.errors.UserError` naming the r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
 
 from mergekit_ace.errors import UserError
 
-Shapes = Dict[str, Tuple[Tuple[int, ...], str]]
+Shapes = dict[str, tuple[tuple[int, ...], str]]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,7 +59,7 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _where(repo_id: str, revision: Optional[str]) -> str:
+def _where(repo_id: str, revision: str | None) -> str:
     return f"{repo_id}@{revision}" if revision else repo_id
 
 
@@ -68,14 +68,19 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def read_hub_shapes(repo_id: str, revision: Optional[str] = None) -> Shapes:
+def read_hub_shapes(repo_id: str, revision: str | None = None) -> Shapes:
     """name -> (shape, dtype) of every tensor of Hub model ``repo_id`` at ``revision`` (default: main),
     from its safetensors headers: by range request, or from the local cache when offline."""
     if hub_offline():
         return read_cached_shapes(repo_id, revision)
     import huggingface_hub
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, NotASafetensorsRepoError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        NotASafetensorsRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = _where(repo_id, revision)
     try:
@@ -118,14 +123,14 @@ def gated_message(repo_id: str) -> str:
             "(or run `hf auth login`)")
 
 
-def read_cached_shapes(repo_id: str, revision: Optional[str] = None) -> Shapes:
+def read_cached_shapes(repo_id: str, revision: str | None = None) -> Shapes:
     """The headers of ``repo_id``'s safetensors files in the local Hub cache (``HF_HUB_OFFLINE``):
     ``model.safetensors``, or the index and every shard it names."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     where = _where(repo_id, revision)
 
-    def cached(filename: str) -> Optional[Path]:
+    def cached(filename: str) -> Path | None:
         found = try_to_load_from_cache(repo_id, filename, revision=revision)
         return Path(found) if isinstance(found, str) else None
 

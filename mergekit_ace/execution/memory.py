@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from mergekit_ace.rules.task_vectors import (
     ACE_STRATEGIES,
@@ -63,7 +62,7 @@ def estimate(
     d_out: int,
     d_in: int,
     n_experts: int,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     *,
     compute_bytes: int = 8,
     matmul_bytes: int = 8,
@@ -266,7 +265,7 @@ def _svd_rule(rule, m, n, T, r, bd, svd_route) -> Estimate:
     return Estimate(peak, products + T * mn, decompose)
 
 
-def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_chunk: Optional[int] = None,
+def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_chunk: int | None = None,
                         compute_bytes: int = 8) -> Estimate:
     """The estimate of an SVD rule when every decomposition takes the Gram route (for comparison
     with :func:`estimate`'s upper bound)."""
@@ -275,7 +274,7 @@ def svd_rule_gram_route(rule: str, d_out: int, d_in: int, n_experts: int, row_ch
     return _svd_rule(rule, m, n, T, r, compute_bytes, svd_route=False)
 
 
-def average_estimate(shape, n_experts: int, compute_bytes: int = 8, out_bytes: Optional[int] = None,
+def average_estimate(shape, n_experts: int, compute_bytes: int = 8, out_bytes: int | None = None,
                      block_elements: int = AVERAGE_BLOCK_ELEMENTS) -> Estimate:
     """The experts' average (non-2-D weights, embeddings; ``task_vectors.average_task_vectors``): the
     result in the inputs' dtype (``out_bytes``, default ``compute_bytes``) plus one block of rows

@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 from mergekit_ace.errors import UserError
 
@@ -37,13 +38,13 @@ def mergekit_yaml_executable(missing: str = MISSING) -> str:
 
 
 def mergekit_yaml_command(config: PathLike, out: PathLike, extra_args: Sequence[str] = (), *,
-                          missing: str = MISSING) -> List[str]:
+                          missing: str = MISSING) -> list[str]:
     """``[mergekit-yaml, CONFIG, OUT, *extra_args]`` with the executable of
     :func:`mergekit_yaml_executable`."""
     return [mergekit_yaml_executable(missing), str(config), str(out), *extra_args]
 
 
-def subprocess_env(offline: bool = True) -> Dict[str, str]:
+def subprocess_env(offline: bool = True) -> dict[str, str]:
     """This process's environment for the merge subprocess, which then imports the same
     ``mergekit_ace`` as this process (its package root first on ``PYTHONPATH``; the installed
     package's ``.pth`` hook registers our methods). With ``offline``, ``HF_HUB_OFFLINE``,
@@ -60,9 +61,9 @@ def subprocess_env(offline: bool = True) -> Dict[str, str]:
     return env
 
 
-def run_mergekit_yaml(command: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
-                      log_file: Optional[PathLike] = None,
-                      timeout: Optional[float] = None) -> Tuple[subprocess.CompletedProcess, float]:
+def run_mergekit_yaml(command: Sequence[str], *, env: Mapping[str, str] | None = None,
+                      log_file: PathLike | None = None,
+                      timeout: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``command`` (from :func:`mergekit_yaml_command`) to its end; return the process result
     and its wall time in seconds.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 
 def _status(field: str) -> int:
@@ -38,7 +38,7 @@ def available() -> bool:
         return False
 
 
-def peak_extra_rss(fn: Callable[[], object]) -> Tuple[object, int]:
+def peak_extra_rss(fn: Callable[[], object]) -> tuple[object, int]:
     """``(fn(), peak RSS during fn minus RSS before)`` in bytes."""
     _trim()
     with open("/proc/self/clear_refs", "w") as fh:

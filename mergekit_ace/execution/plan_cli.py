@@ -14,8 +14,8 @@ or on a GPU of ``--gpu-tflops`` (a figure you supply, e.g. from the vendor's dat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 from mergekit_ace.errors import UserError
 
@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 
 
 # --------------------------------------------------------------------------- headers
-def read_shapes(model_dir: str, revision: Optional[str] = None) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+def read_shapes(model_dir: str, revision: str | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) from a model's safetensors headers (no tensor data). As mergekit does,
     an existing path is local (a directory, its index json or its ``*.safetensors``, or one
     ``.safetensors`` file); anything else is a Hub repo id, read at ``revision`` by range request (or
@@ -117,7 +117,7 @@ def median_seconds(fn: Callable[[], object], device: str = "cpu", min_run_time: 
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def measure_throughput(device: str = "cpu") -> Tuple[float, float]:
+def measure_throughput(device: str = "cpu") -> tuple[float, float]:
     """Measured float64 (matmul, eigh) throughput in flop/s on ``device`` (under a second): the
     median time of a 1024-wide product and of a 512-wide symmetric eigendecomposition."""
     import torch

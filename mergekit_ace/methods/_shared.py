@@ -8,8 +8,8 @@ import torch
 from mergekit.merge_methods import TensorGroup
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod
 
-from mergekit_ace.execution.cache import cached_execute_rule
 from mergekit_ace.errors import MergeInputError
+from mergekit_ace.execution.cache import cached_execute_rule
 from mergekit_ace.rules.checks import check_finite_output, check_inputs, check_parameter, describe
 from mergekit_ace.rules.scope import BASE, RULE, weight_scope
 from mergekit_ace.rules.task_vectors import average_task_vectors

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,15 +60,6 @@ from mergekit_ace.rules.linalg import (
     row_chunks,
     symmetrize_gram_,
 )
-from mergekit_ace.rules.task_vectors import (
-    ACE_STRATEGIES,
-    EXPERT_STREAMED,
-    OUTPUT_GRAM,
-    ROW_CHUNKED,
-    ROW_RECOMPUTED,
-    TaskVectors,
-    check_strategy,
-)
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
     ErrorBudget,
@@ -81,6 +72,15 @@ from mergekit_ace.rules.precision import (
     run_with_fallback,
     solve_error_estimate,
     top_eigenpairs,
+)
+from mergekit_ace.rules.task_vectors import (
+    ACE_STRATEGIES,
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    ROW_RECOMPUTED,
+    TaskVectors,
+    check_strategy,
 )
 
 LOG = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ACEParameters:
     scale: float = 1.0  # step 7
     refinement: str = "add"  # step 6's variant (REFINEMENTS)
 
-    def check(self, name: Optional[str], strategy: str) -> str:
+    def check(self, name: str | None, strategy: str) -> str:
         """Refuse a parameter out of range, or an unknown ``strategy`` or ``refinement``, naming the
         tensor; returns the strategy."""
         check_parameter(name, "epsilon", self.epsilon, low=0.0)
@@ -122,7 +122,7 @@ DEFAULTS = asdict(ACEParameters())
 REFINEMENTS = ("add", "rescale", "none")
 
 
-def check_refinement(name: Optional[str], refinement) -> str:
+def check_refinement(name: str | None, refinement) -> str:
     """Refuse an unknown ``refinement``, naming the tensor."""
     if refinement not in REFINEMENTS:
         from mergekit_ace.errors import MergeInputError
@@ -196,16 +196,16 @@ class PriorSolver:
 
     M: torch.Tensor
     c: torch.Tensor
-    name: Optional[str] = None
+    name: str | None = None
     ridge: float = 1.0  # sum_t eps_t; with a positive ridge M is SPD by construction
-    solve_dtype: Optional[torch.dtype] = None  # precision of the triangular solves (default M's)
+    solve_dtype: torch.dtype | None = None  # precision of the triangular solves (default M's)
     pseudo_inverse_fallback: bool = True  # False: a singular M is only reported (``singular``)
-    _chol: Optional[torch.Tensor] = field(init=False, default=None)
-    _z: Optional[torch.Tensor] = field(init=False, default=None)
-    _y: Optional[torch.Tensor] = field(init=False, default=None)
+    _chol: torch.Tensor | None = field(init=False, default=None)
+    _z: torch.Tensor | None = field(init=False, default=None)
+    _y: torch.Tensor | None = field(init=False, default=None)
     _denom: float = field(init=False, default=1.0)
-    _pinv: Optional[torch.Tensor] = field(init=False, default=None)
-    cholesky_factor: Optional[torch.Tensor] = field(init=False, default=None)  # of M, in M's dtype
+    _pinv: torch.Tensor | None = field(init=False, default=None)
+    cholesky_factor: torch.Tensor | None = field(init=False, default=None)  # of M, in M's dtype
     _singular: bool = field(init=False, default=False)
 
     def __post_init__(self):
@@ -253,7 +253,7 @@ def _well_conditioned(L: torch.Tensor) -> bool:
 
 
 def closed_form(
-    N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: Optional[str] = None, ridge: float = 1.0
+    N: torch.Tensor, M: torch.Tensor, c: torch.Tensor, name: str | None = None, ridge: float = 1.0
 ) -> torch.Tensor:
     """Step 5: P = N (M + 1 c^T)^-1."""
     return PriorSolver(M, c, name, ridge).solve(N)
@@ -301,7 +301,7 @@ def gram_null_mask(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: int,
 
 
 def _iso_and_inverse(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: int,
-                     dtype: torch.dtype) -> Tuple[float, torch.Tensor, torch.Tensor]:
+                     dtype: torch.dtype) -> tuple[float, torch.Tensor, torch.Tensor]:
     """From the top-k Gram eigenvalues: sigma_iso = mean of the top-k singular values (null ones
     counted as zero), 1/sigma with zero for null directions, and the non-null mask (float64)."""
     keep = gram_null_mask(eigenvalues, lambda_max, inner_dim, dtype)
@@ -311,7 +311,7 @@ def _iso_and_inverse(eigenvalues: torch.Tensor, lambda_max: float, inner_dim: in
     return sigma_iso, inv, keep.double()
 
 
-def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional[int]) -> torch.Tensor:
+def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: int | None) -> torch.Tensor:
     """F^T F (tall F, accumulated over row blocks) or F F^T (wide F, whole) in ``dtype``; only the
     upper blocks are computed."""
     if d_out < d_in:
@@ -324,8 +324,8 @@ def _gram_of_F(F_rows, d_out: int, d_in: int, dtype, device, row_chunk: Optional
     return symmetrize_gram_(gram)
 
 
-def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: Optional[int] = None,
-            allowed_error: float = 0.0, mode: str = "add") -> Tuple[float, str]:
+def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk: int | None = None,
+            allowed_error: float = 0.0, mode: str = "add") -> tuple[float, str]:
     """Step 6 in place on P, from the top-k singular triplets of a matrix X given by row blocks
     ``F_rows(rows)`` (it may read the unrefined ``P[rows]``: each block of P is refined only after
     it was read), X = U S V^T:
@@ -371,7 +371,7 @@ def _refine(P: torch.Tensor, F_rows, k: int, gram_dtype: torch.dtype, row_chunk:
     return sigma_iso, str(gram_dtype).replace("torch.", "")
 
 
-def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: Optional[int], mode: str) -> float:
+def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: int | None, mode: str) -> float:
     """:func:`_refine` from a full SVD of X (in P's precision): P += U_k
     diag(S_k c) V_k^T. A singular value counts as null at or below ``PINV_RTOL`` (1e-10)
     sigma_1, the package's cutoff for rank decisions: X's own rounding (from the products
@@ -392,7 +392,7 @@ def _refine_by_svd(P: torch.Tensor, F_rows, k: int, row_chunk: Optional[int], mo
 
 # --------------------------------------------------------------------------- the rule
 def _output_gram_step(tv, t: int, mu: torch.Tensor, het: bool, S_sum: torch.Tensor, w: torch.Tensor,
-                      Q: torch.Tensor, kappa_bound: RunningConditionBound, row_chunk: Optional[int]) -> float:
+                      Q: torch.Tensor, kappa_bound: RunningConditionBound, row_chunk: int | None) -> float:
     """Steps 2-3 for expert t without its d_in x d_in proxy (strategy ``output_gram``, for wide
     weights): with C~ = C_t/sqrt(s_t) (het; else C_t), S~_t =
     C~^T C~ goes into the upper blocks of ``S_sum`` (symmetrised after the last expert),
@@ -420,12 +420,12 @@ def _output_gram_step(tv, t: int, mu: torch.Tensor, het: bool, S_sum: torch.Tens
 class ACEDiagnostics:
     """Per-weight quantities a user may want to see (``mergekit-ace inspect``)."""
 
-    traces: List[float]
+    traces: list[float]
     gamma: float
     heterogeneous: bool
-    eps_over_s: List[float]
+    eps_over_s: list[float]
     k: int
-    sigma_iso: Optional[float] = None
+    sigma_iso: float | None = None
     #: the step-6 variant that ran: "add", "rescale", or "none" (also when no refinement applies)
     refinement: str = "add"
     #: precision of the products, and where the refinement's pairs came from:
@@ -442,14 +442,14 @@ def ace_merge(
     k_frac: float = DEFAULTS["k_frac"],
     scale: float = DEFAULTS["scale"],
     refinement: str = DEFAULTS["refinement"],
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
 ):
     """Merge one 2-D weight by ACE-Merging; returns W_0 + scale P in ``compute_dtype``.
 
@@ -495,13 +495,13 @@ def ace_merge(
 class _Run:
     """How one attempt of the rule runs (everything but the method's parameters)."""
 
-    name: Optional[str]
-    ids: Optional[Sequence[Hashable]]
+    name: str | None
+    ids: Sequence[Hashable] | None
     compute_dtype: torch.dtype  # the solve, the accumulators across experts, P
-    row_chunk: Optional[int]
+    row_chunk: int | None
     strategy: str
-    output_dtype: Optional[torch.dtype]  # what the caller stores W in: sets the precision contract
-    matmul_dtype: Optional[torch.dtype] = None  # the O(d_out d_in^2) products (run_with_fallback's choice)
+    output_dtype: torch.dtype | None  # what the caller stores W in: sets the precision contract
+    matmul_dtype: torch.dtype | None = None  # the O(d_out d_in^2) products (run_with_fallback's choice)
     check: bool = False  # raise NeedsFloat64 where float32 products would break the contract
 
     @property
@@ -563,8 +563,8 @@ def _ace(base: torch.Tensor, experts: Sequence[torch.Tensor], params: ACEParamet
 class _Branch:
     """Step 1's outcome: the experts' energies ||D_t||_F^2 and row means mu_t, and the branch."""
 
-    traces: List[float]
-    mus: List[torch.Tensor]
+    traces: list[float]
+    mus: list[torch.Tensor]
     gamma: float
     heterogeneous: bool
     k: int  # the refinement's rank (0 in the homogeneous branch)
@@ -602,12 +602,12 @@ class _Proxies:
     per-expert proxies ``S_tilde`` (row_chunked, row_recomputed) or ``Q`` = sum_t D_t S~_t
     (streamed strategies) are released once nothing reads them."""
 
-    S_sum: Optional[torch.Tensor]
+    S_sum: torch.Tensor | None
     w: torch.Tensor  # sum_t S~_t mu_t
-    S_tilde: Optional[List[Optional[torch.Tensor]]]
-    Q: Optional[torch.Tensor]
-    eps_t: List[float]  # the ridges eps_t
-    s_vals: List[float]  # s_t = tr S_t + 1e-12
+    S_tilde: list[torch.Tensor | None] | None
+    Q: torch.Tensor | None
+    eps_t: list[float]  # the ridges eps_t
+    s_vals: list[float]  # s_t = tr S_t + 1e-12
 
 
 def _proxies(tv: TaskVectors, branch: _Branch, epsilon: float, run: _Run, budget: ErrorBudget) -> _Proxies:
@@ -621,9 +621,9 @@ def _proxies(tv: TaskVectors, branch: _Branch, epsilon: float, run: _Run, budget
     mt, wd, het, mus = run.matmul_dtype, run.work_dtype, branch.heterogeneous, branch.mus
     S_sum = torch.zeros(d_in, d_in, dtype=wd, device=dev)
     w = torch.zeros(d_in, dtype=wd, device=dev)
-    S_tilde: List[Optional[torch.Tensor]] = [] if run.streamed else [None] * T
-    eps_t: List[float] = [0.0] * T
-    s_vals: List[float] = [0.0] * T
+    S_tilde: list[torch.Tensor | None] = [] if run.streamed else [None] * T
+    eps_t: list[float] = [0.0] * T
+    s_vals: list[float] = [0.0] * T
     Q = torch.zeros(d_out, d_in, dtype=run.compute_dtype, device=dev) if run.streamed else None
     if run.check:
         trace_bound = proxy_sum_trace_bound(branch.traces, mus, d_out, d_in, het, epsilon)
@@ -661,7 +661,7 @@ def _proxies(tv: TaskVectors, branch: _Branch, epsilon: float, run: _Run, budget
 
 
 def _prior_solver(proxies: _Proxies, branch: _Branch, run: _Run,
-                  budget: ErrorBudget) -> Tuple[PriorSolver, Optional[torch.Tensor]]:
+                  budget: ErrorBudget) -> tuple[PriorSolver, torch.Tensor | None]:
     """Step 4, the collective structural prior c, and step 5's solver for A = M + 1 c^T with
     M = sum_t R_t (formed in place of sum_t S~_t, which ``proxies`` gives up). Float32 attempt: a
     singular M, or one whose condition number breaks the contract, raises NeedsFloat64. Returns
@@ -687,7 +687,7 @@ def _prior_solver(proxies: _Proxies, branch: _Branch, run: _Run,
 class _RowProducts:
     """Row blocks of Q = sum_t D_t S~_t and of F = P + Res, as steps 5 and 6 read them."""
 
-    def __init__(self, tv: TaskVectors, proxies: _Proxies, S_bar: Optional[torch.Tensor], run: _Run):
+    def __init__(self, tv: TaskVectors, proxies: _Proxies, S_bar: torch.Tensor | None, run: _Run):
         self.tv, self.proxies, self.S_bar, self.run = tv, proxies, S_bar, run
 
     def q(self, rows: slice) -> torch.Tensor:
@@ -710,7 +710,7 @@ class _RowProducts:
 
 
 def _solve(tv: TaskVectors, products: _RowProducts, proxies: _Proxies, solver: PriorSolver, branch: _Branch,
-           run: _Run) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+           run: _Run) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 5 over row blocks: P = N A^{-1} with N = Q - 1 w^T + sum_t eps_t C_t. F = P + Res is
     kept for step 6 (in Q's place when streamed, else in its own buffer in the products'
     precision), unless it is to be recomputed or not needed. Returns ``(P, F or None)``."""
@@ -731,8 +731,8 @@ def _solve(tv: TaskVectors, products: _RowProducts, proxies: _Proxies, solver: P
     return P, F_all
 
 
-def _refine_step(P: torch.Tensor, F_all: Optional[torch.Tensor], products: _RowProducts, branch: _Branch,
-                 run: _Run, budget: ErrorBudget) -> Tuple[Optional[float], str]:
+def _refine_step(P: torch.Tensor, F_all: torch.Tensor | None, products: _RowProducts, branch: _Branch,
+                 run: _Run, budget: ErrorBudget) -> tuple[float | None, str]:
     """Step 6 in place on P, from the top-k pairs of F (add) or of P (rescale): eigh of the smaller
     Gram, or the SVD where the Gram's error would break the contract. Returns ``(sigma_iso or
     None, the precision label for the diagnostics)``."""

@@ -31,9 +31,9 @@ N = sum_t w_t D_t C_t; WUDI-Merging is this kernel with w_t = 1/||D_t||_F^2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-from typing import Hashable, List, Optional, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -54,17 +54,10 @@ from mergekit_ace.rules.linalg import (
     output_gram,
     symmetrize_gram_,
 )
-from mergekit_ace.rules.task_vectors import (
-    EXPERT_STREAMED,
-    OUTPUT_GRAM,
-    ROW_CHUNKED,
-    TaskVectors,
-    check_strategy,
-)
 from mergekit_ace.rules.precision import (
+    AUTO,
     NULL_MARGIN,
     TRACE_SLACK,
-    AUTO,
     ErrorBudget,
     NeedsFloat64,
     RunningConditionBound,
@@ -72,6 +65,13 @@ from mergekit_ace.rules.precision import (
     extreme_eigenvalues,
     run_with_fallback,
     solve_error_estimate,
+)
+from mergekit_ace.rules.task_vectors import (
+    EXPERT_STREAMED,
+    OUTPUT_GRAM,
+    ROW_CHUNKED,
+    TaskVectors,
+    check_strategy,
 )
 
 #: ``solve`` defaults to the papers' truncation: what the ACTMat code ran, and on the study's bf16
@@ -90,7 +90,7 @@ def truncated_rcond(d_in: int) -> float:
     return d_in * torch.finfo(torch.float32).eps
 
 
-def solve_cutoff(solve: str, rcond: Optional[float], d_in: int, name: Optional[str] = None) -> Optional[float]:
+def solve_cutoff(solve: str, rcond: float | None, d_in: int, name: str | None = None) -> float | None:
     """The pseudo-inverse cutoff for ``solve`` ("exact": ``rcond``; "truncated":
     :func:`truncated_rcond`, which an explicit ``rcond`` would contradict)."""
     if solve not in SOLVES:
@@ -104,13 +104,13 @@ def solve_cutoff(solve: str, rcond: Optional[float], d_in: int, name: Optional[s
     return rcond
 
 
-def task_covariance(delta: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
+def task_covariance(delta: torch.Tensor, row_chunk: int | None = None) -> torch.Tensor:
     """C_t = D_t^T D_t (d_in x d_in), accumulated over row blocks."""
     d_out, d_in = delta.shape
     return accumulate_gram(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)[0]
 
 
-def _above_cutoff(evals: torch.Tensor, rcond: Optional[float]) -> torch.Tensor:
+def _above_cutoff(evals: torch.Tensor, rcond: float | None) -> torch.Tensor:
     """Mask of the eigenvalues kept by the pseudo-inverse: lambda_i > rcond lambda_max."""
     rcond = PINV_RTOL if rcond is None else rcond
     top = float(evals.max()) if evals.numel() else 0.0
@@ -132,7 +132,7 @@ class SymmetricPseudoInverse:
     cutoff_gap: float = math.inf
 
     @classmethod
-    def of(cls, A: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
+    def of(cls, A: torch.Tensor, rcond: float | None = None) -> SymmetricPseudoInverse:
         evals, evecs = torch.linalg.eigh(A)
         keep = _above_cutoff(evals, rcond)
         kept = evals[keep]
@@ -144,7 +144,7 @@ class SymmetricPseudoInverse:
                    cutoff_gap=gap)
 
     @classmethod
-    def of_gram(cls, X: torch.Tensor, K: torch.Tensor, rcond: Optional[float] = None) -> "SymmetricPseudoInverse":
+    def of_gram(cls, X: torch.Tensor, K: torch.Tensor, rcond: float | None = None) -> SymmetricPseudoInverse:
         """The same for A = X^TX from the small Gram K = XX^T (rows of X fewer than
         its columns): Au = lambda u with u = X^Tv/sqrt lambda for each eigenpair
         Kv = lambda v, so only K is decomposed; same cutoff."""
@@ -186,7 +186,7 @@ class CholeskySolve:
 CHOLESKY_MARGIN = 10.0
 
 
-def range_solver(A: torch.Tensor, rcond: Optional[float] = None, solve_dtype: Optional[torch.dtype] = None,
+def range_solver(A: torch.Tensor, rcond: float | None = None, solve_dtype: torch.dtype | None = None,
                  require_invertible: bool = False):
     """``(solver, kappa)`` for N -> NA^+: a :class:`CholeskySolve` when A is clearly
     invertible at the cutoff (estimated lambda_min > 10 rcond lambda_max),
@@ -205,7 +205,7 @@ def range_solver(A: torch.Tensor, rcond: Optional[float] = None, solve_dtype: Op
 
 @dataclass
 class ACTMatDiagnostics:
-    traces: List[float]
+    traces: list[float]
     rank: int
     d_in: int
     #: precision of the Gram and numerator products ("float32" or "float64")
@@ -218,17 +218,17 @@ def actmat_merge(
     *,
     scale: float = 1.0,
     keep_base: bool = True,
-    rcond: Optional[float] = None,
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    rcond: float | None = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     return_diagnostics: bool = False,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
     solve: str = DEFAULTS["solve"],
-    weights: Optional[Sequence[float]] = None,
+    weights: Sequence[float] | None = None,
     keep_start: bool = False,
 ):
     """Merge one 2-D weight by ACTMat; returns W in ``compute_dtype`` (see the module docstring).
@@ -293,8 +293,8 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
         return _actmat_wide(tv, base, scale, keep_base, rcond, name, ids, dt, ws, keep_start)
 
     # A = sum_t C_t, C_t = D_t^T D_t, expert by expert; C_t kept (row_chunked) or folded into N.
-    covs: List[torch.Tensor] = [] if streamed else [None] * T
-    traces: List[float] = [0.0] * T
+    covs: list[torch.Tensor] = [] if streamed else [None] * T
+    traces: list[float] = [0.0] * T
     A = torch.zeros(d_in, d_in, dtype=dt, device=dev)
     N = torch.zeros(d_out, d_in, dtype=dt, device=dev) if streamed else None
     # float32 attempt: kappa(A) >= lambda_max(C_t) / (tr A / d_in), tr A = sum_t ||D_t||^2 (one cheap
@@ -322,7 +322,7 @@ def _actmat(base, experts, scale, keep_base, rcond, name, ids, dt, row_chunk, st
     # output_gram's float32 attempt forms the products D_t C_t = K_t D_t only once A passed its
     # condition check: a nearly square stacked system (T d_out just above d_in, the 3B/7B down_proj)
     # then costs the Grams, not the whole float32 pass, before the float64 one.
-    grams_out: List[Optional[torch.Tensor]] = [None] * T
+    grams_out: list[torch.Tensor | None] = [None] * T
     for t in order:
         if gram_space:
             # No d_in x d_in C_t: its upper blocks go straight into A, and D_t C_t = (D_t D_t^T) D_t
@@ -407,7 +407,7 @@ GRAM_ERROR_PROBES = 4
 
 
 def gram_error_estimate(A: torch.Tensor, base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float],
-                        row_chunk: Optional[int] = None, probes: int = GRAM_ERROR_PROBES, seed: int = 0) -> float:
+                        row_chunk: int | None = None, probes: int = GRAM_ERROR_PROBES, seed: int = 0) -> float:
     """An estimate of ||A - A_exact||_2 for A = sum_t w_t D_t^T D_t formed from lower-precision
     products: the largest ||(A - A_exact) v|| / ||v|| over a few random v, with A_exact v =
     sum_t w_t D_t^T (D_t v) in float64 (2 T d_out d_in multiply-adds per probe, against the Gram's
@@ -425,7 +425,7 @@ def gram_error_estimate(A: torch.Tensor, base: torch.Tensor, experts: Sequence[t
     return float((diff.norm(dim=0) / V.norm(dim=0)).max())
 
 
-def _check_cutoff_decision(pinv: "SymmetricPseudoInverse", A: torch.Tensor, base, experts, ws, row_chunk) -> None:
+def _check_cutoff_decision(pinv: SymmetricPseudoInverse, A: torch.Tensor, base, experts, ws, row_chunk) -> None:
     """Raise NeedsFloat64 unless every eigenvalue of A (from lower-precision products) is further from
     the truncation's cutoff than NULL_MARGIN times the products' error (Weyl: each eigenvalue moves by
     at most ||A - A_exact||_2), so that the exact A would keep and drop the same directions."""

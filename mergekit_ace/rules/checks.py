@@ -6,14 +6,14 @@ or parameter); nothing here copies or modifies its inputs."""
 from __future__ import annotations
 
 import math
-from typing import Hashable, Optional, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
 from mergekit_ace.errors import MergeInputError
 
 
-def describe(name: Optional[str]) -> str:
+def describe(name: str | None) -> str:
     return repr(name) if name else "<unnamed tensor>"
 
 
@@ -21,10 +21,10 @@ def check_inputs(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
-    base_id: Optional[Hashable] = None,
-    matrix_rule: Optional[str] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
+    base_id: Hashable | None = None,
+    matrix_rule: str | None = None,
 ) -> None:
     """Raise :class:`MergeInputError` unless base and experts are finite, same-shaped tensors and
     there is at least one expert (and, when ``matrix_rule`` names a rule, the weight is 2-D).
@@ -61,7 +61,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def check_finite_output(result: torch.Tensor, name: Optional[str], rule: str) -> torch.Tensor:
+def check_finite_output(result: torch.Tensor, name: str | None, rule: str) -> torch.Tensor:
     if not is_finite(result):
         raise MergeInputError(
             f"{describe(name)}: the {rule} rule produced non-finite values; the inputs are "
@@ -72,7 +72,7 @@ def check_finite_output(result: torch.Tensor, name: Optional[str], rule: str) ->
 
 
 def check_nonzero_task_vectors(
-    traces: Sequence[float], name: Optional[str], ids: Optional[Sequence[Hashable]] = None
+    traces: Sequence[float], name: str | None, ids: Sequence[Hashable] | None = None
 ) -> None:
     """The rules divide by (or regress on) each expert's update: an all-zero update cannot take
     part. Raise naming the tensor and the expert."""
@@ -86,7 +86,7 @@ def check_nonzero_task_vectors(
         )
 
 
-def check_parameter(name: Optional[str], parameter: str, value, *, low=None, high=None) -> None:
+def check_parameter(name: str | None, parameter: str, value, *, low=None, high=None) -> None:
     """Refuse a parameter outside its range (or not finite), naming it and the tensor."""
     v = float(value)
     if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):

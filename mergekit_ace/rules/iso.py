@@ -45,20 +45,13 @@ vectors; sigmabar still divides by r, as the code's ``S.mean()`` does.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, List, Optional, Sequence
 
 import torch
 
 from mergekit_ace.rules.checks import check_inputs, check_parameter
 from mergekit_ace.rules.linalg import row_chunks
-from mergekit_ace.rules.task_vectors import (
-    SVD_STRATEGIES,
-    TaskVectors,
-    WHOLE_MATRIX,
-    check_strategy,
-    task_vector,
-)
 from mergekit_ace.rules.spectral import (
     AUTO,
     RANK_RTOL,
@@ -69,6 +62,13 @@ from mergekit_ace.rules.spectral import (
     settle_svd_budget,
     top_singular_triplets,
 )
+from mergekit_ace.rules.task_vectors import (
+    SVD_STRATEGIES,
+    WHOLE_MATRIX,
+    TaskVectors,
+    check_strategy,
+    task_vector,
+)
 
 DEFAULTS_C = dict(alpha=1.0)
 DEFAULTS_CTS = dict(alpha=1.0, common_space_fraction=0.8)
@@ -76,7 +76,7 @@ DEFAULTS_CTS = dict(alpha=1.0, common_space_fraction=0.8)
 
 # --------------------------------------------------------------------------- shared steps
 def task_arithmetic_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype,
-                        row_chunk: Optional[int] = None) -> torch.Tensor:
+                        row_chunk: int | None = None) -> torch.Tensor:
     """Delta = sum_t D_t (a new d_out x d_in tensor in ``dtype``)."""
     tv = TaskVectors(base, experts, dtype, row_chunk)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
@@ -115,7 +115,7 @@ class IsoDiagnostics:
     #: directions kept (r unless a matrix is rank-deficient)
     rank: int
     #: route of each decomposition ("gram" or "svd")
-    routes: List[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
     #: the dtype the decompositions ran in ("float32" where the precision contract allowed it)
     precision: str = "float64"
 
@@ -125,15 +125,15 @@ def iso_c_merge(
     experts: Sequence[torch.Tensor],
     *,
     alpha: float = DEFAULTS_C["alpha"],
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
     route: str = AUTO,
     strategy: str = WHOLE_MATRIX,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     return_diagnostics: bool = False,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
 ):
     """Merge one 2-D weight by Iso-C; returns W_0 + alpha sigmabar UV^T in ``compute_dtype``
     (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
@@ -173,13 +173,13 @@ def common_space_size(r: int, n_tasks: int, fraction: float) -> int:
     return r - specific
 
 
-def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: Optional[int] = None,
+def common_subspace(delta: torch.Tensor, k: int, route: str = AUTO, row_chunk: int | None = None,
                     budget=None) -> Triplets:
     """Step 1: the top-k singular triplets of Delta = sum_t D_t."""
     return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
-def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[int] = None) -> torch.Tensor:
+def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: int | None = None) -> torch.Tensor:
     """Step 2 (in place): D_t <- D_t - U_c (U_c^T D_t), one row block at a time."""
     if U_c.shape[1]:
         coefficients = U_c.T @ delta_t
@@ -189,7 +189,7 @@ def project_out_(delta_t: torch.Tensor, U_c: torch.Tensor, row_chunk: Optional[i
 
 
 def task_specific_subspace(delta_t: torch.Tensor, U_c: torch.Tensor, s: int, zero_below: float,
-                           route: str = AUTO, row_chunk: Optional[int] = None, budget=None) -> Triplets:
+                           route: str = AUTO, row_chunk: int | None = None, budget=None) -> Triplets:
     """Step 2: the top-s triplets of (I - U_cU_c^T) D_t (``delta_t`` is overwritten);
     singular values at or below ``zero_below`` (noise of a task vector that lies in the common
     subspace) are left out."""
@@ -203,15 +203,15 @@ def iso_cts_merge(
     *,
     alpha: float = DEFAULTS_CTS["alpha"],
     common_space_fraction: float = DEFAULTS_CTS["common_space_fraction"],
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
     route: str = AUTO,
     strategy: str = WHOLE_MATRIX,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     return_diagnostics: bool = False,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
 ):
     """Merge one 2-D weight by Iso-CTS; returns W_0 + alpha sigmabar U_perp V_perp^T in
     ``compute_dtype`` (module docstring). ``route``: "auto" (Gram route where exact, else SVD) or "svd".
@@ -233,7 +233,7 @@ def _iso_cts(base, experts, alpha, common_space_fraction, route, row_chunk, comp
     r = min(base.shape)
     k = common_space_size(r, T, common_space_fraction)
     s = (r - k) // T
-    routes: List[str] = []
+    routes: list[str] = []
 
     # Step 1: the common subspace, written into the first columns of the stacked bases.
     d_out, d_in = base.shape

@@ -5,8 +5,6 @@ value zero (pseudo-inverses, singular solves)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 #: Relative cutoff for rank decisions (pseudo-inverses): eigen/singular values below
@@ -16,7 +14,7 @@ import torch
 PINV_RTOL = 1e-10
 
 
-def row_chunks(n_rows: int, chunk: Optional[int]):
+def row_chunks(n_rows: int, chunk: int | None):
     """Yield ``slice`` objects covering ``range(n_rows)`` in blocks of ``chunk`` rows."""
     step = n_rows if not chunk or chunk >= n_rows else max(1, int(chunk))
     for start in range(0, n_rows, step):
@@ -66,7 +64,7 @@ def output_gram(X: torch.Tensor) -> torch.Tensor:
 
 
 def add_left_product_(out: torch.Tensor, K: torch.Tensor, X: torch.Tensor, alpha: float = 1.0,
-                      row_chunk: Optional[int] = None) -> torch.Tensor:
+                      row_chunk: int | None = None) -> torch.Tensor:
     """``out += alpha * K @ X``, one block of K's rows at a time (the product in X's dtype, summed in
     out's: one block-sized temporary when they differ)."""
     for rows in row_chunks(out.shape[0], row_chunk):
@@ -90,7 +88,7 @@ def symmetrize_gram_(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk: Optional[int] = None):
+def accumulate_gram(block_fn, n_rows: int, n_cols: int, dtype, device, row_chunk: int | None = None):
     """Stream D^T D and the column sums of D over row blocks, ``block_fn(rows) -> D[rows]``
     (D is never materialised whole). Returns ``(gram, col_sum)``."""
     gram = torch.zeros(n_cols, n_cols, dtype=dtype, device=device)

@@ -41,7 +41,8 @@ import logging
 import math
 import threading
 from collections import Counter
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -114,7 +115,7 @@ def storage_rounding_error(norm: float, dtype: torch.dtype) -> float:
     return ROUNDING_RMS_FACTOR * unit_roundoff(dtype) * norm
 
 
-def float32_products_can_serve(output_dtype: Optional[torch.dtype]) -> bool:
+def float32_products_can_serve(output_dtype: torch.dtype | None) -> bool:
     """Whether the contract for ``output_dtype`` leaves room for float32 products at all: only for
     outputs coarser than float32 (bfloat16, float16). ``None`` means a float64 result."""
     return output_dtype is not None and unit_roundoff(output_dtype) > UNIT_ROUNDOFF_FLOAT32
@@ -128,7 +129,7 @@ class ErrorBudget:
     ``update_norm`` for ||P|| until the rule knows them (:meth:`settle`); relative error
     estimates are charged at ||P||."""
 
-    def __init__(self, output_dtype: Optional[torch.dtype], base_norm: float, scale: float, update_norm: float):
+    def __init__(self, output_dtype: torch.dtype | None, base_norm: float, scale: float, update_norm: float):
         self.output_dtype = output_dtype if output_dtype is not None else torch.float64
         self.scale = abs(float(scale))
         self.update_norm = float(update_norm)
@@ -170,7 +171,7 @@ class ErrorBudget:
 
 
 def resolve_matmul_dtype(matmul_dtype, compute_dtype: torch.dtype,
-                         output_dtype: Optional[torch.dtype] = None) -> Tuple[torch.dtype, bool]:
+                         output_dtype: torch.dtype | None = None) -> tuple[torch.dtype, bool]:
     """``(dtype of the first attempt, whether to check it)`` for a rule's ``matmul_dtype`` argument:
     ``"auto"`` -> float32 with checks (only when computing in float64 for an output coarser than
     float32, :func:`float32_products_can_serve`), else the compute dtype; ``None`` -> compute dtype."""
@@ -187,7 +188,7 @@ def resolve_matmul_dtype(matmul_dtype, compute_dtype: torch.dtype,
 
 
 def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, compute_dtype: torch.dtype,
-                      name: Optional[str] = None, output_dtype: Optional[torch.dtype] = None) -> R:
+                      name: str | None = None, output_dtype: torch.dtype | None = None) -> R:
     """``rule(products dtype, check)``: with ``"auto"``, first ``(float32, True)`` where the output
     dtype allows it (:func:`resolve_matmul_dtype`), and on :class:`NeedsFloat64` once more
     ``(compute_dtype, False)``; otherwise the dtype asked for."""
@@ -212,7 +213,7 @@ def run_with_fallback(rule: Callable[[torch.dtype, bool], R], matmul_dtype, comp
 def extreme_eigenvalues(
     M: torch.Tensor, cholesky_factor: torch.Tensor, iterations: int = 20, probes: int = 4,
     dtype: torch.dtype = torch.float32,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Estimates of (lambda_min, lambda_max) of an SPD matrix M, by block power
     iteration on M and on M^-1 (through its Cholesky factor) with a Rayleigh-Ritz step,
     in ``dtype``: float32 is enough to estimate condition numbers up to ~1e6 (far above any that
@@ -306,7 +307,7 @@ REFINEMENT_SAFETY = 3.0
 FULL_DECOMPOSITION_FRACTION = 0.25
 
 
-def top_eigenpairs(gram: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_eigenpairs(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``count`` largest eigenvalues (descending) and their eigenvectors of a symmetric matrix.
 
     On the CPU through SciPy's LAPACK: for fewer than ``FULL_DECOMPOSITION_FRACTION`` of the
@@ -392,7 +393,7 @@ def check_condition_lower_bound(kappa_lower: float, what: str, tolerance: float)
                            f"products (estimated error at least {error:.1e})")
 
 
-def expert_order(energies: Sequence[float]) -> List[int]:
+def expert_order(energies: Sequence[float]) -> list[int]:
     """The order a float32 attempt forms the experts' Grams in: largest ``energies`` first, so that
     :class:`RunningConditionBound` sees the likeliest largest lambda_max first (float64 runs keep
     the experts' own order: their results do not depend on the attempt)."""

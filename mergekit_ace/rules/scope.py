@@ -6,7 +6,7 @@ parameter says get the experts' average or the base's values instead."""
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from mergekit_ace.errors import MergeInputError
 from mergekit_ace.rules.checks import describe
@@ -21,7 +21,7 @@ _INPUT_EMBEDDING = re.compile(
 )
 
 
-def is_input_embedding(name: Optional[str], vocabulary_axis: Optional[int] = None) -> bool:
+def is_input_embedding(name: str | None, vocabulary_axis: int | None = None) -> bool:
     """True for token/position embedding tables (by mergekit's vocabulary metadata or name)."""
     if not name:
         return False
@@ -41,13 +41,13 @@ SCOPES = ("default", RULE, AVERAGE, BASE)
 
 
 def weight_scope(
-    name: Optional[str],
+    name: str | None,
     shape: Sequence[int],
     scope: str = "default",
     *,
     merge_embeddings: bool = False,
     average_from_dim: int = 0,
-    vocabulary_axis: Optional[int] = None,
+    vocabulary_axis: int | None = None,
 ) -> str:
     """Which of ``rule`` / ``average`` / ``base`` one weight takes.
 

@@ -38,8 +38,9 @@ rounded ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Union
 
 import torch
 
@@ -130,10 +131,10 @@ class StorageSensitivity:
     unperturbed float64 merge; ``merged_norm`` = its Frobenius norm."""
 
     value: float
-    changes: List[float] = field(default_factory=list)
+    changes: list[float] = field(default_factory=list)
     output_rounding: float = 0.0
     merged_norm: float = 0.0
-    input_dtypes: List[str] = field(default_factory=list)
+    input_dtypes: list[str] = field(default_factory=list)
     output_dtype: str = ""
 
 
@@ -146,7 +147,7 @@ def storage_sensitivity(
     output_dtype: DTypeLike = None,
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
-    merged: Optional[torch.Tensor] = None,
+    merged: torch.Tensor | None = None,
     **rule_params,
 ) -> StorageSensitivity:
     """Estimate kappa_store = E||merge(X+E) - merge(X)||_F / rho_out(merge(X)) (module
@@ -177,7 +178,7 @@ def storage_sensitivity(
         merged = rule(base, list(experts), **rule_params)
     merged = merged.double()
     rho = expected_rounding_error(merged, out_dtype)
-    changes: List[float] = []
+    changes: list[float] = []
     for s in range(samples):
         g = torch.Generator(device=base.device).manual_seed(seed * 1000003 + s)
         moved = [perturbed_copy(x.detach(), d, g) for x, d in zip(tensors, in_dtypes)]

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 
 from mergekit_ace.rules.checks import check_finite_output
 from mergekit_ace.rules.linalg import PINV_RTOL, add_gram_, row_chunks, symmetrize_gram_
-from mergekit_ace.rules.task_vectors import TaskVectors
 from mergekit_ace.rules.precision import (
     ErrorBudget,
     extreme_eigenvalues,
@@ -50,6 +48,7 @@ from mergekit_ace.rules.precision import (
     top_eigenpairs,
     unit_roundoff,
 )
+from mergekit_ace.rules.task_vectors import TaskVectors
 
 #: Unit roundoff of float64.
 UNIT_ROUNDOFF_FLOAT64 = 2.0 ** -53
@@ -90,7 +89,7 @@ def check_route(route: str) -> str:
     return route
 
 
-def smaller_gram(X: torch.Tensor, row_chunk: Optional[int] = None) -> Tuple[torch.Tensor, bool]:
+def smaller_gram(X: torch.Tensor, row_chunk: int | None = None) -> tuple[torch.Tensor, bool]:
     """``(G, tall)``: G = X^TX if X is tall (p >= q) else XX^T, only the upper
     block triangle computed (:func:`~mergekit_ace.rules.linalg.add_gram_`)."""
     p, q = X.shape
@@ -122,7 +121,7 @@ def svd_error(sigma_top: float, denominator: float, summed_dim: int, unit: float
     return math.sqrt(summed_dim) * unit * sigma_top / denominator
 
 
-def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: Optional[torch.dtype]) -> ErrorBudget:
+def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: torch.dtype | None) -> ErrorBudget:
     """The precision contract of a checked float32 attempt of an SVD rule: ``||W||`` taken as
     ||W_0|| and the merged update's norm as sqrt(sum_t||D_t||^2) until
     :func:`settle_svd_budget` knows them."""
@@ -132,7 +131,7 @@ def svd_budget(base: torch.Tensor, experts, alpha: float, output_dtype: Optional
 
 
 def run_svd_rule(step, base: torch.Tensor, experts, alpha: float, *, matmul_dtype, compute_dtype: torch.dtype,
-                 output_dtype: Optional[torch.dtype], name: Optional[str], label: str, return_diagnostics: bool):
+                 output_dtype: torch.dtype | None, name: str | None, label: str, return_diagnostics: bool):
     """An SVD rule under the precision contract: ``step(dtype, budget) -> (W, diagnostics)`` run by
     ``precision.run_with_fallback`` (a float32 attempt gets :func:`svd_budget`, the float64 pass
     none), the result checked finite (``label`` names the rule in the message)."""
@@ -143,7 +142,7 @@ def run_svd_rule(step, base: torch.Tensor, experts, alpha: float, *, matmul_dtyp
     return (W, diag) if return_diagnostics else W
 
 
-def settle_svd_budget(budget: Optional[ErrorBudget], W: torch.Tensor, base: torch.Tensor, alpha: float) -> None:
+def settle_svd_budget(budget: ErrorBudget | None, W: torch.Tensor, base: torch.Tensor, alpha: float) -> None:
     """Charge a float32 attempt's estimates again at the true norms of W and of its update."""
     if budget is None:
         return
@@ -152,14 +151,14 @@ def settle_svd_budget(budget: Optional[ErrorBudget], W: torch.Tensor, base: torc
                   update / abs(alpha) if alpha else 0.0, "float32 decompositions")
 
 
-def _charge(budget: Optional[ErrorBudget], error: float, what: str) -> None:
+def _charge(budget: ErrorBudget | None, error: float, what: str) -> None:
     """A checked (float32) attempt spends ``error`` (relative) of the contract's budget, or gives up."""
     if budget is not None:
         budget.charge(error, what)
 
 
-def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float] = None, route: str = AUTO,
-                          row_chunk: Optional[int] = None, budget: Optional[ErrorBudget] = None) -> Triplets:
+def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: float | None = None, route: str = AUTO,
+                          row_chunk: int | None = None, budget: ErrorBudget | None = None) -> Triplets:
     """The k largest singular triplets of X, leaving out those with sigma <= ``zero_below``
     (default: :data:`RANK_RTOL` times sigma_1). X is not modified.
 
@@ -203,9 +202,9 @@ def top_singular_triplets(X: torch.Tensor, k: int, *, zero_below: Optional[float
     return Triplets(U=U[:, :k][:, keep], S=S[:k][keep], V=Vh[:k].T[:, keep], route="svd")
 
 
-def polar_factor_(X: torch.Tensor, *, zero_below: Optional[float] = None, route: str = AUTO,
-                  row_chunk: Optional[int] = None,
-                  budget: Optional[ErrorBudget] = None) -> Tuple[torch.Tensor, torch.Tensor, str]:
+def polar_factor_(X: torch.Tensor, *, zero_below: float | None = None, route: str = AUTO,
+                  row_chunk: int | None = None,
+                  budget: ErrorBudget | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(P, S, route)``: the orthogonal polar factor P = U_rV_r^T of X = USV^T
     over the directions with sigma > ``zero_below`` (default :data:`RANK_RTOL`
     sigma_1), and those singular values (largest first). **Overwrites X** with P where
@@ -240,7 +239,7 @@ def polar_factor_(X: torch.Tensor, *, zero_below: Optional[float] = None, route:
     return _polar_by_svd(X, zero_below, budget)
 
 
-def _polar_by_svd(X: torch.Tensor, zero_below: Optional[float], budget: Optional[ErrorBudget] = None):
+def _polar_by_svd(X: torch.Tensor, zero_below: float | None, budget: ErrorBudget | None = None):
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     keep = S > _cutoff(S, zero_below)
     if budget is not None and bool(keep.any()):
@@ -263,7 +262,7 @@ def _clearly_ill_conditioned(gram: torch.Tensor, summed_dim: int, unit: float = 
     return gram_error(lam_max, lam_min, summed_dim, unit) > tolerance
 
 
-def _cutoff(S: torch.Tensor, zero_below: Optional[float]) -> float:
+def _cutoff(S: torch.Tensor, zero_below: float | None) -> float:
     if zero_below is not None:
         return float(zero_below)
     return RANK_RTOL * float(S[0]) if S.numel() else 0.0

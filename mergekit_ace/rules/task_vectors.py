@@ -3,7 +3,7 @@ the rules use to keep their working memory small (docs/execution.md, "Strategies
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ AVERAGE_BLOCK_ELEMENTS = 1 << 22
 
 def average_task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], scale: float, dtype: torch.dtype,
-    out_dtype: Optional[torch.dtype] = None, block_elements: int = AVERAGE_BLOCK_ELEMENTS,
+    out_dtype: torch.dtype | None = None, block_elements: int = AVERAGE_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """``W_0 + scale * mean_t D_t`` -- what both rules do for non-2-D weights and embeddings.
 
@@ -65,7 +65,7 @@ ROW_RECOMPUTED = "row_recomputed"
 ACE_STRATEGIES = STRATEGIES + (ROW_RECOMPUTED,)
 
 
-def check_strategy(strategy: str, name: Optional[str], allowed: Sequence[str] = STRATEGIES) -> str:
+def check_strategy(strategy: str, name: str | None, allowed: Sequence[str] = STRATEGIES) -> str:
     if strategy not in allowed:
         raise ValueError(f"{describe(name)}: unknown strategy {strategy!r}; expected one of {tuple(allowed)}")
     return strategy
@@ -78,7 +78,7 @@ class TaskVectors:
     ``row_chunk`` rows per block (``None``: the whole matrix is one block)."""
 
     def __init__(self, base: torch.Tensor, experts: Sequence[torch.Tensor], dtype: torch.dtype,
-                 row_chunk: Optional[int] = None):
+                 row_chunk: int | None = None):
         self.base, self.experts, self.dtype, self.row_chunk = base, experts, dtype, row_chunk
         self.d_out, self.d_in = base.shape
         self.device = base.device
@@ -95,14 +95,14 @@ class TaskVectors:
         out -= self.base[rows]
         return out
 
-    def whole(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def whole(self, t: int, mu: torch.Tensor | None = None) -> torch.Tensor:
         """The whole D_t (or C_t = D_t - 1 mu^T with ``mu``) in ``dtype``."""
         D = self.block(t, slice(0, self.d_out))
         if mu is not None:
             D -= mu.to(self.dtype)
         return D
 
-    def energies_and_means(self, dtype: torch.dtype, means: bool = True) -> Tuple[list, Optional[list]]:
+    def energies_and_means(self, dtype: torch.dtype, means: bool = True) -> tuple[list, list | None]:
         """One cheap pass: ||D_t||_F^2 (python floats, accumulated in float64) and the row
         means mu_t (d_in vectors in ``dtype``) of every expert; ``means=False``: the
         energies only (``None`` for the means)."""
@@ -121,7 +121,7 @@ class TaskVectors:
                 mus.append(col_sum / self.d_out)
         return traces, (mus if means else None)
 
-    def gram(self, t: int, mu: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def gram(self, t: int, mu: torch.Tensor | None = None) -> torch.Tensor:
         """C_t^T C_t with C_t = D_t - 1 mu^T (uncentred D_t^TD_t if ``mu``
         is None), accumulated over row blocks in ``dtype``. The blocks are centred before the
         product, so no cancellation between D^TD and d_out mu mu^T."""
@@ -136,7 +136,7 @@ class TaskVectors:
         return symmetrize_gram_(gram)
 
     def weighted_sum(self, rows: slice, weights: Sequence[float], dtype: torch.dtype,
-                     mus: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                     mus: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """sum_t w_t D_t[rows] in ``dtype`` (centred rows D_t - mu_t if ``mus``)."""
         acc = torch.zeros(rows.stop - rows.start, self.d_in, dtype=dtype, device=self.device)
         for t, w in enumerate(weights):

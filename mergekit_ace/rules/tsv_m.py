@@ -36,14 +36,13 @@ out (:mod:`.spectral`, "Zero singular values"). For full-rank task matrices the 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, List, Optional, Sequence
 
 import torch
 
 from mergekit_ace.rules.checks import check_inputs, check_parameter
 from mergekit_ace.rules.linalg import row_chunks
-from mergekit_ace.rules.task_vectors import SVD_STRATEGIES, WHOLE_MATRIX, check_strategy, task_vector
 from mergekit_ace.rules.spectral import (
     AUTO,
     Triplets,
@@ -53,12 +52,13 @@ from mergekit_ace.rules.spectral import (
     settle_svd_budget,
     top_singular_triplets,
 )
+from mergekit_ace.rules.task_vectors import SVD_STRATEGIES, WHOLE_MATRIX, check_strategy, task_vector
 
 DEFAULTS = dict(sv_reduction=None, alpha=1.0)
 
 
 # --------------------------------------------------------------------------- step 1
-def per_task_rank(r: int, n_tasks: int, sv_reduction: Optional[float] = None) -> int:
+def per_task_rank(r: int, n_tasks: int, sv_reduction: float | None = None) -> int:
     """The per-task rank budget k: ``int(r * sv_reduction)`` with ``sv_reduction = 1/T`` by
     default (the authors' ``int(s.shape[0] * (1 / len(task_vectors)))``, floating point as written)."""
     fraction = 1.0 / n_tasks if sv_reduction is None else float(sv_reduction)
@@ -66,13 +66,13 @@ def per_task_rank(r: int, n_tasks: int, sv_reduction: Optional[float] = None) ->
 
 
 def task_singular_vectors(delta: torch.Tensor, k: int, route: str = AUTO,
-                          row_chunk: Optional[int] = None, budget=None) -> Triplets:
+                          row_chunk: int | None = None, budget=None) -> Triplets:
     """Step 1 (TSV-C): the top-k singular triplets of one task matrix (zero singular values left out)."""
     return top_singular_triplets(delta, k, route=route, row_chunk=row_chunk, budget=budget)
 
 
 # --------------------------------------------------------------------------- steps 2-3
-def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: Optional[int] = None, budget=None):
+def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: int | None = None, budget=None):
     """Step 3: polar(U^), the orthonormal matrix closest to the concatenated
     singular vectors. Overwrites ``stacked`` where the Gram route is taken; returns ``(P, route)``."""
     P, _, used = polar_factor_(stacked, route=route, row_chunk=row_chunk, budget=budget)
@@ -84,9 +84,9 @@ def orthogonalise_(stacked: torch.Tensor, route: str = AUTO, row_chunk: Optional
 class TSVMDiagnostics:
     k: int
     #: kept triplets per expert (k, or fewer where a task matrix has lower rank)
-    ranks: List[int]
+    ranks: list[int]
     #: route of each SVD ("gram" or "svd"): the T task SVDs, then polar(U), polar(V)
-    routes: List[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
     #: the dtype the decompositions ran in ("float32" where the precision contract allowed it)
     precision: str = "float64"
 
@@ -95,17 +95,17 @@ def tsv_m_merge(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
     *,
-    sv_reduction: Optional[float] = DEFAULTS["sv_reduction"],
+    sv_reduction: float | None = DEFAULTS["sv_reduction"],
     alpha: float = DEFAULTS["alpha"],
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
     route: str = AUTO,
     strategy: str = WHOLE_MATRIX,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     return_diagnostics: bool = False,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
 ):
     """Merge one 2-D weight by TSV-M; returns W_0 + alpha U_perp S^ V_perp^T in
     ``compute_dtype`` (module docstring). ``route`` = "auto" (Gram route where exact, else SVD) or

@@ -43,13 +43,13 @@ task vectors of the rest.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from mergekit_ace.rules.actmat import EXACT, actmat_merge
 from mergekit_ace.errors import MergeInputError
+from mergekit_ace.rules.actmat import EXACT, actmat_merge
 from mergekit_ace.rules.checks import (
     check_finite_output,
     check_inputs,
@@ -71,14 +71,14 @@ DEFAULTS = dict(scale=1.0, solver=CLOSED_FORM, solve=EXACT, rcond=None, lr=ADAM_
 @dataclass
 class AdamDiagnostics:
     #: the experts' squared norms ||D_t||_F^2
-    traces: List[float]
+    traces: list[float]
     iterations: int
     lr: float
     precision: str = "float32 (adam)"
 
 
-def wudi_weights(base: torch.Tensor, experts: Sequence[torch.Tensor], name: Optional[str] = None,
-                 ids: Optional[Sequence[Hashable]] = None, row_chunk: Optional[int] = None) -> list:
+def wudi_weights(base: torch.Tensor, experts: Sequence[torch.Tensor], name: str | None = None,
+                 ids: Sequence[Hashable] | None = None, row_chunk: int | None = None) -> list:
     """w_t = 1/||D_t||_F^2 (accumulated in float64, one row block at a time); an all-zero
     task vector is refused naming the expert."""
     energies = TaskVectors(base, experts, torch.float64, row_chunk).energies_and_means(torch.float64, means=False)[0]
@@ -93,16 +93,16 @@ def wudi_merge(
     scale: float = 1.0,
     solver: str = CLOSED_FORM,
     solve: str = EXACT,
-    rcond: Optional[float] = None,
+    rcond: float | None = None,
     lr: float = ADAM_LR,
     iterations: int = ADAM_ITERATIONS,
-    name: Optional[str] = None,
-    ids: Optional[Sequence[Hashable]] = None,
+    name: str | None = None,
+    ids: Sequence[Hashable] | None = None,
     compute_dtype: torch.dtype = torch.float64,
-    row_chunk: Optional[int] = None,
+    row_chunk: int | None = None,
     strategy: str = ROW_CHUNKED,
     matmul_dtype=None,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
     return_diagnostics: bool = False,
 ):
     """Merge one 2-D weight by WUDI: W_0 + scale * tau (module docstring).

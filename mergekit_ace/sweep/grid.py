@@ -8,8 +8,9 @@ import copy
 import itertools
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import yaml
 
@@ -54,9 +55,9 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     """``["epsilon=1e-5,1e-3", "tau=0.3"]`` -> ``{"epsilon": [1e-05, 0.001], "tau": [0.3]}``."""
-    grid: Dict[str, List[Any]] = {}
+    grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
@@ -65,7 +66,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         if key in grid:
             raise UserError(f"--grid {key!r} is given twice; list all its values in one --grid")
         parsed = [parse_value(v.strip()) for v in values.split(",")]
-        seen: List[Any] = []
+        seen: list[Any] = []
         for v in parsed:
             if any(type(v) is type(s) and v == s for s in seen):
                 raise UserError(f"--grid {key!r}: value {format_value(v)} is given twice")
@@ -76,7 +77,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     return grid
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> List[Dict[str, Any]]:
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination, the last key varying fastest (``itertools.product`` order)."""
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
@@ -95,7 +96,7 @@ def point_label(point: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the config
-def load_config(path: Path) -> Dict[str, Any]:
+def load_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config {path} does not exist")
@@ -141,13 +142,13 @@ def check_grid(grid: Mapping[str, Sequence[Any]], spec) -> None:
                                 f"{spec.name}'s {key!r} ({reason})") from None
 
 
-def apply_point(config: Mapping[str, Any], point: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+def apply_point(config: Mapping[str, Any], point: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The config with each of the point's values in the global ``parameters:`` block, replacing
     whatever was there (a scalar or a filtered list), and removed from every per-model, per-slice
     or per-module ``parameters:`` block, so that the whole merge uses the grid's value. Returns the
     new config and the places a value was removed from (``models[0].parameters.epsilon``)."""
     out = copy.deepcopy(dict(config))
-    removed: List[str] = []
+    removed: list[str] = []
 
     def strip(node: Any, where: str) -> None:
         if isinstance(node, dict):
@@ -184,11 +185,11 @@ def validate_config(config: Mapping[str, Any], label: str):
         raise UserError(f"the config with {label} is not a valid mergekit config: {message[:400]}") from None
 
 
-def reference_models(merge_config) -> Tuple[Dict[str, str], Optional[str], Dict[str, str]]:
+def reference_models(merge_config) -> tuple[dict[str, str], str | None, dict[str, str]]:
     """``({name: path}, base name, {path as written: name})`` for the models the config merges:
     the base is ``base``, each other model is named after its directory (``expert-math``)."""
-    models: Dict[str, str] = {}
-    aliases: Dict[str, str] = {}
+    models: dict[str, str] = {}
+    aliases: dict[str, str] = {}
     base = None
     refs = list(merge_config.referenced_models())
     ordered = ([merge_config.base_model] if merge_config.base_model else []) + sorted(

@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -43,8 +44,8 @@ def metric_label(metric: str) -> str:
 
 
 # --------------------------------------------------------------------------- outputs
-def write_outputs(plan: "SweepPlan", records: Sequence[Optional[Dict[str, Any]]], state: Mapping[str, Any],
-                  started: float) -> Dict[str, Any]:
+def write_outputs(plan: SweepPlan, records: Sequence[dict[str, Any] | None], state: Mapping[str, Any],
+                  started: float) -> dict[str, Any]:
     """Build the tables from the points on disk; write table.md/.csv, sweep.json, chart.png,
     best.yml (each atomically). Returns sweep.json's content."""
     references = state["references"]
@@ -57,13 +58,13 @@ def write_outputs(plan: "SweepPlan", records: Sequence[Optional[Dict[str, Any]]]
     return write_tables(plan.output, content)
 
 
-def score_tables(plan: "SweepPlan", names: Sequence[str], records: Sequence[Optional[Dict[str, Any]]],
-                 references: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+def score_tables(plan: SweepPlan, names: Sequence[str], records: Sequence[dict[str, Any] | None],
+                 references: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The evaluation's tables (raw, normalised, averages, roles) over the references' scores and
     every finished point's (``p1``, ``p2``, ...); None when nothing is scored yet."""
     from mergekit_ace.evaluation import normalise
 
-    scores: Dict[str, Dict[str, Any]] = {}
+    scores: dict[str, dict[str, Any]] = {}
     if references is not None:
         for name in plan.ref_models:
             scores[name] = references["scores"].get(name, {})
@@ -79,15 +80,15 @@ def score_tables(plan: "SweepPlan", names: Sequence[str], records: Sequence[Opti
         raise UserError(str(error)) from None
 
 
-def point_rows(plan: "SweepPlan", names: Sequence[str], records: Sequence[Optional[Dict[str, Any]]],
-               tables: Optional[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def point_rows(plan: SweepPlan, names: Sequence[str], records: Sequence[dict[str, Any] | None],
+               tables: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """One row per grid point: its status, timings, error, scores and the value of the metric
     (``metric``: the normalised or raw mean, or one task's primary metric)."""
     metric = plan.metric
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for name, point, key, rec in zip(names, plan.points, plan.keys, records):
         status = "not run" if rec is None else rec.get("status", "failed")
-        row: Dict[str, Any] = {"point": name, "label": point_label(point), "parameters": dict(point),
+        row: dict[str, Any] = {"point": name, "label": point_label(point), "parameters": dict(point),
                                "status": status, "key": key, "dir": f"{POINTS_DIR}/{key}"}
         if rec is not None:
             row["merge_seconds"] = rec.get("merge_seconds")
@@ -105,7 +106,7 @@ def point_rows(plan: "SweepPlan", names: Sequence[str], records: Sequence[Option
     return rows
 
 
-def choose_best(rows: List[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+def choose_best(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The row with the highest metric (ties: the first) and the rows that have one; marks each
     row's ``best``."""
     candidates = [r for r in rows if r.get("metric") is not None]
@@ -115,8 +116,8 @@ def choose_best(rows: List[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], L
     return best, candidates
 
 
-def write_best_config(plan: "SweepPlan", rows: List[Dict[str, Any]], best: Optional[Dict[str, Any]],
-                      candidates: Sequence[Dict[str, Any]]) -> None:
+def write_best_config(plan: SweepPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None,
+                      candidates: Sequence[dict[str, Any]]) -> None:
     """``best.yml``: the original config with the best point applied, under a comment saying how
     it was chosen; without a best point, an earlier run's ``best.yml`` is removed."""
     from mergekit_ace.evaluation.store import write_atomic
@@ -132,8 +133,8 @@ def write_best_config(plan: "SweepPlan", rows: List[Dict[str, Any]], best: Optio
     write_atomic(output / BEST_FILE, header + yaml.safe_dump(best_config, sort_keys=False))
 
 
-def reference_rows(plan: "SweepPlan", references: Optional[Mapping[str, Any]],
-                   tables: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Dict[str, Any]]]:
+def reference_rows(plan: SweepPlan, references: Mapping[str, Any] | None,
+                   tables: Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | None:
     """``{model: {path, role, raw, normalised, averages}}`` for base and experts (None when they
     were not scored)."""
     if references is None or tables is None:
@@ -146,8 +147,8 @@ def reference_rows(plan: "SweepPlan", references: Optional[Mapping[str, Any]],
             for name in plan.ref_models}
 
 
-def sweep_content(plan: "SweepPlan", rows, best, refs_out, tables, state: Mapping[str, Any],
-                  started: float) -> Dict[str, Any]:
+def sweep_content(plan: SweepPlan, rows, best, refs_out, tables, state: Mapping[str, Any],
+                  started: float) -> dict[str, Any]:
     """The content of ``sweep.json`` (JSON-clean: no NaN or infinity)."""
     from mergekit_ace.evaluation.summary import clean_json
 
@@ -173,7 +174,7 @@ def sweep_content(plan: "SweepPlan", rows, best, refs_out, tables, state: Mappin
     return clean_json(content)
 
 
-def write_tables(output: Path, content: Dict[str, Any]) -> Dict[str, Any]:
+def write_tables(output: Path, content: dict[str, Any]) -> dict[str, Any]:
     """Write sweep.json, table.csv, table.md and chart.png; returns ``content`` with ``chart``
     (the chart's file name, or None without a scored point)."""
     from mergekit_ace.evaluation.store import write_atomic, write_json_atomic
@@ -188,7 +189,7 @@ def write_tables(output: Path, content: Dict[str, Any]) -> Dict[str, Any]:
 
 def _fraction_tasks(content) -> set:
     """Tasks whose raw values all lie in [0, 1]: shown x100, as in the eval report."""
-    values: Dict[str, List[float]] = {t: [] for t in content["tasks"]}
+    values: dict[str, list[float]] = {t: [] for t in content["tasks"]}
     for row in content["points"] + list((content["references"] or {}).values()):
         for t, v in (row.get("raw") or {}).items():
             if v is not None:
@@ -196,7 +197,7 @@ def _fraction_tasks(content) -> set:
     return {t for t, vs in values.items() if all(0.0 <= v <= 1.0 for v in vs)}
 
 
-def _f(value: Optional[float], scale: float = 1.0, digits: int = 2) -> str:
+def _f(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "–" if value is None else f"{value * scale:.{digits}f}"
 
 
@@ -276,7 +277,7 @@ def render_csv(content: Mapping[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def write_chart(content: Mapping[str, Any], path: Path) -> Optional[Path]:
+def write_chart(content: Mapping[str, Any], path: Path) -> Path | None:
     """The metric against the first grid key that varies (one line per combination of the other
     keys; a log axis for positive numbers spanning more than 10x), and each task's score."""
     from mergekit_ace.evaluation.store import replacing
@@ -295,7 +296,7 @@ def write_chart(content: Mapping[str, Any], path: Path) -> Optional[Path]:
         [("tasks", "normalised to each task's expert (%)" if normalised else "raw primary metric")]
         if len(content["tasks"]) > 1 else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
-    groups: Dict[str, List[Dict[str, Any]]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         label = ", ".join(f"{k}={format_value(row['parameters'][k])}" for k in axis["others"])
         groups.setdefault(label, []).append(row)
@@ -310,7 +311,7 @@ def write_chart(content: Mapping[str, Any], path: Path) -> Optional[Path]:
     return path
 
 
-def _chart_axis(grid: Mapping[str, Sequence[Any]]) -> Dict[str, Any]:
+def _chart_axis(grid: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     """The chart's x axis: the first grid key that varies, the other keys, each value's position
     (the value itself for numbers, else its index) and whether the axis is logarithmic."""
     keys = list(grid)
@@ -322,7 +323,7 @@ def _chart_axis(grid: Mapping[str, Sequence[Any]]) -> Dict[str, Any]:
             "position": {format_value(v): (v if numeric else i) for i, v in enumerate(values)}}
 
 
-def _plot_panel(ax, kind: str, groups: Mapping[str, List[Dict[str, Any]]], axis: Mapping[str, Any],
+def _plot_panel(ax, kind: str, groups: Mapping[str, list[dict[str, Any]]], axis: Mapping[str, Any],
                 tasks: Sequence[str], source: str) -> None:
     """One panel: the metric per group of points (the best marked with a star), or each task's
     score (``source``: raw or normalised) per group."""

@@ -41,18 +41,35 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import yaml
 
 from mergekit_ace.errors import UserError
 from mergekit_ace.sweep.grid import (
-    apply_point, check_grid, grid_points, load_config, method_spec, parse_grid, point_label,
-    reference_models, validate_config)
+    apply_point,
+    check_grid,
+    grid_points,
+    load_config,
+    method_spec,
+    parse_grid,
+    point_label,
+    reference_models,
+    validate_config,
+)
 from mergekit_ace.sweep.layout import (
-    MERGE_DIR, MERGE_MODEL_NAME, MERGE_TMP, POINT_FILE, POINTS_DIR, REFERENCE_DIR, SWEEP_FILE, remove)
+    MERGE_DIR,
+    MERGE_MODEL_NAME,
+    MERGE_TMP,
+    POINT_FILE,
+    POINTS_DIR,
+    REFERENCE_DIR,
+    SWEEP_FILE,
+    remove,
+)
 from mergekit_ace.sweep.report import metric_label, resolve_metric, write_outputs
 
 log = logging.getLogger(__name__)
@@ -63,13 +80,13 @@ def _digest(content: Any) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _model_identities(models: Mapping[str, str]) -> Dict[str, Any]:
+def _model_identities(models: Mapping[str, str]) -> dict[str, Any]:
     from mergekit_ace.evaluation import record
 
     return {name: record.model_identity(Path(path).expanduser(), {}) for name, path in models.items()}
 
 
-def scoring_key(task_names, tm, code_tasks, task_files, scoring: Mapping[str, Any]) -> Dict[str, Any]:
+def scoring_key(task_names, tm, code_tasks, task_files, scoring: Mapping[str, Any]) -> dict[str, Any]:
     """What a point's scores depend on besides the merge (mirrors the evaluation store's cell
     settings without the model)."""
     from mergekit_ace.evaluation import record
@@ -122,40 +139,40 @@ class SweepPlan:
 
     config_path: Path
     output: Path
-    config: Dict[str, Any]  # the mergekit config as written
+    config: dict[str, Any]  # the mergekit config as written
     spec: Any  # the merge method's declared spec
-    grid: Dict[str, List[Any]]
-    points: List[Dict[str, Any]]
-    configs: List[Dict[str, Any]]  # the config with each point applied
+    grid: dict[str, list[Any]]
+    points: list[dict[str, Any]]
+    configs: list[dict[str, Any]]  # the config with each point applied
     merge_config: Any  # the first of them, validated by mergekit
-    task_names: List[str]
-    scoring: Dict[str, Any]  # evaluate_models options
-    ref_models: Dict[str, str]
-    base: Optional[str]
-    owners: Optional[Dict[str, str]]
+    task_names: list[str]
+    scoring: dict[str, Any]  # evaluate_models options
+    ref_models: dict[str, str]
+    base: str | None
+    owners: dict[str, str] | None
     references: bool
     metric: str
     keep_merges: bool
     cuda: bool
-    merge_args: List[str]
-    eval_key: Dict[str, Any] = field(default_factory=dict)
-    keys: List[str] = field(default_factory=list)
+    merge_args: list[str]
+    eval_key: dict[str, Any] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
 
 
 def run_sweep(
-    config_path: "str | Path",
-    grid: "Sequence[str] | Mapping[str, Sequence[Any]]",
-    tasks: "str | Sequence[str]",
-    output_dir: "str | Path",
+    config_path: str | Path,
+    grid: Sequence[str] | Mapping[str, Sequence[Any]],
+    tasks: str | Sequence[str],
+    output_dir: str | Path,
     *,
-    owners: "str | Path | Mapping[str, Any] | None" = None,
+    owners: str | Path | Mapping[str, Any] | None = None,
     references: bool = False,
     metric: str = "auto",
     keep_merges: bool = False,
     cuda: bool = False,
     merge_args: Sequence[str] = (),
     **scoring: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Merge ``config_path`` at every grid point, score each merge, write the tables, the chart
     and ``best.yml``; return the content of ``sweep.json``.
 
@@ -180,14 +197,14 @@ def run_sweep(
                       metric=metric, keep_merges=keep_merges, cuda=cuda, merge_args=merge_args,
                       scoring=scoring)
     prepare_output(plan)
-    state: Dict[str, Any] = {"merged": 0, "scored": 0, "reused": 0, "references": None}
-    records: List[Optional[Dict[str, Any]]] = [None] * len(plan.points)
+    state: dict[str, Any] = {"merged": 0, "scored": 0, "reused": 0, "references": None}
+    records: list[dict[str, Any] | None] = [None] * len(plan.points)
     run_points_keeping_finished(plan, records, state, started)
     return write_outputs(plan, records, state, started)
 
 
 def plan_sweep(config_path, grid, tasks, output_dir, *, owners, references, metric, keep_merges, cuda,
-               merge_args, scoring: Dict[str, Any]) -> SweepPlan:
+               merge_args, scoring: dict[str, Any]) -> SweepPlan:
     """Check everything before anything runs, in this order: the config and the grid, the tasks,
     the references and owners, the metric, the output directory; then the points' keys."""
     config_path = Path(config_path).expanduser().resolve()
@@ -207,8 +224,8 @@ def plan_sweep(config_path, grid, tasks, output_dir, *, owners, references, metr
     return plan
 
 
-def plan_grid(config_path: Path, grid) -> Tuple[Dict[str, Any], Any, Dict[str, List[Any]],
-                                                 List[Dict[str, Any]], List[Dict[str, Any]], Any]:
+def plan_grid(config_path: Path, grid) -> tuple[dict[str, Any], Any, dict[str, list[Any]],
+                                                 list[dict[str, Any]], list[dict[str, Any]], Any]:
     """The config, its method's spec, the checked grid, its points and the config with each point
     applied (each validated by mergekit); warns where the grid replaces per-model settings.
     Returns ``(config, spec, grid, points, configs, first config validated)``."""
@@ -217,7 +234,7 @@ def plan_grid(config_path: Path, grid) -> Tuple[Dict[str, Any], Any, Dict[str, L
     grid = dict(grid) if isinstance(grid, Mapping) else parse_grid(grid)
     check_grid(grid, spec)
     points = grid_points(grid)
-    configs: List[Dict[str, Any]] = []
+    configs: list[dict[str, Any]] = []
     checked = []
     for point in points:
         applied, removed = apply_point(config, point)  # the same places for every point
@@ -229,7 +246,7 @@ def plan_grid(config_path: Path, grid) -> Tuple[Dict[str, Any], Any, Dict[str, L
     return config, spec, grid, points, configs, checked[0]
 
 
-def plan_scoring(tasks, scoring: Dict[str, Any]) -> Tuple[List[str], Any, Any, Dict[str, Any]]:
+def plan_scoring(tasks, scoring: dict[str, Any]) -> tuple[list[str], Any, Any, dict[str, Any]]:
     """The task names (presets expanded), each known to lm-eval with its data present; resolves
     ``scoring["data_dir"]``. Returns ``(task names, task manager, code tasks, {task: data files})``."""
     from mergekit_ace.evaluation.presets import expand_tasks
@@ -284,7 +301,7 @@ def check_output(output: Path) -> None:
         raise UserError(f"--output {output} holds files that are not a sweep's; choose another directory")
 
 
-def point_keys(plan: SweepPlan, tm, code_tasks, task_files) -> Tuple[Dict[str, Any], List[str]]:
+def point_keys(plan: SweepPlan, tm, code_tasks, task_files) -> tuple[dict[str, Any], list[str]]:
     """The scoring settings and each point's key: a hash of the point's config, the identities of
     the models it reads, the mergekit-yaml options, mergekit's version and the scoring settings."""
     from importlib import metadata
@@ -307,8 +324,8 @@ def prepare_output(plan: SweepPlan) -> None:
              ", ".join(plan.task_names), metric_label(plan.metric))
 
 
-def run_points_keeping_finished(plan: SweepPlan, records: List[Optional[Dict[str, Any]]],
-                                state: Dict[str, Any], started: float) -> None:
+def run_points_keeping_finished(plan: SweepPlan, records: list[dict[str, Any] | None],
+                                state: dict[str, Any], started: float) -> None:
     """:func:`run_points` (SIGTERM stops it as Ctrl-C does); whatever stops it, the tables are
     rebuilt from what finished before the error is re-raised."""
     from mergekit_ace.evaluation.runner import sigterm_as_interrupt
@@ -328,7 +345,7 @@ def run_points_keeping_finished(plan: SweepPlan, records: List[Optional[Dict[str
         raise
 
 
-def run_points(plan: SweepPlan, records: List[Optional[Dict[str, Any]]], state: Dict[str, Any]) -> None:
+def run_points(plan: SweepPlan, records: list[dict[str, Any] | None], state: dict[str, Any]) -> None:
     """Score the references (when asked), then each point not already done: ``records[i]`` is
     point i's record as soon as it is known."""
     points_dir = plan.output / POINTS_DIR
@@ -358,7 +375,7 @@ def _remove_leftovers(points_dir: Path) -> None:
         remove(path)
 
 
-def read_point(directory: Path) -> Optional[Dict[str, Any]]:
+def read_point(directory: Path) -> dict[str, Any] | None:
     path = directory / POINT_FILE
     if not path.is_file():
         return None
@@ -369,7 +386,7 @@ def read_point(directory: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def score_references(models, base, owners, task_names, directory: Path, scoring) -> Dict[str, Any]:
+def score_references(models, base, owners, task_names, directory: Path, scoring) -> dict[str, Any]:
     """Base and experts scored into ``OUT/reference`` (kept across runs by evaluate_models'
     resume: a cell is recomputed only when its model or settings changed)."""
     from mergekit_ace.evaluation.runner import evaluate_models
@@ -386,14 +403,14 @@ def score_references(models, base, owners, task_names, directory: Path, scoring)
 
 
 def run_point(directory: Path, point, applied, task_names, scoring, *, keep_merges, cuda,
-              merge_args, where, state) -> Dict[str, Any]:
+              merge_args, where, state) -> dict[str, Any]:
     """Merge (unless a finished merge of this point is on disk) and score one grid point; write
     ``point.json``. Returns the point's record."""
     from mergekit_ace.evaluation.store import write_atomic, write_json_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     config_file = write_atomic(directory / "config.yml", yaml.safe_dump(applied, sort_keys=False))
-    record: Dict[str, Any] = {"point": dict(point), "label": point_label(point), "config": applied,
+    record: dict[str, Any] = {"point": dict(point), "label": point_label(point), "config": applied,
                               "started": _now()}
     try:
         record["merge_seconds"] = merge_point(directory, config_file, where, keep_merges=keep_merges,
@@ -410,7 +427,7 @@ def run_point(directory: Path, point, applied, task_names, scoring, *, keep_merg
 
 
 def merge_point(directory: Path, config_file: Path, where: str, *, keep_merges: bool, cuda: bool,
-                merge_args: Sequence[str], state: Dict[str, Any]) -> Optional[float]:
+                merge_args: Sequence[str], state: dict[str, Any]) -> float | None:
     """The point's merge in ``directory/merge``: a finished one an interrupted run left is used
     (None seconds); else mergekit-yaml writes into a temporary directory renamed into place only
     on success (without ``keep_merges`` other points' merges are removed first). Returns the
@@ -439,8 +456,8 @@ def merge_point(directory: Path, config_file: Path, where: str, *, keep_merges: 
     return seconds
 
 
-def score_point(directory: Path, task_names, scoring, where: str, record: Dict[str, Any],
-                state: Dict[str, Any]) -> None:
+def score_point(directory: Path, task_names, scoring, where: str, record: dict[str, Any],
+                state: dict[str, Any]) -> None:
     """Score ``directory/merge`` into ``directory/eval`` (continuing an interrupted scoring's
     finished cells); put the scores, timings and status into ``record``."""
     from mergekit_ace.evaluation.runner import evaluate_models

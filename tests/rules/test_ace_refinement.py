@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from mergekit_ace.errors import MergeInputError
 from mergekit_ace.execution.executor import execute_rule
 from mergekit_ace.rules import ace as ace_rule
 from mergekit_ace.rules.ace import REFINEMENTS, ace_merge
-from mergekit_ace.errors import MergeInputError
 from tests.reference import ace_reference, contract_ratio, make_experts, rel_err
 
 SHAPES = [(72, 24), (24, 72)]  # tall (Gram X^T X) and wide (Gram X X^T)

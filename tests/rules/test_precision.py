@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from mergekit_ace.fixtures.synthetic import layer_experts
 from mergekit_ace.rules import actmat as actmat_rule
 from mergekit_ace.rules.ace import ace_merge, proxy_sum_trace_bound
 from mergekit_ace.rules.actmat import CholeskySolve, SymmetricPseudoInverse, actmat_merge, range_solver
 from mergekit_ace.rules.linalg import add_gram_, symmetrize_gram_
-from mergekit_ace.rules.task_vectors import TaskVectors
 from mergekit_ace.rules.precision import (
     TRACE_SLACK,
     UNIT_ROUNDOFF_FLOAT32,
@@ -28,7 +28,7 @@ from mergekit_ace.rules.precision import (
     top_eigenvalue_lower_bound,
     unit_roundoff,
 )
-from mergekit_ace.fixtures.synthetic import layer_experts
+from mergekit_ace.rules.task_vectors import TaskVectors
 from tests.reference import ace_reference, actmat_reference, contract_ratio, rel_err, stored_ratio
 
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, tsv_m_merge
 import mergekit_ace.rules.sensitivity as sensitivity
+from mergekit_ace.rules import ace_merge, actmat_merge, iso_c_merge, tsv_m_merge
 from mergekit_ace.rules.sensitivity import (
     expected_rounding_error,
     half_ulp,

@@ -13,9 +13,13 @@ from tests.reference import (
     actmat_truncated_reference,
     make_experts,
     rel_err,
-    wudi_adam_reference as adam_reference,
-    wudi_objective as objective,
     wudi_reference,
+)
+from tests.reference import (
+    wudi_adam_reference as adam_reference,
+)
+from tests.reference import (
+    wudi_objective as objective,
 )
 
 

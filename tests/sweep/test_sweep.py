@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergekit_ace.errors import UserError
 from mergekit_ace.sweep import runner as sweep
 from mergekit_ace.sweep.grid import apply_point, check_grid, grid_points, method_spec, parse_grid
-from mergekit_ace.errors import UserError
 from tests.mergekit_run import BIN
 
 
