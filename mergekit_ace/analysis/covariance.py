@@ -1,36 +1,36 @@
 r"""The covariance claim, tested where the truth is known.
 
 ACE and ACTMat replace RegMean's input covariances by proxies built from the task vectors alone
-(ACTMat: :math:`D_t^\top D_t`; ACE: the row-centred :math:`C_t^\top C_t`). Where the experts'
+(ACTMat: D_t^T D_t; ACE: the row-centred C_t^T C_t). Where the experts'
 training data is at hand (the demo), the real thing can be measured, and each merge can be scored
 by the objective both papers start from.
 
 Per linear layer (weight ``W``, d_out x d_in) and task ``t``:
 
-* ``G_t`` = :math:`X_t^\top X_t / n_t`, the second moment (uncentred covariance) of the layer's
+* ``G_t`` = X_t^T X_t / n_t, the second moment (uncentred covariance) of the layer's
   inputs over all ``n_t`` non-padding token positions of task t's data. The activations are the
   **expert t's own** (forward hooks on expert t, running task t's examples): the RegMean objective
   that ACE and ACTMat derive their closed forms from asks the merged layer to answer *the inputs
   expert t's layer sees* like expert t does, and ACTMat's Theorem 3.1 relates
-  :math:`D_t^\top D_t` to the inputs seen during fine-tuning, which are the expert's (drifting
+  D_t^T D_t to the inputs seen during fine-tuning, which are the expert's (drifting
   from the base's). :func:`input_grams` can hook any model, so the base's inputs can be measured
   as well (the study reports the cosine for both). Dividing by ``n_t`` weighs every task the same
   whatever its examples' lengths.
-* (a) :func:`frobenius_cosine` of the proxy and ``G_t``: :math:`\langle A, B\rangle_F /
-  (\|A\|_F \|B\|_F)`; both are positive semi-definite, so it lies in [0, 1]. The identity's cosine
-  with ``G_t`` (:math:`\mathrm{tr}\,G_t / (\sqrt{d_{in}} \|G_t\|_F)`) is the baseline: the cosine
+* (a) :func:`frobenius_cosine` of the proxy and ``G_t``: <A, B>_F /
+  (||A||_F ||B||_F); both are positive semi-definite, so it lies in [0, 1]. The identity's cosine
+  with ``G_t`` (tr G_t / (sqrt(d_in) ||G_t||_F)) is the baseline: the cosine
   an isotropic guess, which needs no proxy at all, already gets.
-* (b) :func:`regmean_objective`: :math:`L(W) = \sum_t \|(W - W_t) X_t^\top\|_F^2 / n_t =
-  \sum_t \mathrm{tr}((W - W_t) G_t (W - W_t)^\top)`, reported relative to the experts' plain
+* (b) :func:`regmean_objective`: L(W) = sum_t ||(W - W_t) X_t^T||_F^2 / n_t =
+  sum_t tr((W - W_t) G_t (W - W_t)^T), reported relative to the experts' plain
   average's (the ``linear`` merge).
-* (c) :func:`regmean_solution`: the minimiser of (b), :math:`W^* = (\sum_t W_t G_t)(\sum_t G_t)^{-1}`,
-  computed in the equivalent task-vector form :math:`W_0 + (\sum_t D_t G_t)A^+`, :math:`A = \sum_t G_t`,
-  the pseudo-inverse from A's eigendecomposition keeping :math:`\lambda > 10^{-10}\lambda_{max}`
-  (``REGMEAN_RTOL``; float64 products put rounding noise near :math:`10^{-16}\lambda_{max}`, of
+* (c) :func:`regmean_solution`: the minimiser of (b), W^* = (sum_t W_t G_t)(sum_t G_t)^-1,
+  computed in the equivalent task-vector form W_0 + (sum_t D_t G_t)A^+, A = sum_t G_t,
+  the pseudo-inverse from A's eigendecomposition keeping lambda > 1e-10 lambda_max
+  (``REGMEAN_RTOL``; float64 products put rounding noise near 1e-16 lambda_max, of
   either sign). Where A is invertible the two forms are equal; where it is singular (inputs
   confined to a subspace) the task-vector form keeps the base in A's null space (the objective
   cannot see those directions) instead of zeroing it. Every merge's objective is at
-  least :math:`L(W^*)`, and :math:`L(W) - L(W^*) = \sum_t \mathrm{tr}((W - W^*) G_t (W - W^*)^\top)`.
+  least L(W^*), and L(W) - L(W^*) = sum_t tr((W - W^*) G_t (W - W^*)^T).
 """
 
 from __future__ import annotations
