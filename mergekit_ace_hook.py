@@ -1,4 +1,5 @@
-"""Register our merge methods (ace, actmat, tsv_m, iso_c, iso_cts, wudi) with mergekit the moment mergekit's registry is imported.
+"""Register our merge methods (ace, actmat, tsv_m, iso_c, iso_cts, wudi) with mergekit the moment mergekit's
+registry is imported.
 
 mergekit 0.1.5 has no plugin entry point: a merge method exists for ``mergekit-yaml`` only after
 ``mergekit.merge_methods.register`` ran in that process. The wheel ships a ``.pth`` file whose one

@@ -2,8 +2,9 @@
 
 The 2-core VM the CPU figures come from is not equally fast every day: the same SciPy
 eigendecomposition of a 4096-wide ACE Gram took 12.3 s in one session
-(``results-eigh-cpu-2026-12-02.json``) and 8.5 s in the next, hours later, with the same code. A benchmark that records these figures next to its own
-lets a reader scale one run to another's day instead of mistaking the machine's mood for a code change.
+(``results-eigh-cpu-2026-12-02.json``) and 8.5 s in the next, hours later, with the same code. A benchmark that
+records these figures next to its own lets a reader scale one run to another's day instead of mistaking the
+machine's mood for a code change.
 
     python benchmarks/calibration.py             # prints the figures as JSON
     python benchmarks/calibration.py --cuda
@@ -82,7 +83,7 @@ def machine_speed(device: str = "cpu", n: int = 4096, reps: int = 3, seed: int =
     for dtype in (torch.float64, torch.float32):
         a = torch.randn(n, n, generator=g, dtype=dtype).to(dev)
         b = torch.randn(n, n, generator=g, dtype=dtype).to(dev)
-        seconds = _median_seconds(lambda: a @ b, reps, sync)
+        seconds = _median_seconds(lambda a=a, b=b: a @ b, reps, sync)
         out[f"gemm_{str(dtype).replace('torch.', '')}_gflops"] = 2 * n ** 3 / seconds / 1e9
         del a, b
     x = torch.randn(n + n // 2, n, generator=g, dtype=torch.float64).to(dev)

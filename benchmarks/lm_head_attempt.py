@@ -16,9 +16,15 @@ experts = [(base.float() + synthetic.expert_update(name, base.float(), r, 0, t))
            for t, r in enumerate(synthetic.DEFAULT_RELATIVE_UPDATES)]
 print(sys.argv[1] if len(sys.argv) > 1 else "", name, "generated in %.1f s" % (time.time() - t0), flush=True)
 gram = task_vectors.TaskVectors.gram
+
+
 def traced(self, t, *a, **k):
-    t1 = time.time(); out = gram(self, t, *a, **k)
-    print("  Gram of expert %d (%s): %.1f s" % (t, self.dtype, time.time() - t1), flush=True); return out
+    t1 = time.time()
+    out = gram(self, t, *a, **k)
+    print(f"  Gram of expert {t:d} ({self.dtype}): {time.time() - t1:.1f} s", flush=True)
+    return out
+
+
 task_vectors.TaskVectors.gram = traced
 t0 = time.time()
 try:

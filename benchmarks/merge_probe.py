@@ -10,8 +10,8 @@ methods, planning, the model card); peak RSS (VmHWM), the peaks of anonymous RSS
 maps, clean page cache the kernel can reclaim); on CUDA
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``; OOM retries, CPU fallbacks and
 float64 recomputations of this package's executor. While the merge runs, a partial record
-(``"partial": true``) replaces RESULT.json every minute (``MERGE_PROBE_CHECKPOINT_S`` seconds). On CUDA every timed section ends with a
-``torch.cuda.synchronize()`` so that asynchronous work is charged to the section that queued it.
+(``"partial": true``) replaces RESULT.json every minute (``MERGE_PROBE_CHECKPOINT_S`` seconds). On CUDA every timed
+section ends with a ``torch.cuda.synchronize()`` so that asynchronous work is charged to the section that queued it.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ result's bf16 storage rounding ||bf16(W) - W||, the precision "auto" chose, and 
 
 Experts from ``mergekit_ace.fixtures.synthetic.layer_experts`` (as the issue describes them): W_0 ~ N(0, 0.02^2),
 each task vector a rank-64 part with singular values 1/i (80 % of its energy) plus isotropic noise,
-||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x 2048), down (2048 x 5632);
-``--scale 0.5`` halves every side.
+||D_t|| / ||W_0|| = 1 / 2.5 / 5 %, all stored in bf16. Shapes: TinyLlama-1.1B's q (2048 x 2048), gate (5632 x
+2048), down (2048 x 5632); ``--scale 0.5`` halves every side.
 
     python benchmarks/precision_contract.py [--scale 0.5] [--methods ace ace-none actmat] [--json out.json]
 
@@ -90,7 +90,8 @@ def main(argv=None):
                        computed_float32=float((f32 - exact).norm()) / rounding,
                        seconds_float64=t64, seconds_auto=tauto, time_ratio=tauto / t64)
             rows.append(row)
-            print(f"| {method} | {shape_name} | {shape[0]}x{shape[1]} | {row['precision']} | {row['stored_auto']:.3f} | "
+            print(f"| {method} | {shape_name} | {shape[0]}x{shape[1]} | {row['precision']} | "
+                  f"{row['stored_auto']:.3f} | "
                   f"{row['computed_auto']:.3f} | {row['computed_float32']:.2f} | {row['time_ratio']:.2f} "
                   f"({tauto:.1f} / {t64:.1f} s) |", flush=True)
     if args.json:

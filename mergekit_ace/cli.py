@@ -13,12 +13,15 @@ from mergekit_ace.errors import UserError
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "eval": ("mergekit_ace.evaluation.cli", "score models with lm-eval and normalise merges to their experts"),
-    "merge": ("mergekit_ace.execution.merge_cli", "mergekit-yaml, with --resume: a rerun after a kill computes only the missing weights"),
+    "merge": ("mergekit_ace.execution.merge_cli",
+              "mergekit-yaml, with --resume: a rerun after a kill computes only the missing weights"),
     "plan": ("mergekit_ace.execution.plan_cli", "dry-run a merge config: per-weight strategy, memory and time"),
     "inspect": ("mergekit_ace.analysis.inspect", "per-weight ACE/ACTMat diagnostics for a base and its experts"),
-    "sweep": ("mergekit_ace.sweep.cli", "merge a config over a grid of method parameters, score each merge, keep the best"),
+    "sweep": ("mergekit_ace.sweep.cli",
+              "merge a config over a grid of method parameters, score each merge, keep the best"),
     "demo": ("mergekit_ace.demo.pipeline", "train tiny experts, merge them every way, score them"),
-    "study": ("mergekit_ace.demo.study", "the demo over several seeds and merge variants, against the real covariances"),
+    "study": ("mergekit_ace.demo.study",
+              "the demo over several seeds and merge variants, against the real covariances"),
 }
 
 

@@ -27,7 +27,8 @@ def build_family(root: Path, arch: str, scales=(0.01, 0.03, 0.1), tie=False, ski
     base = make_model(tiny_config(arch, tie_word_embeddings=tie), seed=0)
     paths = {"base": save_pretrained(base, tok, root / "base")}
     for i, s in enumerate(scales):
-        paths[f"expert{i}"] = save_pretrained(perturbed_copy(base, seed=i + 1, scale=s, skip=skip), tok, root / f"expert{i}")
+        expert = perturbed_copy(base, seed=i + 1, scale=s, skip=skip)
+        paths[f"expert{i}"] = save_pretrained(expert, tok, root / f"expert{i}")
     return paths
 
 

@@ -61,7 +61,8 @@ def test_slug_matches_github():
     assert slug("Whole 3B / 7B merges: what to expect") == "whole-3b--7b-merges-what-to-expect"
     assert slug("Resuming an interrupted merge (`MERGEKIT_ACE_CACHE_DIR`)") == \
         "resuming-an-interrupted-merge-mergekit_ace_cache_dir"
-    assert slug("The papers' solve: `solve: truncated` (ACTMat, WUDI)") == "the-papers-solve-solve-truncated-actmat-wudi"
+    assert (slug("The papers' solve: `solve: truncated` (ACTMat, WUDI)")
+            == "the-papers-solve-solve-truncated-actmat-wudi")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -84,7 +84,8 @@ def test_merge_state_dicts_api_with_embeddings_norms_and_head(methods):
     experts = [{n: t + 0.05 * (i + 1) * torch.randn(t.shape, generator=g) for n, t in base.items()} for i in range(3)]
     for method, ref_fn in (("ace", lambda b, e: ace_reference(b, e)[0]), ("actmat", actmat_reference),
                            ("wudi", wudi_reference)):
-        merged = merge_state_dicts({"base": base, "a": experts[0], "b": experts[1], "c": experts[2]}, method, base="base")
+        merged = merge_state_dicts({"base": base, "a": experts[0], "b": experts[1], "c": experts[2]}, method,
+                                   base="base")
         for n in names:
             Ws = [e[n] for e in experts]
             avg = base[n].double() + sum(w.double() - base[n].double() for w in Ws) / 3

@@ -177,8 +177,8 @@ def analyse_layer(
     reference_label: str = "linear",
     base_grams: Sequence[torch.Tensor] | None = None,
 ) -> tuple[dict[str, object], torch.Tensor]:
-    """Everything (a)-(c) for one weight: ``(row of plain numbers, W*)``. ``merges`` maps labels to merged weights and must hold
-    ``reference_label`` (the experts' average) unless it is missing, in which case the average is
+    """Everything (a)-(c) for one weight: ``(row of plain numbers, W*)``. ``merges`` maps labels to merged weights
+    and must hold ``reference_label`` (the experts' average) unless it is missing, in which case the average is
     computed here. ``base_grams`` (the base's inputs on each task) add a second cosine column."""
     W0 = base.double()
     deltas = [W.double() - W0 for W in experts]

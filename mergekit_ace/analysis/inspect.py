@@ -290,7 +290,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", help="regex: inspect only matching weight names")
     parser.add_argument("--no-spectra", action="store_true",
                         help="skip the singular-value statistics (the expensive part on large models)")
-    parser.add_argument("--spectrum-weight", help="weight for the singular spectrum plot (default: first heterogeneous)")
+    parser.add_argument("--spectrum-weight",
+                        help="weight for the singular spectrum plot (default: first heterogeneous)")
     parser.add_argument("--no-sensitivity", action="store_true",
                         help="skip the sensitivity_ace / sensitivity_actmat columns (about two merges per weight "
                              "and rule)")

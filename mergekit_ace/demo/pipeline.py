@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         "normalised": normalise(raw, [m[0] for m in methods]),
         "merge_configs": {label: str(info["config"]) for label, info in merged.items()},
         "merge_seconds": {label: info["seconds"] for label, info in merged.items()},
-        "methods": [{"label": m[0], "merge_method": m[1], "parameters": m[2], "model_parameters": m[3]} for m in methods],
+        "methods": [{"label": m[0], "merge_method": m[1], "parameters": m[2], "model_parameters": m[3]}
+                    for m in methods],
         "skipped": skipped,
         "regime": REGIMES.get(config.name, REGIMES["small"])[0],
         "training": {k: v for k, v in trained.manifest.items() if k != "experts"},
@@ -222,7 +223,9 @@ def log_relative_norms(trained, log=_log) -> dict[str, dict[str, float]]:
 # numbers
 
 
-def normalise(raw: Mapping[str, Mapping[str, float]], merge_labels: Sequence[str]) -> dict[str, dict[str, float | None]]:
+def normalise(
+    raw: Mapping[str, Mapping[str, float]], merge_labels: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
     """Each model's score on a task as a percentage of that task's own expert (ACE Table 9); the
     average is over tasks whose expert scored above zero. Base and merges are normalised."""
     out: dict[str, dict[str, float | None]] = {}
@@ -341,14 +344,17 @@ def render_report(summary: Mapping, chart: Path | None) -> str:
         "# mergekit-ace demo report",
         "",
         f"Configuration `{cfg['name']}` (hash `{summary['config_hash']}`): a tiny Llama "
-        f"({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {training.get('parameters', 0) / 1e6:.2f}M parameters, "
-        f"tokenizer of {training.get('tokenizer_size', '?')} tokens) trained for {cfg['base_steps']} steps on a mixture of "
+        f"({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"{training.get('parameters', 0) / 1e6:.2f}M parameters, "
+        f"tokenizer of {training.get('tokenizer_size', '?')} tokens) trained for {cfg['base_steps']} steps "
+        "on a mixture of "
         "three synthetic skills, then one expert per skill fine-tuned on that skill only. "
         f"All scores are lm-eval greedy generations on {summary['eval_examples_per_task']} held-out examples per task.",
         "",
         REGIMES.get(cfg["name"], REGIMES["small"])[1],
         "",
-        "Skills: **arithmetic** (two-digit addition, `add 48+79=` -> `127`, exact match); **rpn**, a code-like task (compile "
+        "Skills: **arithmetic** (two-digit addition, `add 48+79=` -> `127`, exact match); "
+        "**rpn**, a code-like task (compile "
         "`rpn (3+4)*2=` into a stack program such as `3 4 + 2 *`; a checker runs the program and accepts any "
         "program that uses exactly the expression's digits and computes its value); **translate** (English into a "
         "made-up language with subject-object-verb order and adjectives after nouns, exact match).",

@@ -39,9 +39,13 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergekit_ace.demo.skills import SKILL_NAMES
 from mergekit_ace.rules.ace import DEFAULTS as ACE_RULE_DEFAULTS
+
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------------------------- variants
 #: ACE's paper defaults, which every ACE variant below starts from.
@@ -71,7 +75,8 @@ def _variants():
         # vocabulary's 512, the one dimension that plays the real vocabulary's part
         ace("ace-paper-scope", scope=PAPER_SCOPE_ACE),
         ("actmat-paper-scope", "actmat", {"scale": 1.0, "average_from_dim": 512}, {}),
-        ("actmat-exact", "actmat", {"scale": 1.0, "solve": "exact"}, {}),  # ours before the study (actmat: the papers' truncation)
+        # ours before the study (actmat: the papers' truncation)
+        ("actmat-exact", "actmat", {"scale": 1.0, "solve": "exact"}, {}),
         ace("ace-homogeneous", tau=1e9),  # never the heterogeneous branch (no trace normalisation, no refinement)
         ace("ace-no-refinement", k_frac=0.0),  # heterogeneous branch without the spectral refinement
         ace("ace-eps1e-6", epsilon=1e-6),
@@ -314,7 +319,8 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
         "config_hash": cfg.digest(),
         "cache": str(trained.root),
         "variants": labels,
-        "methods": [{"label": v[0], "merge_method": v[1], "parameters": v[2], "model_parameters": v[3]} for v in variants],
+        "methods": [{"label": v[0], "merge_method": v[1], "parameters": v[2], "model_parameters": v[3]}
+                    for v in variants],
         "eval_examples_per_task": cfg.eval_examples,
         "scores": raw,
         "normalised": pipeline.normalise(raw, [*labels, REFERENCE]),
@@ -329,7 +335,8 @@ def run_seed(config, seed: int, output: Path, cache: Path, variants: Sequence, *
     }
     summary_path.write_text(json.dumps(summary, indent=1))
     log(pipeline.render_tables(raw, summary["normalised"], cfg.eval_examples))
-    log(f"== seed {seed}: done in {timings['total']:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total") + ")")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total")
+    log(f"== seed {seed}: done in {timings['total']:.0f}s (" + stages + ")")
     return summary
 
 
@@ -362,7 +369,8 @@ def aggregate_seeds(summaries: Sequence[Mapping]) -> dict:
            "cosine": {}, "objective": {}, "distance_to_regmean": {}, "heterogeneous_share": None}
     for m in models:
         out["raw"][m] = {s: spread([100 * x["scores"][m][s] for x in summaries]) for s in SKILL_NAMES}
-        out["raw"][m]["avg"] = spread([100 * sum(x["scores"][m][s] for s in SKILL_NAMES) / len(SKILL_NAMES) for x in summaries])
+        out["raw"][m]["avg"] = spread([100 * sum(x["scores"][m][s] for s in SKILL_NAMES) / len(SKILL_NAMES)
+                                       for x in summaries])
     for m in normalised_models:
         out["normalised"][m] = {c: spread([x["normalised"][m][c] for x in summaries]) for c in [*SKILL_NAMES, "avg"]}
     for e in SKILL_NAMES:
@@ -375,7 +383,8 @@ def aggregate_seeds(summaries: Sequence[Mapping]) -> dict:
         out["cosine"][proxy]["all"] = spread([x["covariance"]["cosine"][proxy]["all"]["mean"] for x in summaries])
     for label in summaries[0]["covariance"]["objective"]:
         out["objective"][label] = {
-            k: spread([x["covariance"]["objective"][label][k] for x in summaries]) for k in ("sum_ratio", "median_ratio")
+            k: spread([x["covariance"]["objective"][label][k] for x in summaries])
+            for k in ("sum_ratio", "median_ratio")
         }
     for label in summaries[0]["covariance"]["distance_to_regmean"]:
         out["distance_to_regmean"][label] = spread([x["covariance"]["distance_to_regmean"][label] for x in summaries])
@@ -401,7 +410,8 @@ def paired_differences(summaries: Sequence[Mapping], pairs: Sequence[tuple[str, 
         raw = [100 * sum(x["scores"][a][s] - x["scores"][b][s] for s in SKILL_NAMES) / len(SKILL_NAMES)
                for x in summaries]
         norm = [x["normalised"][a]["avg"] - x["normalised"][b]["avg"] for x in summaries
-                if x["normalised"].get(a, {}).get("avg") is not None and x["normalised"].get(b, {}).get("avg") is not None]
+                if x["normalised"].get(a, {}).get("avg") is not None
+                and x["normalised"].get(b, {}).get("avg") is not None]
         out.append({"a": a, "b": b, "raw_avg": spread(raw), "normalised_avg": spread(norm),
                     "wins": sum(d > 0 for d in raw), "losses": sum(d < 0 for d in raw), "seeds": len(raw)})
     return out
@@ -437,24 +447,31 @@ def render_report(study: Mapping) -> str:
     if study.get("skipped"):
         lines += ["", "Skipped variants (a method that is not installed, or a parameter it does not take): "
                   + "; ".join(f"`{label}` ({why})" for label, why in study["skipped"]) + "."]
-    lines += ["", "## Experts", "", "| expert | own skill | base on it | ||D_t|| / ||W_0|| (%) | median over weights (%) |",
+    lines += ["", "## Experts", "",
+              "| expert | own skill | base on it | ||D_t|| / ||W_0|| (%) | median over weights (%) |",
               "|---|---:|---:|---:|---:|"]
     for e in SKILL_NAMES:
         lines.append(f"| {e} | {_ms(agg['raw'][f'expert-{e}'][e])} | {_ms(agg['raw']['base'][e])} | "
-                     f"{_ms(agg['relative_norms'][e]['global'], 2)} | {_ms(agg['relative_norms'][e]['median_matrix'], 2)} |")
+                     f"{_ms(agg['relative_norms'][e]['global'], 2)} | "
+                     f"{_ms(agg['relative_norms'][e]['median_matrix'], 2)} |")
     if agg.get("heterogeneous_share"):
+        share = {k: (v * 100 if isinstance(v, float) else v) for k, v in agg["heterogeneous_share"].items()}
         lines += ["", f"Share of merged weights on ACE's heterogeneous branch (gamma > 0.3): "
-                      f"{_ms({k: (v * 100 if isinstance(v, float) else v) for k, v in agg['heterogeneous_share'].items()})} %."]
+                      f"{_ms(share)} %."]
     lines += ["", "## Scores", "", "Raw scores (% of held-out examples), mean ± std over seeds", "",
-              "| model | " + " | ".join(SKILL_NAMES) + " | avg | avg min-max |", "|---|" + "---:|" * (len(SKILL_NAMES) + 2)]
+              "| model | " + " | ".join(SKILL_NAMES) + " | avg | avg min-max |",
+              "|---|" + "---:|" * (len(SKILL_NAMES) + 2)]
     for m, row in agg["raw"].items():
-        lines.append(f"| {m} | " + " | ".join(_ms(row[s]) for s in SKILL_NAMES) + f" | {_ms(row['avg'])} | {_mm(row['avg'])} |")
+        lines.append(f"| {m} | " + " | ".join(_ms(row[s]) for s in SKILL_NAMES)
+                     + f" | {_ms(row['avg'])} | {_mm(row['avg'])} |")
     lines += ["", "Normalised to each task's expert (% of the expert's score), mean ± std over seeds", "",
-              "| model | " + " | ".join(SKILL_NAMES) + " | avg | avg min-max |", "|---|" + "---:|" * (len(SKILL_NAMES) + 2)]
+              "| model | " + " | ".join(SKILL_NAMES) + " | avg | avg min-max |",
+              "|---|" + "---:|" * (len(SKILL_NAMES) + 2)]
     order = sorted(agg["normalised"], key=lambda m: -(agg["normalised"][m]["avg"]["mean"] or -1e9))
     for m in order:
         row = agg["normalised"][m]
-        lines.append(f"| {m} | " + " | ".join(_ms(row[s]) for s in SKILL_NAMES) + f" | **{_ms(row['avg'])}** | {_mm(row['avg'])} |")
+        lines.append(f"| {m} | " + " | ".join(_ms(row[s]) for s in SKILL_NAMES)
+                     + f" | **{_ms(row['avg'])}** | {_mm(row['avg'])} |")
     lines += ["", f"`{REFERENCE}` is RegMean with the real input covariances (it uses the experts' data; a reference, "
               "not a data-free method)."]
     if agg.get("paired"):
@@ -466,18 +483,20 @@ def render_report(study: Mapping) -> str:
             lines.append(f"| {p['a']} | {p['b']} | {_ms(p['raw_avg'])} | {_ms(p['normalised_avg'])} | "
                          f"{p['wins']}-{p['losses']} of {p['seeds']} |")
     lines += ["", "## The covariance claim", "",
-              "Real per-task input second moments `G_t = X_t^T X_t / n_t` through the expert t's own forward pass on the "
-              "first batches of its training data, for every merged linear layer "
-              f"({first['covariance']['layers']} per model). Cosine (Frobenius) with the data-free proxies, the layers' "
-              "mean, then mean ± std over seeds:", "",
+              "Real per-task input second moments `G_t = X_t^T X_t / n_t` through the expert t's own forward pass "
+              "on the first batches of its training data, for every merged linear layer "
+              f"({first['covariance']['layers']} per model). Cosine (Frobenius) with the data-free proxies, "
+              "the layers' mean, then mean ± std over seeds:", "",
               "| proxy | " + " | ".join(SKILL_NAMES) + " | all tasks |", "|---|" + "---:|" * (len(SKILL_NAMES) + 1)]
     names = {"DtD": "D_t^T D_t (ACTMat)", "CtC": "C_t^T C_t (ACE, rows centred)", "I": "identity (no proxy)",
              "DtD_base_inputs": "D_t^T D_t vs the base's inputs"}
     for proxy, row in agg["cosine"].items():
-        lines.append(f"| {names.get(proxy, proxy)} | " + " | ".join(_ms(row[t], 3) for t in SKILL_NAMES) + f" | {_ms(row['all'], 3)} |")
-    lines += ["", "RegMean objective `sum_t ||(W - W_t) X_t^T||_F^2 / n_t` relative to the experts' average (`linear`): "
-              "ratio of the sums over layers, the median of the per-layer ratios, and the median per-layer distance to the "
-              "RegMean solution `||W - W*||_F / ||W* - W_0||_F` (mean ± std over seeds). Below 1 is better than averaging.", "",
+        lines.append(f"| {names.get(proxy, proxy)} | " + " | ".join(_ms(row[t], 3) for t in SKILL_NAMES)
+                     + f" | {_ms(row['all'], 3)} |")
+    lines += ["", "RegMean objective `sum_t ||(W - W_t) X_t^T||_F^2 / n_t` relative to the experts' average "
+              "(`linear`): ratio of the sums over layers, the median of the per-layer ratios, and the median "
+              "per-layer distance to the RegMean solution `||W - W*||_F / ||W* - W_0||_F` (mean ± std over seeds). "
+              "Below 1 is better than averaging.", "",
               "| merge | objective / average's (sum) | (median layer) | distance to W* |", "|---|---:|---:|---:|"]
     objective = agg["objective"]
     for label in sorted(objective, key=lambda l: objective[l]["sum_ratio"]["mean"] or 1e9):
@@ -629,16 +648,19 @@ def write_plots(study: Mapping, output: Path) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mergekit_ace.demo.train import CONFIGS
 
-    parser.add_argument("--config", default="realistic", choices=sorted(CONFIGS), help="training configuration (default: realistic)")
+    parser.add_argument("--config", default="realistic", choices=sorted(CONFIGS),
+                        help="training configuration (default: realistic)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--output", default="study-output", help="output directory (default: study-output)")
     parser.add_argument("--cache", default=None, help="trained-model cache (default: <output>/cache)")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of the variant labels (default: all of " + ", ".join(v[0] for v in VARIANTS) + ")")
+                        help="comma-separated subset of the variant labels (default: all of "
+                        + ", ".join(v[0] for v in VARIANTS) + ")")
     parser.add_argument("--gram-batches", type=int, default=4,
                         help="batches of each expert's training stream for the real covariances (default: 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default: 16)")
-    parser.add_argument("--force", action="store_true", help="redo seeds whose summary.json exists (training stays cached)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo seeds whose summary.json exists (training stays cached)")
     parser.add_argument("--force-retrain", action="store_true", help="retrain even if the cache has the models")
 
 
@@ -679,7 +701,8 @@ def run(args: argparse.Namespace) -> int:
         for seed in args.seeds
     ]
     study = {
-        "command": "mergekit-ace study " + " ".join(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "study" else []),
+        "command": "mergekit-ace study "
+        + " ".join(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "study" else []),
         "config": args.config,
         "seeds": summaries,
         "skipped": skipped,

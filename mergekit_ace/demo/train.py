@@ -31,8 +31,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergekit_ace.demo.skills import SKILL_NAMES, Example, Skill, build_skills, unique_examples
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump when the training code changes in a way that changes the models for the same config.
 RECIPE_VERSION = 1
@@ -582,7 +586,8 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     corpus = []
     for name in SKILL_NAMES:
         for source in (skills, base_skills):
-            corpus += [p + a + "\n" for p, a in (source[name].generate(rng) for _ in range(config.tokenizer_corpus_per_skill // 2))]
+            pairs = (source[name].generate(rng) for _ in range(config.tokenizer_corpus_per_skill // 2))
+            corpus += [p + a + "\n" for p, a in pairs]
     tokenizer = toymodels.train_digit_tokenizer(corpus, vocab_size=config.vocab_size)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {config.vocab_size}")
@@ -614,7 +619,8 @@ def _train_all(config: DemoConfig, paths: TrainedModels, log: Callable[[str], No
     toymodels.save_pretrained(base, tokenizer, paths.base)
 
     experts_info = {}
-    jobs_list = [(config, i, name, str(paths.base), str(paths.experts[name])) for i, (name, spec) in enumerate(config.experts)]
+    jobs_list = [(config, i, name, str(paths.base), str(paths.experts[name]))
+                 for i, (name, spec) in enumerate(config.experts)]
     workers = max(1, min(jobs or 1, len(jobs_list)))
     log("Experts: " + ", ".join(f"{n} ({s.steps} steps, lr {s.lr:g})" for n, s in config.experts)
         + f"; {workers} at a time")

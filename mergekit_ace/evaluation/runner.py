@@ -68,7 +68,7 @@ def parse_model_args(model_args: str | Mapping[str, Any] | None) -> dict[str, An
     try:
         return dict(simple_parse_args_string(str(model_args)))
     except Exception as error:
-        raise UserError(f"--model-args {model_args!r} is not of the form key=value,key=value: {error}")
+        raise UserError(f"--model-args {model_args!r} is not of the form key=value,key=value: {error}") from error
 
 
 def build_model_args(
@@ -256,7 +256,7 @@ def parse_gen_kwargs(gen_kwargs: str | Mapping[str, Any] | None) -> dict[str, An
     try:
         return dict(simple_parse_args_string(str(gen_kwargs))) or None
     except Exception as error:
-        raise UserError(f"--gen-kwargs {gen_kwargs!r} is not of the form key=value,key=value: {error}")
+        raise UserError(f"--gen-kwargs {gen_kwargs!r} is not of the form key=value,key=value: {error}") from error
 
 
 # --------------------------------------------------------------------------- interrupts

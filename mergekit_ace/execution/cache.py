@@ -18,8 +18,8 @@ float32/float64 decisions as in an uninterrupted run).
 
 Not in the key: the memory budget and the plan (strategy, row blocks) it leads to. A weight's
 result depends on its plan only by rounding (float64 products: ~1e-10 relative; accepted float32
-products: within "auto"'s precision contract, 0.3 of the output's rounding), and a merge killed by the OOM killer must be resumable
-with a smaller ``MERGEKIT_ACE_MEMORY_BUDGET``. A resumed run is bit for bit an uninterrupted one
+products: within "auto"'s precision contract, 0.3 of the output's rounding), and a merge killed by the OOM killer
+must be resumable with a smaller ``MERGEKIT_ACE_MEMORY_BUDGET``. A resumed run is bit for bit an uninterrupted one
 when both pick the same plans (same command, budget and machine; docs/execution.md).
 
 Writes are atomic (a temporary file in DIR, fsync, ``os.replace``): a killed write leaves no entry,

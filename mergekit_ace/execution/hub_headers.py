@@ -86,23 +86,23 @@ def read_hub_shapes(repo_id: str, revision: str | None = None) -> Shapes:
     try:
         meta = huggingface_hub.get_safetensors_metadata(repo_id, revision=revision)
     except GatedRepoError:
-        raise UserError(gated_message(repo_id))
+        raise UserError(gated_message(repo_id)) from None
     except NotASafetensorsRepoError:
         # file_exists() answers False for a missing repo, a missing revision and a private repo
         # without access alike, so the Hub's answer cannot tell these apart.
         raise UserError(f"{where}: neither a local directory nor a Hub model with {SINGLE_FILE} or {INDEX_FILE} "
                         "(check the id and revision; a private repo needs HF_TOKEN; plan reads safetensors "
-                        "checkpoints only)")
+                        "checkpoints only)") from None
     except RevisionNotFoundError:
-        raise UserError(f"{where}: the Hub has no revision {revision!r} of {repo_id}")
+        raise UserError(f"{where}: the Hub has no revision {revision!r} of {repo_id}") from None
     except RepositoryNotFoundError:
-        raise UserError(f"{where}: no such model on the Hub (or a private one: set HF_TOKEN)")
+        raise UserError(f"{where}: no such model on the Hub (or a private one: set HF_TOKEN)") from None
     except HfHubHTTPError as error:
-        raise UserError(f"{where}: the Hub refused to serve its safetensors headers: {_first_line(error)}")
+        raise UserError(f"{where}: the Hub refused to serve its safetensors headers: {_first_line(error)}") from error
     except Exception as error:  # network failures (connection, timeout), unparsable headers
         raise UserError(f"{where}: could not read its safetensors headers from the Hub "
                         f"({type(error).__name__}: {_first_line(error)}); with the model in the local Hub "
-                        "cache, HF_HUB_OFFLINE=1 plans from there")
+                        "cache, HF_HUB_OFFLINE=1 plans from there") from error
     return {name: (tuple(int(s) for s in info.shape), str(info.dtype))
             for file_meta in meta.files_metadata.values() for name, info in file_meta.tensors.items()}
 
@@ -145,7 +145,7 @@ def read_cached_shapes(repo_id: str, revision: str | None = None) -> Shapes:
     try:
         shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{where}: the cached {INDEX_FILE} is not a safetensors index ({error})")
+        raise UserError(f"{where}: the cached {INDEX_FILE} is not a safetensors index ({error})") from error
     shards = {name: cached(name) for name in shard_names}
     missing = [name for name, path in shards.items() if path is None]
     if missing:

@@ -16,11 +16,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 from mergekit_ace.errors import UserError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 MISSING = "mergekit-yaml not found: install mergekit (pip install 'mergekit>=0.1.5') in this environment"
 

@@ -85,9 +85,9 @@ def load_config(path: str):
             data = yaml.safe_load(fh)
         config = MergeConfiguration.model_validate(data)
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file") from None
     except Exception as error:  # pydantic / yaml errors are the user's
-        raise UserError(f"{path}: not a valid mergekit config: {error}")
+        raise UserError(f"{path}: not a valid mergekit config: {error}") from error
     if not config.models:
         raise UserError(f"{path}: plan supports the 'models:' form of mergekit configs (not slices/modules)")
     return config
@@ -225,7 +225,7 @@ def run(args) -> int:
             budget = memory_budget(torch.device(device), args.budget)
             where = f"this machine's {device} (budget {format_bytes(budget)})"
     except ValueError as error:
-        raise UserError(str(error))
+        raise UserError(str(error)) from None
     plan = build_plan(config, budget)
     method = plan["method"]
     rule = RULES.get(method)
@@ -267,7 +267,8 @@ def run(args) -> int:
           f"{'fits' if summary['fits'] else 'does NOT fit'} {where}")
     for k, v in times.items():
         tp = throughputs[k]
-        print(f"rule arithmetic on {k}: ~{v:,.0f} s  (matmul {tp[0] / 1e9:.1f} GFLOP/s, eigh {tp[1] / 1e9:.1f} GFLOP/s)")
+        print(f"rule arithmetic on {k}: ~{v:,.0f} s  "
+              f"(matmul {tp[0] / 1e9:.1f} GFLOP/s, eigh {tp[1] / 1e9:.1f} GFLOP/s)")
     if rule in SVD_RULES:
         print(f"({method}: memory and flops of the full-SVD route, an upper bound; the exact Gram route, "
               "taken where its error estimate allows, needs less)")

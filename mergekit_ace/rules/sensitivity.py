@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
@@ -53,7 +52,7 @@ DEFAULT_SAMPLES = 2
 #: Elements per block of rows in the element-wise passes (32 MiB of float64 temporaries).
 BLOCK_ELEMENTS = 1 << 22
 
-DTypeLike = Union[torch.dtype, str, None]
+DTypeLike = torch.dtype | str | None
 
 
 def resolve_dtype(dtype: DTypeLike, what: str = "dtype") -> torch.dtype:
@@ -159,8 +158,8 @@ def storage_sensitivity(
     that what is measured is the inputs' rounding, not the computation's. The perturbed inputs
     are held in float32 for bf16/fp16 storage (:func:`perturbed_copy`), else in float64.
     ``input_dtype``: the storage format of the inputs (None: each tensor's own dtype);
-    ``output_dtype``: the format the merged weight is stored in (None: the base's dtype). ``merged``: the float64 merge of the
-    unperturbed inputs with the same rule and parameters, if the caller has it (saves one merge).
+    ``output_dtype``: the format the merged weight is stored in (None: the base's dtype). ``merged``: the float64
+    merge of the unperturbed inputs with the same rule and parameters, if the caller has it (saves one merge).
     ``samples`` perturbations, drawn from ``seed``; inputs are never modified.
     """
     if not isinstance(samples, int) or samples < 1:

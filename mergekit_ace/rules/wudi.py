@@ -109,8 +109,8 @@ def wudi_merge(
 
     ``solver="closed_form"`` (default): the exact minimiser in ``compute_dtype`` through ACTMat's
     kernel; ``solve``, ``rcond``, ``strategy``, ``row_chunk``, ``matmul_dtype`` and ``output_dtype``
-    (the precision contract) as in :func:`~mergekit_ace.rules.actmat.actmat_merge`. ``solver="adam"``: the official optimiser
-    (:func:`wudi_adam` with ``lr`` and ``iterations``), in float32; the result is returned in
+    (the precision contract) as in :func:`~mergekit_ace.rules.actmat.actmat_merge`. ``solver="adam"``: the official
+    optimiser (:func:`wudi_adam` with ``lr`` and ``iterations``), in float32; the result is returned in
     ``compute_dtype``, and ``solve``/``rcond``/``strategy``/``matmul_dtype`` do not apply.
     """
     check_inputs(base, experts, name=name, ids=ids, matrix_rule="WUDI")

@@ -93,7 +93,7 @@ def test_regmean_with_rank_deficient_covariances_from_rounding():
     W0, experts = _experts(4, 6, 2)
     basis = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64)).Q
     grams = []
-    for t in range(2):
+    for _ in range(2):
         X = torch.randn(50, 2, generator=g, dtype=torch.float64) @ basis.T
         G = X.T @ X / 50
         off = torch.randn(6, 6, generator=g, dtype=torch.float64)
@@ -150,7 +150,8 @@ def test_input_grams_share_products_only_for_the_same_input():
             return y.sum() + self.c(z).sum()
 
     model = Shared()
-    batches = [(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]])), (torch.tensor([[4, 5, 6]]), torch.tensor([[1, 1, 0]]))]
+    batches = [(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]])),
+               (torch.tensor([[4, 5, 6]]), torch.tensor([[1, 1, 0]]))]
     grams = C.input_grams(model, batches)
     X = model.emb.weight.detach()[torch.tensor([1, 2, 3, 4, 5])].double()
     expected = X.T @ X / 5

@@ -72,7 +72,8 @@ def test_inspect_numbers_match_direct_computation(llama_family, tmp_path):
 @pytest.mark.slow
 def test_inspect_sensitivity_options(llama_family, tmp_path):
     experts = sum((["--expert", str(p)] for k, p in llama_family.items() if k != "base"), [])
-    args = ["inspect", "--base", str(llama_family["base"]), *experts, "--weights", r"layers\.0\.mlp\.up_proj", "--no-spectra"]
+    args = ["inspect", "--base", str(llama_family["base"]), *experts,
+            "--weights", r"layers\.0\.mlp\.up_proj", "--no-spectra"]
     assert main([*args, "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--sensitivity-samples", "2"]) == 0
     row = json.loads((tmp_path / "bf16" / "inspect.json").read_text())["weights"][0]
     name = "model.layers.0.mlp.up_proj.weight"

@@ -270,7 +270,8 @@ def test_study_variants_are_guarded():
     # the paper scopes: ACE's code keeps embeddings and lm_head at the base, ACTMat's averages the
     # weights with a vocabulary-sized dimension (every other dimension of the demo's models is smaller)
     paper_ace = next(v for v in study.VARIANTS if v[0] == "ace-paper-scope")
-    assert paper_ace[2]["scope"][:2] == [{"filter": "embed_tokens", "value": "base"}, {"filter": "lm_head", "value": "base"}]
+    assert paper_ace[2]["scope"][:2] == [{"filter": "embed_tokens", "value": "base"},
+                                         {"filter": "lm_head", "value": "base"}]
     from mergekit_ace.demo.train import CONFIGS
 
     paper_actmat = next(v for v in study.VARIANTS if v[0] == "actmat-paper-scope")
@@ -334,7 +335,8 @@ def test_small_study_end_to_end(small_demo):
     result = json.loads((target / "study.json").read_text())
     seed = json.loads((target / f"seed-{CONFIGS['small'].seed}" / "summary.json").read_text())
     declared = study.declared_parameters("ace")
-    expected = ["ace", "actmat", "ace-refine-none", "linear"] if "refinement" in declared else ["ace", "actmat", "linear"]
+    expected = (["ace", "actmat", "ace-refine-none", "linear"] if "refinement" in declared
+                else ["ace", "actmat", "linear"])
     assert sorted(seed["variants"]) == sorted(expected)
     assert ("refinement" in declared) == (not result["skipped"])
     assert set(seed["scores"]) >= {"base", study.REFERENCE, *expected}

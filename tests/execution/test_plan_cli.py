@@ -187,7 +187,8 @@ def test_the_stand_in_has_the_real_hub_functions_signature():
     import huggingface_hub
 
     assert {"repo_id", "revision"} <= set(inspect.signature(huggingface_hub.get_safetensors_metadata).parameters)
-    assert {"repo_id", "filename", "revision"} <= set(inspect.signature(huggingface_hub.try_to_load_from_cache).parameters)
+    cache_lookup = inspect.signature(huggingface_hub.try_to_load_from_cache)
+    assert {"repo_id", "filename", "revision"} <= set(cache_lookup.parameters)
 
 
 class FakeHub:

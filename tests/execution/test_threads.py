@@ -106,7 +106,7 @@ def test_threads_out_of_memory_retries_and_cpu_fallbacks_add_up(monkeypatch):
         return executor.oom_retry_count(), executor.fallback_count()
 
     for injector in (first_attempt_fails, device_always_fails):
-        def run(job, barrier=None):
+        def run(job, barrier=None, injector=injector):
             state.failed, state.on_cpu = False, False
             return _merge(job, barrier, budget=1e9, fault_injector=injector)
 

@@ -243,7 +243,8 @@ def test_truncated_solve_through_yaml(olmo_family, tmp_path):
         proc, out = run_mergekit_yaml(config_for(method, olmo_family, params), tmp_path / method)
         assert proc.returncode == 0, proc.stderr[-3000:]
         ref_params = {"scale": 0.8, "solve": "truncated"} if method == "wudi" else {"scale": 0.8}
-        assert_weights_equal(out, expected_weights(reference, olmo_family, lambda name: ref_params))
+        expected = expected_weights(reference, olmo_family, lambda name, ref_params=ref_params: ref_params)
+        assert_weights_equal(out, expected)
 
 
 @pytest.mark.slow

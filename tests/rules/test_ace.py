@@ -58,7 +58,8 @@ def test_low_precision_inputs(dtype):
 
 def test_parameters_change_the_result_as_specified():
     W0, experts = make_experts((40, 24), 3, [1.0, 0.02, 0.3], seed=4)
-    for params in [dict(epsilon=1e-3), dict(tau=0.05), dict(k_frac=0.5), dict(scale=0.4), dict(epsilon=0.02, k_frac=0.1)]:
+    for params in [dict(epsilon=1e-3), dict(tau=0.05), dict(k_frac=0.5), dict(scale=0.4),
+                   dict(epsilon=0.02, k_frac=0.1)]:
         ref, _ = ace_reference(W0, experts, **params)
         out = ace_merge(W0, experts, **params)
         assert rel_err(out, ref, W0) < 1e-4, params

@@ -383,7 +383,8 @@ def test_condition_lower_bound_never_exceeds_the_true_condition_number(shape, ca
     v = torch.randn(200, 1, generator=g, dtype=torch.float64)
     X = torch.randn(300, 200, generator=g, dtype=torch.float64)
     S = X.T @ X / 300 + 50 * v @ v.T / float(v.square().sum())
-    assert 0.9 * float(torch.linalg.eigvalsh(S)[-1]) <= top_eigenvalue_lower_bound(S) <= float(torch.linalg.eigvalsh(S)[-1])
+    top = float(torch.linalg.eigvalsh(S)[-1])
+    assert 0.9 * top <= top_eigenvalue_lower_bound(S) <= top
 
 
 def test_energies_pass_with_and_without_the_means():
@@ -474,7 +475,8 @@ def test_float32_attempt_forms_the_largest_update_first(monkeypatch, rule, strat
     experts = [flat, strong]
     grams = []
     gram = TaskVectors.gram
-    monkeypatch.setattr(TaskVectors, "gram", lambda self, t, *a, **k: grams.append((self.dtype, t)) or gram(self, t, *a, **k))
+    monkeypatch.setattr(TaskVectors, "gram",
+                        lambda self, t, *a, **k: grams.append((self.dtype, t)) or gram(self, t, *a, **k))
     merge = (functools.partial(ace_merge, refinement="none") if rule == "ace"
              else functools.partial(actmat_merge, solve="exact"))
     # float16 output: the contract's relative tolerance (~4e-5 here) is below what kappa >= ~1.5e3
@@ -539,7 +541,8 @@ def test_output_gram_attempt_forms_no_product_before_the_condition_check(monkeyp
     out, diag = actmat_merge(W0, experts, solve="exact", matmul_dtype="auto", output_dtype=BF16, strategy="output_gram",
                              return_diagnostics=True)
     assert diag.precision == "float64" and torch.float32 not in products
-    assert torch.equal(out, actmat_merge(W0, experts, solve="exact", matmul_dtype=torch.float64, strategy="output_gram"))
+    assert torch.equal(out, actmat_merge(W0, experts, solve="exact", matmul_dtype=torch.float64,
+                                         strategy="output_gram"))
     assert_contract(out, actmat_reference(W0, experts))
     # where the check passes, the deferred products give the float32 result of every other strategy
     W1, experts1 = bf16_experts((96, 256))  # 3 x 96 = 288 > 256, well conditioned
