@@ -110,11 +110,16 @@ def task_covariance(delta: torch.Tensor, row_chunk: int | None = None) -> torch.
     return accumulate_gram(lambda rows: delta[rows], d_out, d_in, delta.dtype, delta.device, row_chunk)[0]
 
 
+def _cutoff(evals: torch.Tensor, rcond: float | None) -> tuple[float, float]:
+    """(lambda_max, the pseudo-inverse's cutoff rcond lambda_max); rcond defaults to PINV_RTOL."""
+    top = float(evals.max()) if evals.numel() else 0.0
+    return top, (PINV_RTOL if rcond is None else rcond) * top
+
+
 def _above_cutoff(evals: torch.Tensor, rcond: float | None) -> torch.Tensor:
     """Mask of the eigenvalues kept by the pseudo-inverse: lambda_i > rcond lambda_max."""
-    rcond = PINV_RTOL if rcond is None else rcond
-    top = float(evals.max()) if evals.numel() else 0.0
-    return evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+    top, cut = _cutoff(evals, rcond)
+    return evals > cut if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
 
 
 @dataclass
@@ -136,9 +141,8 @@ class SymmetricPseudoInverse:
         evals, evecs = torch.linalg.eigh(A)
         keep = _above_cutoff(evals, rcond)
         kept = evals[keep]
-        top = float(evals.max()) if evals.numel() else 0.0
+        top, cut = _cutoff(evals, rcond)
         condition = top / float(kept.min()) if kept.numel() and top > 0 else math.inf
-        cut = (PINV_RTOL if rcond is None else rcond) * top
         gap = float((evals - cut).abs().min()) / top if top > 0 else 0.0
         return cls(Q=evecs[:, keep], inv_eigvals=1.0 / kept, rank=int(keep.sum()), condition=condition,
                    cutoff_gap=gap)
